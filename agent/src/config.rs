@@ -1,0 +1,122 @@
+//! Command line (with `SERVESCOPE_*` environment equivalents) → one typed [`Config`].
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+
+/// servescope — TorchServe's metrics, from the kernel.
+///
+/// Traces the socket syscalls of running TorchServe frontends with eBPF and serves TorchServe's own
+/// metric families (Requests2XX/4XX/5XX, ts_inference_requests_total, ts_inference_latency_microseconds,
+/// ...) in TorchServe's format, plus latency histograms and the agent's own health, on --listen.
+/// No change to TorchServe, its config or its models.
+///
+/// By default every TorchServe frontend on the host (java ... org.pytorch.serve.ModelServer) is found
+/// and traced, including ones started or restarted later. --pid and --port add any HTTP/1 server.
+///
+/// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) and a kernel with BTF (5.8+).
+#[derive(Debug, Parser)]
+#[command(name = "servescope", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// Address to serve /metrics on. TorchServe's own metrics API defaults to 127.0.0.1:8082: move it
+    /// (metrics_address in config.properties) or pick another port here.
+    #[arg(long, env = "SERVESCOPE_LISTEN", default_value = "127.0.0.1:8082", value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+
+    /// Trace this process (any HTTP/1 server). Repeatable; comma-separated in the environment.
+    #[arg(long = "pid", env = "SERVESCOPE_PID", value_name = "PID", value_delimiter = ',')]
+    pub pids: Vec<u32>,
+
+    /// Trace whatever process listens on this TCP port (any HTTP/1 server). Repeatable.
+    #[arg(long = "port", env = "SERVESCOPE_PORT", value_name = "PORT", value_delimiter = ',')]
+    pub ports: Vec<u16>,
+
+    /// Do not look for TorchServe frontends; trace only --pid and --port targets.
+    #[arg(long, env = "SERVESCOPE_NO_DISCOVERY")]
+    pub no_discovery: bool,
+
+    /// How often to look for new, restarted and vanished targets, in milliseconds.
+    #[arg(long, env = "SERVESCOPE_DISCOVERY_INTERVAL_MS", default_value_t = 1000, value_name = "MS")]
+    pub discovery_interval_ms: u64,
+
+    /// Kernel ring-buffer size in bytes (a power of two, multiple of the page size).
+    #[arg(long, env = "SERVESCOPE_RINGBUF_BYTES", default_value_t = 8 * 1024 * 1024, value_name = "BYTES")]
+    pub ringbuf_bytes: u32,
+}
+
+/// What the agent runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+    pub discover_torchserve: bool,
+    pub discovery_interval: Duration,
+    pub ringbuf_bytes: u32,
+}
+
+impl Cli {
+    /// Checks what clap cannot and builds the [`Config`].
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let page = 4096;
+        anyhow::ensure!(
+            self.ringbuf_bytes.is_power_of_two() && self.ringbuf_bytes >= page,
+            "--ringbuf-bytes {} must be a power of two and at least {page}",
+            self.ringbuf_bytes
+        );
+        anyhow::ensure!(
+            self.discovery_interval_ms >= 50,
+            "--discovery-interval-ms {} is too short (minimum 50)",
+            self.discovery_interval_ms
+        );
+        anyhow::ensure!(
+            !self.no_discovery || !self.pids.is_empty() || !self.ports.is_empty(),
+            "--no-discovery leaves nothing to trace: add --pid or --port"
+        );
+        Ok(Config {
+            listen: self.listen,
+            pids: self.pids,
+            ports: self.ports,
+            discover_torchserve: !self.no_discovery,
+            discovery_interval: Duration::from_millis(self.discovery_interval_ms),
+            ringbuf_bytes: self.ringbuf_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(std::iter::once("servescope").chain(args.iter().copied()))?;
+        cli.into_config()
+    }
+
+    #[test]
+    fn defaults() -> anyhow::Result<()> {
+        let c = parse(&[])?;
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8082");
+        assert!(c.discover_torchserve);
+        assert!(c.pids.is_empty() && c.ports.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn repeatable_targets() -> anyhow::Result<()> {
+        let c = parse(&["--pid", "1", "--pid", "2", "--port", "8080", "--listen", "0.0.0.0:9082"])?;
+        assert_eq!(c.pids, vec![1, 2]);
+        assert_eq!(c.ports, vec![8080]);
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9082");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let err = |a: &[&str]| parse(a).map(|_| ()).expect_err("must fail").to_string();
+        assert!(err(&["--no-discovery"]).contains("nothing to trace"));
+        assert!(err(&["--ringbuf-bytes", "1000"]).contains("power of two"));
+        assert!(err(&["--listen", "nonsense"]).contains("invalid"));
+        assert!(err(&["--pid", "abc"]).contains("invalid"));
+    }
+}

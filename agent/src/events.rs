@@ -1,0 +1,228 @@
+//! The kernel/user ABI: `#[repr(C)]` mirror of `ebpf/include/events.h`, and the decoding of one
+//! ring-buffer record into a borrowed [`Event`].
+
+use std::mem::{offset_of, size_of};
+
+use thiserror::Error;
+
+/// `SS_HEAD_MAX`: bytes of each syscall buffer the kernel copies.
+pub const HEAD_MAX: usize = 512;
+
+/// `struct ss_event` without its data array: the fixed part of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawHeader {
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub len: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: i32,
+    pub head_len: u16,
+    pub kind: u8,
+    pub dir: u8,
+    pub syscall: u8,
+    pub family: u8,
+    pub accepted: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `struct ss_event`: the largest record the kernel can send.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawEvent {
+    pub header: RawHeader,
+    pub data: [u8; HEAD_MAX],
+}
+
+const _: () = assert!(size_of::<RawHeader>() == 48);
+const _: () = assert!(size_of::<RawEvent>() == 48 + HEAD_MAX);
+const _: () = assert!(offset_of!(RawHeader, ts_ns) == 0);
+const _: () = assert!(offset_of!(RawHeader, conn_id) == 8);
+const _: () = assert!(offset_of!(RawHeader, len) == 16);
+const _: () = assert!(offset_of!(RawHeader, tgid) == 24);
+const _: () = assert!(offset_of!(RawHeader, tid) == 28);
+const _: () = assert!(offset_of!(RawHeader, fd) == 32);
+const _: () = assert!(offset_of!(RawHeader, head_len) == 36);
+const _: () = assert!(offset_of!(RawHeader, kind) == 38);
+const _: () = assert!(offset_of!(RawHeader, dir) == 39);
+const _: () = assert!(offset_of!(RawHeader, syscall) == 40);
+const _: () = assert!(offset_of!(RawHeader, family) == 41);
+const _: () = assert!(offset_of!(RawHeader, accepted) == 42);
+const _: () = assert!(offset_of!(RawEvent, data) == 48);
+
+/// `struct ss_conn_key`: key of the kernel's connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+const _: () = assert!(size_of::<ConnKey>() == 8);
+const _: () = assert!(offset_of!(ConnKey, fd) == 4);
+
+// SAFETY: ConnKey is repr(C), made of integers only, with no padding: every bit pattern is valid.
+unsafe impl aya::Pod for ConnKey {}
+
+/// `enum ss_event_kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Data,
+    Open,
+    Close,
+}
+
+/// `enum ss_direction`, seen from the traced process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Bytes the traced process received.
+    Ingress,
+    /// Bytes the traced process sent.
+    Egress,
+}
+
+/// `enum ss_loss`: indexes of the kernel's per-CPU loss counters.
+pub const LOSS_RINGBUF_FULL: u32 = 0;
+pub const LOSS_ARGS_FULL: u32 = 1;
+pub const LOSS_CONNS_FULL: u32 = 2;
+/// Names of the loss reasons, by index, as exported in `servescope_kernel_lost_events_total{reason}`.
+pub const LOSS_REASONS: [(u32, &str); 3] = [
+    (LOSS_RINGBUF_FULL, "ringbuf_full"),
+    (LOSS_ARGS_FULL, "args_map_full"),
+    (LOSS_CONNS_FULL, "conn_map_full"),
+];
+
+/// One decoded record, borrowing the ring buffer's bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Event<'a> {
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub fd: i32,
+    pub kind: Kind,
+    pub dir: Direction,
+    /// Bytes the syscall moved; `head` holds the first of them.
+    pub len: u64,
+    pub head: &'a [u8],
+    /// The connection was seen at accept(): its stream starts at a message boundary.
+    pub accepted: bool,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than the {1}-byte header")]
+    Short(usize, usize),
+    #[error("record head_len {head_len} exceeds its {available} data bytes")]
+    HeadLen { head_len: usize, available: usize },
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    #[error("unknown direction {0}")]
+    Direction(u8),
+}
+
+impl<'a> Event<'a> {
+    /// Decodes one ring-buffer record. Never trusts the kernel's lengths beyond the bytes given.
+    pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
+        let hsize = size_of::<RawHeader>();
+        if buf.len() < hsize {
+            return Err(DecodeError::Short(buf.len(), hsize));
+        }
+        // SAFETY: `buf` holds at least size_of::<RawHeader>() bytes, RawHeader is plain old data
+        // (integers only, every bit pattern valid) and read_unaligned copes with any alignment.
+        let h: RawHeader = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<RawHeader>()) };
+        let data = &buf[hsize..];
+        let head_len = usize::from(h.head_len);
+        if head_len > data.len() || head_len > HEAD_MAX {
+            return Err(DecodeError::HeadLen {
+                head_len,
+                available: data.len(),
+            });
+        }
+        let kind = match h.kind {
+            1 => Kind::Data,
+            2 => Kind::Open,
+            3 => Kind::Close,
+            k => return Err(DecodeError::Kind(k)),
+        };
+        let dir = match h.dir {
+            0 => Direction::Ingress,
+            1 => Direction::Egress,
+            d => return Err(DecodeError::Direction(d)),
+        };
+        Ok(Event {
+            ts_ns: h.ts_ns,
+            conn_id: h.conn_id,
+            tgid: h.tgid,
+            fd: h.fd,
+            kind,
+            dir,
+            len: h.len,
+            head: &data[..head_len],
+            accepted: h.accepted != 0,
+        })
+    }
+}
+
+/// Builds the bytes of a record as the kernel would send them (tests and benchmarks).
+#[doc(hidden)]
+pub fn encode_for_test(h: RawHeader, head: &[u8]) -> Vec<u8> {
+    let mut h = h;
+    h.head_len = u16::try_from(head.len().min(HEAD_MAX)).unwrap_or(0);
+    let mut out = Vec::with_capacity(size_of::<RawHeader>() + head.len());
+    // SAFETY: RawHeader is repr(C) plain old data; viewing it as bytes is sound.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(std::ptr::from_ref(&h).cast::<u8>(), size_of::<RawHeader>())
+    };
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(&head[..usize::from(h.head_len)]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: u8, dir: u8) -> RawHeader {
+        RawHeader {
+            ts_ns: 42,
+            conn_id: 7,
+            len: 1000,
+            tgid: 99,
+            tid: 100,
+            fd: 5,
+            kind,
+            dir,
+            accepted: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = encode_for_test(header(1, 1), b"HTTP/1.1 200 OK\r\n");
+        let ev = Event::decode(&bytes).expect("decodes");
+        assert_eq!(ev.kind, Kind::Data);
+        assert_eq!(ev.dir, Direction::Egress);
+        assert_eq!(ev.len, 1000);
+        assert_eq!(ev.head, b"HTTP/1.1 200 OK\r\n");
+        assert!(ev.accepted);
+        assert_eq!((ev.tgid, ev.fd, ev.conn_id, ev.ts_ns), (99, 5, 7, 42));
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        assert_eq!(Event::decode(&[0; 10]).unwrap_err(), DecodeError::Short(10, 48));
+        let mut bytes = encode_for_test(header(1, 0), b"abc");
+        bytes.truncate(49);
+        assert!(matches!(Event::decode(&bytes), Err(DecodeError::HeadLen { .. })));
+        assert_eq!(
+            Event::decode(&encode_for_test(header(9, 0), b"")).unwrap_err(),
+            DecodeError::Kind(9)
+        );
+        assert_eq!(
+            Event::decode(&encode_for_test(header(1, 4), b"")).unwrap_err(),
+            DecodeError::Direction(4)
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! The metrics endpoint: TorchServe's text format and the HTTP server that serves it.
+
+pub mod server;
+pub mod torchserve;

@@ -1,0 +1,131 @@
+//! The agent's side of connection state: one [`Conn`] parser per kernel connection id.
+
+use std::collections::HashMap;
+
+use super::{Conn, Exchange, ParseStats};
+use crate::events::{Direction, Event, Kind};
+
+/// Most connections tracked at once; past it the oldest-id connection is evicted (and counted), so a
+/// flood of connections cannot grow the agent without bound.
+pub const MAX_CONNS: usize = 65_536;
+
+#[derive(Debug, Default)]
+pub struct ConnTable {
+    conns: HashMap<u64, Conn>,
+    pub stats: ParseStats,
+    /// Connections dropped to stay under [`MAX_CONNS`].
+    pub evicted: u64,
+}
+
+impl ConnTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Applies one kernel record; returns the exchanges it completed.
+    pub fn apply(&mut self, ev: &Event<'_>) -> Vec<Exchange> {
+        match ev.kind {
+            Kind::Open => {
+                self.make_room();
+                self.conns.insert(ev.conn_id, Conn::new(ev.tgid, ev.conn_id, true));
+                Vec::new()
+            }
+            Kind::Close => {
+                self.conns.remove(&ev.conn_id);
+                Vec::new()
+            }
+            Kind::Data => {
+                if !self.conns.contains_key(&ev.conn_id) {
+                    self.make_room();
+                }
+                let conn = self
+                    .conns
+                    .entry(ev.conn_id)
+                    .or_insert_with(|| Conn::new(ev.tgid, ev.conn_id, ev.accepted));
+                match ev.dir {
+                    Direction::Ingress => {
+                        conn.on_ingress(ev.ts_ns, ev.head, ev.len, &mut self.stats);
+                        Vec::new()
+                    }
+                    Direction::Egress => conn.on_egress(ev.ts_ns, ev.head, ev.len, &mut self.stats),
+                }
+            }
+        }
+    }
+
+    /// Forgets every connection of a process that is no longer traced.
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.conns.retain(|_, c| c.tgid() != tgid);
+    }
+
+    fn make_room(&mut self) {
+        if self.conns.len() < MAX_CONNS {
+            return;
+        }
+        // Connection ids grow monotonically: the smallest is the oldest.
+        if let Some(oldest) = self.conns.keys().min().copied() {
+            self.conns.remove(&oldest);
+            self.evicted += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{RawHeader, encode_for_test};
+
+    fn rec(kind: u8, dir: u8, conn: u64, accepted: u8, data: &[u8]) -> Vec<u8> {
+        encode_for_test(
+            RawHeader {
+                ts_ns: 1,
+                conn_id: conn,
+                len: data.len() as u64,
+                tgid: 7,
+                kind,
+                dir,
+                accepted,
+                ..Default::default()
+            },
+            data,
+        )
+    }
+
+    fn apply(t: &mut ConnTable, bytes: &[u8]) -> Vec<Exchange> {
+        t.apply(&Event::decode(bytes).expect("valid record"))
+    }
+
+    #[test]
+    fn fd_reuse_gets_fresh_state() {
+        let mut t = ConnTable::new();
+        apply(&mut t, &rec(2, 0, 1, 1, b""));
+        // Old connection dies with half a request head.
+        apply(&mut t, &rec(1, 0, 1, 1, b"POST /predictions/old HTTP/1.1\r\nContent-Le"));
+        apply(&mut t, &rec(3, 0, 1, 1, b""));
+        assert!(t.is_empty());
+        // Same fd, new connection id from the kernel.
+        apply(&mut t, &rec(2, 0, 2, 1, b""));
+        apply(&mut t, &rec(1, 0, 2, 1, b"GET /ping HTTP/1.1\r\n\r\n"));
+        let ex = apply(&mut t, &rec(1, 1, 2, 1, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert_eq!(ex.len(), 1);
+        assert_eq!(ex[0].request.as_ref().map(|r| r.target.as_str()), Some("/ping"));
+        assert_eq!(t.stats, ParseStats::default());
+    }
+
+    #[test]
+    fn forget_process_drops_its_connections() {
+        let mut t = ConnTable::new();
+        apply(&mut t, &rec(2, 0, 1, 1, b""));
+        apply(&mut t, &rec(2, 0, 2, 1, b""));
+        t.forget_process(7);
+        assert!(t.is_empty());
+    }
+}

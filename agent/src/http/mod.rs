@@ -1,0 +1,55 @@
+//! HTTP/1.x reconstruction: per-connection stream parsing of the kernel's records into [`Exchange`]s.
+
+pub mod conntrack;
+pub mod parser;
+
+pub use conntrack::ConnTable;
+pub use parser::{Conn, ParseStats};
+
+/// A request as seen on the wire by the traced server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// The request target as sent (path and query).
+    pub target: String,
+    /// Kernel time of the read that carried the request's first byte.
+    pub first_byte_ns: u64,
+    /// Kernel time of the read that completed the request (its last byte, or the last read before the
+    /// response when the body's end cannot be seen).
+    pub complete_ns: u64,
+    /// Bytes of the request (head and body) read so far.
+    pub bytes: u64,
+}
+
+/// The head of a final response (interim `100 Continue` is not one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub reason: String,
+    /// The response carried an `x-request-id` header (every TorchServe frontend response does, except
+    /// Netty's own 413).
+    pub has_request_id: bool,
+    /// Kernel time of the write that carried the status line.
+    pub start_ns: u64,
+}
+
+/// One request/response pair reconstructed from a connection. `request` is `None` when a response
+/// could not be matched to a request (malformed request, bytes the head copy did not show).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    pub tgid: u32,
+    pub conn_id: u64,
+    pub request: Option<Request>,
+    pub response: Response,
+}
+
+impl Exchange {
+    /// TorchServe-style latency: from the read that completed the request to the write of the
+    /// response's status line, in microseconds.
+    pub fn latency_us(&self) -> Option<f64> {
+        let req = self.request.as_ref()?;
+        let ns = self.response.start_ns.checked_sub(req.complete_ns)?;
+        #[expect(clippy::cast_precision_loss, reason = "nanosecond spans fit f64's 52-bit mantissa")]
+        Some(ns as f64 / 1000.0)
+    }
+}

@@ -1,0 +1,777 @@
+//! HTTP/1.x stream parser for one connection of a traced *server*.
+//!
+//! Input: the kernel's records for the connection, in order — for each syscall, its full length and the
+//! bounded head of its bytes (`events::HEAD_MAX`). Output: one [`Exchange`] per final response.
+//!
+//! Framing rules (DESIGN.md §4):
+//! - Request heads are parsed with httparse; `Content-Length` bodies are skipped by length, so
+//!   keep-alive, split reads and pipelined requests stay aligned without seeing body bytes.
+//! - A request whose end cannot be seen — chunked body (chunk-size lines may lie beyond the copied head)
+//!   or a head longer than the copied bytes — ends when the server starts its response: a server answers
+//!   only after it has read the whole request.
+//! - Responses are paired with requests in arrival order (FIFO). TorchServe may answer pipelined
+//!   requests out of order; then status classes stay exact but a pair's model attribution and latency
+//!   may be swapped between the pipelined requests (README "How it counts").
+//! - `100 Continue` is interim: it neither pairs nor counts.
+//! - A connection first seen mid-stream (open before the agent started, or evicted from the kernel map)
+//!   is picked up at the first read that begins with a request line; bytes before it are ignored.
+
+use std::collections::VecDeque;
+
+use super::{Exchange, Request, Response};
+
+/// Longest request or response head accumulated across reads before the bytes are declared not HTTP.
+const MAX_HEAD: usize = 16 * 1024;
+/// Header slots offered to httparse; a head with more headers is a parse error.
+const MAX_HEADERS: usize = 64;
+
+const METHODS: [&[u8]; 9] = [
+    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+];
+
+/// Counters the parser feeds; the pipeline exports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseStats {
+    /// Bytes that were not HTTP where a message head was expected.
+    pub parse_errors: u64,
+    /// Final responses with no request to pair with.
+    pub unmatched_responses: u64,
+}
+
+#[derive(Debug)]
+enum ReqState {
+    /// Between requests.
+    Idle,
+    /// A request head is arriving (possibly split across reads).
+    Head { buf: Vec<u8>, first_ns: u64, bytes: u64 },
+    /// A `Content-Length` body is arriving.
+    Body { req: Request, remaining: u64 },
+    /// A body whose end cannot be seen: ends when the response starts.
+    UntilResponse { req: Request },
+    /// The rest of a body the server already answered (e.g. after an early 413).
+    Discard { remaining: u64 },
+}
+
+#[derive(Debug)]
+enum RespState {
+    Idle,
+    Head { buf: Vec<u8>, start_ns: u64 },
+    Body { remaining: u64 },
+    /// Chunked or close-delimited body: writes are body until one begins with a status line.
+    UntilNextHead,
+}
+
+/// Parser state for one connection.
+#[derive(Debug)]
+pub struct Conn {
+    tgid: u32,
+    conn_id: u64,
+    /// Whether the parser knows where requests start. False for connections picked up mid-stream and
+    /// after bytes that were not HTTP, until a read begins with a request line.
+    req_synced: bool,
+    /// Whether the parser knows where responses start. Only lost for connections picked up mid-stream:
+    /// a server's status lines stay findable after a malformed request (TorchServe answers it with 400).
+    resp_synced: bool,
+    req: ReqState,
+    /// Complete requests awaiting their response, oldest first.
+    pending: VecDeque<Request>,
+    resp: RespState,
+    last_read_ns: u64,
+}
+
+impl Conn {
+    /// `at_boundary`: the stream is known to start at a message boundary (seen at accept()).
+    pub fn new(tgid: u32, conn_id: u64, at_boundary: bool) -> Self {
+        Conn {
+            tgid,
+            conn_id,
+            req_synced: at_boundary,
+            resp_synced: at_boundary,
+            req: ReqState::Idle,
+            pending: VecDeque::new(),
+            resp: RespState::Idle,
+            last_read_ns: 0,
+        }
+    }
+
+    pub fn tgid(&self) -> u32 {
+        self.tgid
+    }
+
+    /// Requests received and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Bytes the server read: `len` in all, of which `head` were copied.
+    pub fn on_ingress(&mut self, ts_ns: u64, head: &[u8], len: u64, stats: &mut ParseStats) {
+        self.last_read_ns = ts_ns;
+        if !self.req_synced {
+            if !starts_with_method(head) {
+                return;
+            }
+            self.req_synced = true;
+            self.req = ReqState::Idle;
+            if !self.resp_synced {
+                // First request boundary of a connection picked up mid-stream: whatever response is
+                // still being written belongs to a request we never saw.
+                self.resp_synced = true;
+                self.resp = RespState::UntilNextHead;
+            }
+        }
+        let mut off: u64 = 0;
+        while off < len {
+            let captured = usize::try_from(off).ok().and_then(|o| head.get(o..)).unwrap_or(&[]);
+            let rest = len - off;
+            match &mut self.req {
+                ReqState::Idle => {
+                    self.req = ReqState::Head {
+                        buf: Vec::new(),
+                        first_ns: ts_ns,
+                        bytes: 0,
+                    };
+                }
+                ReqState::Head { buf, first_ns, bytes } => {
+                    let before = buf.len();
+                    let take = captured.len().min(MAX_HEAD.saturating_sub(before));
+                    buf.extend_from_slice(&captured[..take]);
+                    match parse_request_head(buf) {
+                        HeadParse::Complete { used, mut req, framing } => {
+                            // Bytes of this syscall that belonged to the head.
+                            let used_here = (used - before) as u64;
+                            off += used_here;
+                            req.first_byte_ns = *first_ns;
+                            req.bytes = *bytes + used_here;
+                            req.complete_ns = ts_ns;
+                            self.req = match framing {
+                                Framing::None => {
+                                    self.pending.push_back(req);
+                                    ReqState::Idle
+                                }
+                                Framing::Length(0) => {
+                                    self.pending.push_back(req);
+                                    ReqState::Idle
+                                }
+                                Framing::Length(n) => ReqState::Body { req, remaining: n },
+                                Framing::UntilOther => ReqState::UntilResponse { req },
+                            };
+                        }
+                        HeadParse::Partial => {
+                            let more_unseen = (take as u64) < rest;
+                            if !more_unseen {
+                                // The head continues in a later read.
+                                *bytes += rest;
+                                off = len;
+                            } else if let Some(mut req) = parse_request_line(buf) {
+                                // The head is longer than the bytes the kernel copied: keep what the
+                                // request line says and let the response end the request.
+                                req.first_byte_ns = *first_ns;
+                                req.bytes = *bytes + rest;
+                                req.complete_ns = ts_ns;
+                                self.req = ReqState::UntilResponse { req };
+                                off = len;
+                            } else {
+                                stats.parse_errors += 1;
+                                self.desync();
+                                return;
+                            }
+                        }
+                        HeadParse::Invalid => {
+                            stats.parse_errors += 1;
+                            self.desync();
+                            return;
+                        }
+                    }
+                }
+                ReqState::Body { req, remaining } => {
+                    let n = rest.min(*remaining);
+                    *remaining -= n;
+                    req.bytes += n;
+                    off += n;
+                    if *remaining == 0 {
+                        let mut req = match std::mem::replace(&mut self.req, ReqState::Idle) {
+                            ReqState::Body { req, .. } => req,
+                            _ => unreachable!("matched Body above"),
+                        };
+                        req.complete_ns = ts_ns;
+                        self.pending.push_back(req);
+                    }
+                }
+                ReqState::UntilResponse { req } => {
+                    req.bytes += rest;
+                    req.complete_ns = ts_ns;
+                    off = len;
+                }
+                ReqState::Discard { remaining } => {
+                    let n = rest.min(*remaining);
+                    *remaining -= n;
+                    off += n;
+                    if *remaining == 0 {
+                        self.req = ReqState::Idle;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes the server wrote: `len` in all, of which `head` were copied. Returns the exchanges whose
+    /// final response started in this write.
+    pub fn on_egress(&mut self, ts_ns: u64, head: &[u8], len: u64, stats: &mut ParseStats) -> Vec<Exchange> {
+        let mut out = Vec::new();
+        if !self.resp_synced {
+            return out;
+        }
+        let mut off: u64 = 0;
+        while off < len {
+            let captured = usize::try_from(off).ok().and_then(|o| head.get(o..)).unwrap_or(&[]);
+            let rest = len - off;
+            match &mut self.resp {
+                RespState::Idle => {
+                    if captured.is_empty() {
+                        // A response starting beyond the copied bytes: invisible; resynchronise on
+                        // the next write that begins with a status line.
+                        self.resp = RespState::UntilNextHead;
+                        break;
+                    }
+                    if !b"HTTP/".starts_with(&captured[..captured.len().min(5)]) {
+                        stats.parse_errors += 1;
+                        self.resp = RespState::UntilNextHead;
+                        break;
+                    }
+                    self.resp = RespState::Head {
+                        buf: Vec::new(),
+                        start_ns: ts_ns,
+                    };
+                }
+                RespState::Head { buf, start_ns } => {
+                    let start_ns = *start_ns;
+                    let before = buf.len();
+                    let take = captured.len().min(MAX_HEAD.saturating_sub(before));
+                    buf.extend_from_slice(&captured[..take]);
+                    let parsed = parse_response_head(buf);
+                    let (used_here, head_info) = match parsed {
+                        RespParse::Complete { used, head } => ((used - before) as u64, head),
+                        RespParse::Partial if (take as u64) >= rest => {
+                            off = len; // the head continues in a later write
+                            continue;
+                        }
+                        RespParse::Partial => match parse_status_line(buf) {
+                            // Head longer than the copied bytes: the status is all we need.
+                            Some(head) => (rest, head),
+                            None => {
+                                stats.parse_errors += 1;
+                                self.resp = RespState::UntilNextHead;
+                                break;
+                            }
+                        },
+                        RespParse::Invalid => {
+                            stats.parse_errors += 1;
+                            self.resp = RespState::UntilNextHead;
+                            break;
+                        }
+                    };
+                    off += used_here;
+                    if head_info.status == 100 {
+                        // Interim response to `Expect: 100-continue`: the request goes on.
+                        self.resp = RespState::Idle;
+                        continue;
+                    }
+                    let request = self.take_request_for_response();
+                    let head_request = request.as_ref().is_some_and(|r| r.method.eq_ignore_ascii_case("HEAD"));
+                    if request.is_none() && self.req_synced {
+                        stats.unmatched_responses += 1;
+                    }
+                    let no_body = head_request
+                        || head_info.status < 200
+                        || head_info.status == 204
+                        || head_info.status == 304;
+                    self.resp = match head_info.framing {
+                        _ if no_body => RespState::Idle,
+                        Framing::Length(0) => RespState::Idle,
+                        Framing::Length(n) => RespState::Body { remaining: n },
+                        Framing::UntilOther | Framing::None => {
+                            // Chunked or close-delimited: if this write ends with the last chunk, the
+                            // response is over; otherwise wait for the next status line.
+                            let whole_write_seen = (head.len() as u64) == len;
+                            if head_info.framing == Framing::UntilOther && whole_write_seen && head.ends_with(b"0\r\n\r\n") {
+                                off = len;
+                                RespState::Idle
+                            } else {
+                                off = len;
+                                RespState::UntilNextHead
+                            }
+                        }
+                    };
+                    out.push(Exchange {
+                        tgid: self.tgid,
+                        conn_id: self.conn_id,
+                        request,
+                        response: Response {
+                            status: head_info.status,
+                            reason: head_info.reason,
+                            has_request_id: head_info.has_request_id,
+                            start_ns,
+                        },
+                    });
+                }
+                RespState::Body { remaining } => {
+                    let n = rest.min(*remaining);
+                    *remaining -= n;
+                    off += n;
+                    if *remaining == 0 {
+                        self.resp = RespState::Idle;
+                    }
+                }
+                RespState::UntilNextHead => {
+                    if off == 0 && captured.starts_with(b"HTTP/1.") {
+                        self.resp = RespState::Idle;
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The request a final response answers: the oldest complete one, else the one still arriving
+    /// (the server answered before the body ended: early 413, or a body whose end we cannot see).
+    fn take_request_for_response(&mut self) -> Option<Request> {
+        if let Some(req) = self.pending.pop_front() {
+            return Some(req);
+        }
+        match std::mem::replace(&mut self.req, ReqState::Idle) {
+            ReqState::Body { mut req, remaining } => {
+                req.complete_ns = self.last_read_ns;
+                self.req = ReqState::Discard { remaining };
+                Some(req)
+            }
+            ReqState::UntilResponse { req } => Some(req),
+            ReqState::Head { buf, first_ns, bytes } => {
+                // A head the server answered before it was complete (e.g. 400 for a malformed or
+                // oversized head): pair it if the request line is readable.
+                parse_request_line(&buf).map(|mut req| {
+                    req.first_byte_ns = first_ns;
+                    req.bytes = bytes;
+                    req.complete_ns = self.last_read_ns;
+                    req
+                })
+            }
+            other => {
+                self.req = other;
+                None
+            }
+        }
+    }
+
+    /// Lose track of message boundaries (bytes that are not HTTP): wait for the next request line.
+    fn desync(&mut self) {
+        self.req_synced = false;
+        self.req = ReqState::Idle;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No body (request without Content-Length/Transfer-Encoding).
+    None,
+    Length(u64),
+    /// Chunked (or, for responses, unknown): ends at the other side's next message.
+    UntilOther,
+}
+
+enum HeadParse {
+    Complete { used: usize, req: Request, framing: Framing },
+    Partial,
+    Invalid,
+}
+
+fn starts_with_method(b: &[u8]) -> bool {
+    METHODS.iter().any(|m| b.starts_with(m))
+}
+
+fn parse_request_head(buf: &[u8]) -> HeadParse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => {
+            let (Some(method), Some(path)) = (req.method, req.path) else {
+                return HeadParse::Invalid;
+            };
+            match body_framing(req.headers) {
+                Some(framing) => HeadParse::Complete {
+                    used,
+                    req: Request {
+                        method: method.to_owned(),
+                        target: path.to_owned(),
+                        first_byte_ns: 0,
+                        complete_ns: 0,
+                        bytes: 0,
+                    },
+                    framing,
+                },
+                None => HeadParse::Invalid,
+            }
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => HeadParse::Partial,
+        _ => HeadParse::Invalid,
+    }
+}
+
+/// `Some(framing)`, or `None` when the framing headers are contradictory or malformed (a request
+/// smuggling shape that servers reject).
+fn body_framing(headers: &[httparse::Header<'_>]) -> Option<Framing> {
+    let mut framing = Framing::None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let v = std::str::from_utf8(h.value).ok()?;
+            if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked")) {
+                framing = Framing::UntilOther;
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") && framing != Framing::UntilOther {
+            let v = std::str::from_utf8(h.value).ok()?.trim();
+            let n: u64 = v.parse().ok()?;
+            if let Framing::Length(prev) = framing
+                && prev != n
+            {
+                return None;
+            }
+            framing = Framing::Length(n);
+        }
+    }
+    Some(framing)
+}
+
+/// Method and target from a request line alone (the rest of the head was not copied).
+fn parse_request_line(buf: &[u8]) -> Option<Request> {
+    let end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    if !version.starts_with("HTTP/1.") || method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    Some(Request {
+        method: method.to_owned(),
+        target: target.to_owned(),
+        first_byte_ns: 0,
+        complete_ns: 0,
+        bytes: 0,
+    })
+}
+
+struct RespHead {
+    status: u16,
+    reason: String,
+    has_request_id: bool,
+    framing: Framing,
+}
+
+enum RespParse {
+    Complete { used: usize, head: RespHead },
+    Partial,
+    Invalid,
+}
+
+fn parse_response_head(buf: &[u8]) -> RespParse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => {
+            let Some(status) = resp.code else { return RespParse::Invalid };
+            let has_request_id = resp.headers.iter().any(|h| h.name.eq_ignore_ascii_case("x-request-id"));
+            let framing = match body_framing(resp.headers) {
+                Some(Framing::None) => Framing::UntilOther,
+                Some(f) => f,
+                None => return RespParse::Invalid,
+            };
+            RespParse::Complete {
+                used,
+                head: RespHead {
+                    status,
+                    reason: resp.reason.unwrap_or("").to_owned(),
+                    has_request_id,
+                    framing,
+                },
+            }
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => RespParse::Partial,
+        _ => RespParse::Invalid,
+    }
+}
+
+/// Status and reason from a status line alone (the rest of the head was not copied).
+fn parse_status_line(buf: &[u8]) -> Option<RespHead> {
+    let end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[..end]).ok()?;
+    let rest = line.strip_prefix("HTTP/1.")?.get(2..)?;
+    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+    let status: u16 = code.parse().ok().filter(|c| (100..1000).contains(c))?;
+    let has_request_id = buf
+        .split(|b| *b == b'\n')
+        .any(|l| l.len() > 13 && l[..13].eq_ignore_ascii_case(b"x-request-id:"));
+    Some(RespHead {
+        status,
+        reason: reason.to_owned(),
+        has_request_id,
+        framing: Framing::UntilOther,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD_MAX: usize = crate::events::HEAD_MAX;
+
+    /// Feeds bytes the way the kernel reports them: full length, head clipped at HEAD_MAX.
+    struct Wire {
+        conn: Conn,
+        stats: ParseStats,
+        t: u64,
+        out: Vec<Exchange>,
+    }
+
+    impl Wire {
+        fn new(at_boundary: bool) -> Self {
+            Wire {
+                conn: Conn::new(1, 1, at_boundary),
+                stats: ParseStats::default(),
+                t: 0,
+                out: Vec::new(),
+            }
+        }
+        fn read(&mut self, bytes: &[u8]) -> u64 {
+            self.t += 1000;
+            let head = &bytes[..bytes.len().min(HEAD_MAX)];
+            self.conn.on_ingress(self.t, head, bytes.len() as u64, &mut self.stats);
+            self.t
+        }
+        fn write(&mut self, bytes: &[u8]) -> u64 {
+            self.t += 1000;
+            let head = &bytes[..bytes.len().min(HEAD_MAX)];
+            let ex = self.conn.on_egress(self.t, head, bytes.len() as u64, &mut self.stats);
+            self.out.extend(ex);
+            self.t
+        }
+        fn statuses(&self) -> Vec<(Option<String>, u16)> {
+            self.out
+                .iter()
+                .map(|e| (e.request.as_ref().map(|r| r.target.clone()), e.response.status))
+                .collect()
+        }
+    }
+
+    fn post(path: &str, body: &[u8]) -> Vec<u8> {
+        let mut v = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn ok(body: &[u8]) -> Vec<u8> {
+        let mut v = format!("HTTP/1.1 200 \r\nx-request-id: abc\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn keep_alive_sequence_and_latency() {
+        let mut w = Wire::new(true);
+        for i in 0..3 {
+            let done = w.read(&post("/predictions/echo", b"hello"));
+            let start = w.write(&ok(b"hello"));
+            let ex = &w.out[i];
+            let req = ex.request.as_ref().expect("paired");
+            assert_eq!(req.complete_ns, done);
+            assert_eq!(ex.response.start_ns, start);
+            assert_eq!(req.bytes, post("/predictions/echo", b"hello").len() as u64);
+            assert!(ex.response.has_request_id);
+        }
+        assert_eq!(w.stats, ParseStats::default());
+    }
+
+    #[test]
+    fn split_head_byte_by_byte() {
+        let mut w = Wire::new(true);
+        let req = post("/predictions/a", b"xy");
+        let mut last = 0;
+        for b in &req {
+            last = w.read(std::slice::from_ref(b));
+        }
+        w.write(&ok(b""));
+        assert_eq!(w.statuses(), vec![(Some("/predictions/a".into()), 200)]);
+        assert_eq!(w.out[0].request.as_ref().map(|r| r.complete_ns), Some(last));
+    }
+
+    #[test]
+    fn pipelined_pair_in_one_read() {
+        let mut w = Wire::new(true);
+        let mut both = post("/predictions/a", b"1");
+        both.extend(post("/predictions/b", b"22"));
+        w.read(&both);
+        assert_eq!(w.conn.pending(), 2);
+        // Both responses in one write as well.
+        let mut resp = ok(b"1");
+        resp.extend(ok(b"22"));
+        w.write(&resp);
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/predictions/a".into()), 200), (Some("/predictions/b".into()), 200)]
+        );
+    }
+
+    #[test]
+    fn large_content_length_body_is_skipped_by_length() {
+        let mut w = Wire::new(true);
+        let body = vec![b'z'; 1 << 20];
+        let req = post("/predictions/big", &body);
+        // Netty reads 4096 bytes at a time.
+        let mut last = 0;
+        for chunk in req.chunks(4096) {
+            last = w.read(chunk);
+        }
+        w.write(&ok(&body));
+        w.read(&post("/predictions/next", b""));
+        w.write(&ok(b""));
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/predictions/big".into()), 200), (Some("/predictions/next".into()), 200)]
+        );
+        assert_eq!(w.out[0].request.as_ref().map(|r| r.complete_ns), Some(last));
+        assert_eq!(w.stats.parse_errors, 0);
+    }
+
+    #[test]
+    fn chunked_body_ends_at_response() {
+        let mut w = Wire::new(true);
+        w.read(b"POST /predictions/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        w.read(b"5\r\nhello\r\n");
+        let last = w.read(b"0\r\n\r\n");
+        w.write(&ok(b"hello"));
+        w.read(&post("/predictions/d", b""));
+        w.write(&ok(b""));
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/predictions/c".into()), 200), (Some("/predictions/d".into()), 200)]
+        );
+        assert_eq!(w.out[0].request.as_ref().map(|r| r.complete_ns), Some(last));
+    }
+
+    #[test]
+    fn expect_continue_and_early_413() {
+        let mut w = Wire::new(true);
+        w.read(b"POST /predictions/e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\n");
+        w.read(b"abc");
+        w.write(&ok(b"abc"));
+        assert_eq!(w.statuses(), vec![(Some("/predictions/e".into()), 200)]);
+
+        let mut w = Wire::new(true);
+        w.read(b"POST /predictions/e HTTP/1.1\r\nContent-Length: 7000000\r\n\r\n");
+        w.write(b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(w.statuses(), vec![(Some("/predictions/e".into()), 413)]);
+        assert!(!w.out[0].response.has_request_id);
+        assert_eq!(w.out[0].response.reason, "Request Entity Too Large");
+    }
+
+    #[test]
+    fn malformed_request_still_counts_its_response() {
+        let mut w = Wire::new(true);
+        w.read(b"GARBAGE\r\n\r\n");
+        w.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        assert_eq!(w.statuses(), vec![(None, 400)]);
+        assert_eq!(w.stats.parse_errors, 1);
+        assert_eq!(w.stats.unmatched_responses, 0, "desynced: not counted as unmatched");
+    }
+
+    #[test]
+    fn writev_header_then_body_and_multi_write_response() {
+        let mut w = Wire::new(true);
+        w.read(&post("/predictions/m", b""));
+        let head = b"HTTP/1.1 200 \r\ncontent-length: 10\r\n\r\n";
+        w.write(head);
+        w.write(b"01234");
+        w.write(b"56789");
+        w.read(&post("/predictions/n", b""));
+        w.write(&ok(b""));
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/predictions/m".into()), 200), (Some("/predictions/n".into()), 200)]
+        );
+    }
+
+    #[test]
+    fn head_longer_than_copy_ends_at_response() {
+        let mut w = Wire::new(true);
+        let mut req = b"POST /predictions/long HTTP/1.1\r\n".to_vec();
+        req.extend(format!("X-Pad: {}\r\n", "p".repeat(2000)).as_bytes());
+        req.extend(b"Content-Length: 2\r\n\r\nhi");
+        w.read(&req);
+        w.write(&ok(b"hi"));
+        w.read(&post("/predictions/after", b""));
+        w.write(&ok(b""));
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/predictions/long".into()), 200), (Some("/predictions/after".into()), 200)]
+        );
+    }
+
+    #[test]
+    fn mid_stream_pickup_waits_for_request_boundary() {
+        let mut w = Wire::new(false);
+        w.read(b"tail of an old body");
+        w.write(b"...rest of an old response");
+        w.write(&ok(b""));
+        assert!(w.out.is_empty());
+        w.read(&post("/predictions/p", b""));
+        w.write(&ok(b""));
+        assert_eq!(w.statuses(), vec![(Some("/predictions/p".into()), 200)]);
+        assert_eq!(w.stats, ParseStats::default());
+    }
+
+    #[test]
+    fn chunked_and_close_delimited_responses() {
+        let mut w = Wire::new(true);
+        w.read(&post("/a", b""));
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        w.write(b"5\r\nhello\r\n");
+        w.write(b"0\r\n\r\n");
+        w.read(&post("/b", b""));
+        w.write(b"HTTP/1.1 201 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+        w.read(&post("/c", b""));
+        w.write(&ok(b""));
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/a".into()), 200), (Some("/b".into()), 201), (Some("/c".into()), 200)]
+        );
+    }
+
+    #[test]
+    fn junk_is_counted_not_fatal() {
+        let mut w = Wire::new(true);
+        w.read(&[0xff, 0x00, 0x13, 0x37]);
+        w.write(b"\x00\x01junk");
+        assert_eq!(w.stats.parse_errors, 2, "one for the request side, one for the response side");
+        w.read(&post("/predictions/ok", b""));
+        w.write(&ok(b""));
+        assert_eq!(w.statuses(), vec![(Some("/predictions/ok".into()), 200)]);
+    }
+
+    #[test]
+    fn contradictory_content_length_is_invalid() {
+        let mut w = Wire::new(true);
+        w.read(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab");
+        assert_eq!(w.stats.parse_errors, 1);
+        assert_eq!(w.conn.pending(), 0);
+    }
+
+    #[test]
+    fn head_request_response_has_no_body() {
+        let mut w = Wire::new(true);
+        w.read(b"HEAD /x HTTP/1.1\r\n\r\n");
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n");
+        w.read(b"GET /y HTTP/1.1\r\n\r\n");
+        w.write(&ok(b""));
+        assert_eq!(w.statuses(), vec![(Some("/x".into()), 200), (Some("/y".into()), 200)]);
+    }
+}

@@ -1,0 +1,17 @@
+//! servescope: watches TorchServe from the kernel and serves its metrics in TorchServe's own format.
+//!
+//! The data path, one module per stage (DESIGN.md):
+//! [`probes`] (load/attach the eBPF programs, read the ring buffer) → [`events`] (the kernel/user ABI)
+//! → [`http`] (per-connection HTTP/1.x reconstruction) → [`routing`] (URL → model/version) →
+//! [`registry`] (TorchServe's counting rules) → [`exposition`] (the :8082 endpoint).
+//! [`discovery`] finds the processes to trace; [`config`] holds the command line.
+
+pub mod config;
+pub mod discovery;
+pub mod events;
+pub mod exposition;
+pub mod http;
+pub mod pipeline;
+pub mod probes;
+pub mod registry;
+pub mod routing;

@@ -1,0 +1,86 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The kernel/user ABI of servescope: the only types shared by the ebpf programs and the agent.
+ * Mirrored by agent/src/events.rs (#[repr(C)], with compile-time size/offset asserts):
+ * change both together.
+ */
+#ifndef SERVESCOPE_EVENTS_H
+#define SERVESCOPE_EVENTS_H
+
+/*
+ * Bytes copied from each data syscall's buffer. Enough for a request line, the headers that frame a
+ * message (Content-Length, Transfer-Encoding) and a status line. Never more: bodies stay in the kernel.
+ * Power of two so the verifier can bound offsets with a mask.
+ */
+#define SS_HEAD_MAX 512
+
+/* How many iovecs of a readv/writev/recvmsg/sendmsg are looked at to fill the head. */
+#define SS_IOV_MAX 4
+
+enum ss_event_kind {
+	/* A data syscall on a traced connection moved `len` bytes; `data[0..head_len]` is their head. */
+	SS_EV_DATA = 1,
+	/* accept()/accept4() returned a new connection: the stream starts at a message boundary. */
+	SS_EV_OPEN = 2,
+	/* close() of a traced connection: its state is gone in the kernel. */
+	SS_EV_CLOSE = 3,
+};
+
+enum ss_direction {
+	/* Bytes the traced process received (read, recvfrom, ...). */
+	SS_DIR_INGRESS = 0,
+	/* Bytes the traced process sent (write, sendto, ...). */
+	SS_DIR_EGRESS = 1,
+};
+
+enum ss_syscall {
+	SS_SYS_NONE = 0,
+	SS_SYS_READ = 1,
+	SS_SYS_READV = 2,
+	SS_SYS_RECVFROM = 3,
+	SS_SYS_RECVMSG = 4,
+	SS_SYS_WRITE = 5,
+	SS_SYS_WRITEV = 6,
+	SS_SYS_SENDTO = 7,
+	SS_SYS_SENDMSG = 8,
+	SS_SYS_SENDFILE = 9,
+	SS_SYS_ACCEPT = 10,
+	SS_SYS_CLOSE = 11,
+};
+
+/* Indexes of the per-CPU `losses` array: every record the kernel could not deliver is counted here. */
+enum ss_loss {
+	/* bpf_ringbuf_output failed: the ring buffer was full. */
+	SS_LOSS_RINGBUF_FULL = 0,
+	/* The syscall-argument map was full at sys_enter: the exit had nothing to pair with. */
+	SS_LOSS_ARGS_FULL = 1,
+	/* The connection map was full: a new connection could not be tracked. */
+	SS_LOSS_CONNS_FULL = 2,
+	SS_LOSS_MAX = 4,
+};
+
+/* Key of the kernel's connection map (`conns`); the agent deletes a vanished process's entries. */
+struct ss_conn_key {
+	__u32 tgid;
+	__s32 fd;
+};
+
+/* One ring-buffer record. Records are variable-length: only `data[0..head_len]` is sent. */
+struct ss_event {
+	__u64 ts_ns;    /* bpf_ktime_get_ns() at syscall exit (close: at entry) */
+	__u64 conn_id;  /* unique per connection for the life of the loaded programs; survives fd reuse */
+	__u64 len;      /* bytes the syscall moved (its return value); may exceed head_len */
+	__u32 tgid;
+	__u32 tid;
+	__s32 fd;
+	__u16 head_len; /* valid bytes in data[] */
+	__u8 kind;      /* enum ss_event_kind */
+	__u8 dir;       /* enum ss_direction */
+	__u8 syscall;   /* enum ss_syscall */
+	__u8 family;    /* AF_INET / AF_INET6 / AF_UNIX of the socket */
+	__u8 accepted;  /* 1 if the connection was seen at accept(), 0 if picked up mid-stream */
+	__u8 _pad[5];
+	__u8 data[SS_HEAD_MAX];
+};
+
+#endif /* SERVESCOPE_EVENTS_H */

@@ -1,0 +1,465 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * Socket syscalls of the traced processes → one ring-buffer record per data syscall.
+ *
+ * Filter in the kernel, parse in userspace (DESIGN.md §4): everything not from a target TGID and not on
+ * a TCP socket returns at once; a traced syscall yields its timestamp, connection id, direction, full
+ * length and at most SS_HEAD_MAX bytes of its buffer. HTTP is parsed by the agent.
+ *
+ * Hooks are syscall tracepoints (stable ABI; kprobes and fentry are unavailable on the target kernels).
+ * Data syscalls save their arguments at sys_enter (keyed by thread) and emit at sys_exit, when the
+ * byte count is known and received bytes are in the buffer.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_helpers.h>
+
+#include "events.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_UNIX 1
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+
+/* Set by the agent before load (EbpfLoader::override_global); the verifier prunes what is off. */
+const volatile __u8 trace_unix = 0;
+
+/* TGIDs to trace, maintained by the agent's discovery. Value: unused flags. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} targets SEC(".maps");
+
+struct conn_info {
+	__u64 id;
+	__u8 family;
+	__u8 accepted;
+	__u8 _pad[6];
+};
+
+/*
+ * Live connections of traced processes. LRU: a connection whose close was never seen (process killed)
+ * ages out instead of filling the map; an evicted live one is picked up again with a new id, which the
+ * agent treats like a connection that was open before it started.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ss_conn_key);
+	__type(value, struct conn_info);
+} conns SEC(".maps");
+
+struct data_args {
+	__u64 buf;    /* buffer, iovec array or msghdr, per `sys` */
+	__u64 iovcnt; /* iovec count for readv/writev */
+	__s32 fd;
+	__u8 sys;     /* enum ss_syscall */
+	__u8 _pad[3];
+};
+
+/* Arguments saved at sys_enter for the matching sys_exit, keyed by pid_tgid (one syscall per thread). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct data_args);
+} args SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 * 1024 * 1024);
+} events SEC(".maps");
+
+/* Records the kernel could not deliver, by enum ss_loss. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SS_LOSS_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} losses SEC(".maps");
+
+/* Next connection id (index 0). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} conn_seq SEC(".maps");
+
+/* Per-CPU scratch record: too big for the 512-byte BPF stack. The spill area keeps iovec copies that
+ * start near the end of data[] inside the map value, so the verifier can bound them simply. */
+struct scratch {
+	struct ss_event ev;
+	__u8 spill[SS_HEAD_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch_buf SEC(".maps");
+
+static __always_inline void count_loss(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&losses, &which);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int is_target(__u32 tgid)
+{
+	return bpf_map_lookup_elem(&targets, &tgid) != NULL;
+}
+
+/* Family of the socket behind `fd` in the current task, or 0 when `fd` is not a stream socket. */
+static __always_inline __u8 stream_socket_family(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt)
+		return 0;
+	if ((unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	umode_t mode = BPF_CORE_READ(file, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return 0;
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+	if (!sock || BPF_CORE_READ(sock, type) != SOCK_STREAM)
+		return 0;
+	__u16 family = BPF_CORE_READ(sock, sk, __sk_common.skc_family);
+	if (family == AF_INET || family == AF_INET6)
+		return family;
+	if (trace_unix && family == AF_UNIX)
+		return family;
+	return 0;
+}
+
+static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 family, __u8 accepted)
+{
+	__u32 zero = 0;
+	__u64 *seq = bpf_map_lookup_elem(&conn_seq, &zero);
+	if (!seq)
+		return NULL;
+	struct conn_info info = {
+		.id = __sync_fetch_and_add(seq, 1) + 1,
+		.family = family,
+		.accepted = accepted,
+	};
+	if (bpf_map_update_elem(&conns, key, &info, BPF_ANY)) {
+		count_loss(SS_LOSS_CONNS_FULL);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&conns, key);
+}
+
+/* The connection behind (tgid, fd); a socket first seen mid-stream (open before the agent started, or
+ * evicted) is adopted here with accepted = 0. */
+static __always_inline struct conn_info *get_conn(__u32 tgid, int fd)
+{
+	struct ss_conn_key key = { .tgid = tgid, .fd = fd };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	if (c)
+		return c;
+	__u8 family = stream_socket_family(fd);
+	if (!family)
+		return NULL;
+	return new_conn(&key, family, 0);
+}
+
+static __always_inline struct scratch *get_scratch(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&scratch_buf, &zero);
+}
+
+static __always_inline void fill_header(struct ss_event *ev, __u64 pid_tgid, int fd, struct conn_info *c,
+					__u8 kind, __u8 dir, __u8 sys, __u64 len)
+{
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->conn_id = c->id;
+	ev->len = len;
+	ev->tgid = pid_tgid >> 32;
+	ev->tid = (__u32)pid_tgid;
+	ev->fd = fd;
+	ev->head_len = 0;
+	ev->kind = kind;
+	ev->dir = dir;
+	ev->syscall = sys;
+	ev->family = c->family;
+	ev->accepted = c->accepted;
+}
+
+static __always_inline void submit(struct ss_event *ev)
+{
+	__u32 head = ev->head_len;
+	if (head > SS_HEAD_MAX)
+		head = SS_HEAD_MAX;
+	if (bpf_ringbuf_output(&events, ev, offsetof(struct ss_event, data) + head, 0))
+		count_loss(SS_LOSS_RINGBUF_FULL);
+}
+
+/* Copies the head of one flat user buffer (read, write, recvfrom, sendto). */
+static __always_inline void copy_flat(struct ss_event *ev, const void *buf, __u64 len)
+{
+	__u32 n = len > SS_HEAD_MAX ? SS_HEAD_MAX : (__u32)len;
+	asm volatile("" : "+r"(n)); /* keep the clamp visible to the verifier */
+	if (n > SS_HEAD_MAX)
+		n = SS_HEAD_MAX;
+	if (n && !bpf_probe_read_user(ev->data, n, buf))
+		ev->head_len = n;
+}
+
+/* Copies the head of an iovec array: the first SS_IOV_MAX vectors, at most `len` bytes in all. */
+static __always_inline void copy_iov(struct scratch *s, const struct iovec *iov, __u64 iovcnt, __u64 len)
+{
+	__u32 off = 0;
+	for (int i = 0; i < SS_IOV_MAX; i++) {
+		if (i >= iovcnt || off >= SS_HEAD_MAX || off >= len)
+			break;
+		struct iovec v;
+		if (bpf_probe_read_user(&v, sizeof(v), &iov[i]))
+			break;
+		__u64 n = v.iov_len;
+		if (n > SS_HEAD_MAX - off)
+			n = SS_HEAD_MAX - off;
+		if (n > len - off)
+			n = len - off;
+		__u32 at = off & (SS_HEAD_MAX - 1);
+		__u32 cnt = n & (SS_HEAD_MAX - 1 + SS_HEAD_MAX);
+		if (cnt > SS_HEAD_MAX)
+			cnt = SS_HEAD_MAX;
+		if (cnt && bpf_probe_read_user(s->ev.data + at, cnt, v.iov_base))
+			break;
+		off += cnt;
+	}
+	s->ev.head_len = off > SS_HEAD_MAX ? SS_HEAD_MAX : off;
+}
+
+static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (fd < 0 || !is_target(id >> 32))
+		return 0;
+	struct data_args a = { .buf = buf, .iovcnt = iovcnt, .fd = fd, .sys = sys };
+	if (bpf_map_update_elem(&args, &id, &a, BPF_ANY))
+		count_loss(SS_LOSS_ARGS_FULL);
+	return 0;
+}
+
+static __always_inline int exit_data(long ret, __u8 dir)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct data_args *saved = bpf_map_lookup_elem(&args, &id);
+	if (!saved)
+		return 0;
+	struct data_args a = *saved;
+	bpf_map_delete_elem(&args, &id);
+	if (ret <= 0)
+		return 0;
+
+	struct conn_info *c = get_conn(id >> 32, a.fd);
+	if (!c)
+		return 0;
+	struct scratch *s = get_scratch();
+	if (!s)
+		return 0;
+	fill_header(&s->ev, id, a.fd, c, SS_EV_DATA, dir, a.sys, (__u64)ret);
+
+	switch (a.sys) {
+	case SS_SYS_READ:
+	case SS_SYS_RECVFROM:
+	case SS_SYS_WRITE:
+	case SS_SYS_SENDTO:
+		copy_flat(&s->ev, (const void *)a.buf, (__u64)ret);
+		break;
+	case SS_SYS_READV:
+	case SS_SYS_WRITEV:
+		copy_iov(s, (const struct iovec *)a.buf, a.iovcnt, (__u64)ret);
+		break;
+	case SS_SYS_RECVMSG:
+	case SS_SYS_SENDMSG: {
+		struct user_msghdr msg;
+		if (!bpf_probe_read_user(&msg, sizeof(msg), (const void *)a.buf))
+			copy_iov(s, msg.msg_iov, msg.msg_iovlen, (__u64)ret);
+		break;
+	}
+	default: /* sendfile: the bytes come from a file, not a user buffer */
+		break;
+	}
+	submit(&s->ev);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_read")
+int ss_enter_read(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_READ);
+}
+
+SEC("tracepoint/syscalls/sys_exit_read")
+int ss_exit_read(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_INGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_readv")
+int ss_enter_readv(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_READV);
+}
+
+SEC("tracepoint/syscalls/sys_exit_readv")
+int ss_exit_readv(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_INGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvfrom")
+int ss_enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_RECVFROM);
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvfrom")
+int ss_exit_recvfrom(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_INGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmsg")
+int ss_enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_RECVMSG);
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvmsg")
+int ss_exit_recvmsg(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_INGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_write")
+int ss_enter_write(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_WRITE);
+}
+
+SEC("tracepoint/syscalls/sys_exit_write")
+int ss_exit_write(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_EGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_writev")
+int ss_enter_writev(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_WRITEV);
+}
+
+SEC("tracepoint/syscalls/sys_exit_writev")
+int ss_exit_writev(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_EGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int ss_enter_sendto(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_SENDTO);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int ss_exit_sendto(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_EGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int ss_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_SENDMSG);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int ss_exit_sendmsg(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_EGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendfile64")
+int ss_enter_sendfile(struct trace_event_raw_sys_enter *ctx)
+{
+	/* out_fd is the socket; the payload comes from in_fd, a file: no buffer to copy. */
+	return enter_data((int)ctx->args[0], 0, 0, SS_SYS_SENDFILE);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendfile64")
+int ss_exit_sendfile(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_data(ctx->ret, SS_DIR_EGRESS);
+}
+
+/* accept/accept4: the returned fd starts a fresh stream, so the agent may parse it from byte 0. */
+static __always_inline int exit_accept(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (ret < 0 || !is_target(id >> 32))
+		return 0;
+	int fd = (int)ret;
+	__u8 family = stream_socket_family(fd);
+	if (!family)
+		return 0;
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = fd };
+	struct conn_info *c = new_conn(&key, family, 1);
+	if (!c)
+		return 0;
+	struct scratch *s = get_scratch();
+	if (!s)
+		return 0;
+	fill_header(&s->ev, id, fd, c, SS_EV_OPEN, SS_DIR_INGRESS, SS_SYS_ACCEPT, 0);
+	submit(&s->ev);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int ss_exit_accept(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_accept(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int ss_exit_accept4(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_accept(ctx->ret);
+}
+
+/* close: free the connection's state at entry, before the fd number can be reused. */
+SEC("tracepoint/syscalls/sys_enter_close")
+int ss_enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (!is_target(id >> 32))
+		return 0;
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = (int)ctx->args[0] };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	if (!c)
+		return 0;
+	struct scratch *s = get_scratch();
+	if (s) {
+		fill_header(&s->ev, id, key.fd, c, SS_EV_CLOSE, SS_DIR_INGRESS, SS_SYS_CLOSE, 0);
+		submit(&s->ev);
+	}
+	bpf_map_delete_elem(&conns, &key);
+	return 0;
+}
