@@ -20,15 +20,30 @@ use clap::Parser;
 pub struct Cli {
     /// Address to serve /metrics on. TorchServe's own metrics API defaults to 127.0.0.1:8082: move it
     /// (metrics_address in config.properties) or pick another port here.
-    #[arg(long, env = "SERVESCOPE_LISTEN", default_value = "127.0.0.1:8082", value_name = "ADDR:PORT")]
+    #[arg(
+        long,
+        env = "SERVESCOPE_LISTEN",
+        default_value = "127.0.0.1:8082",
+        value_name = "ADDR:PORT"
+    )]
     pub listen: SocketAddr,
 
     /// Trace this process (any HTTP/1 server). Repeatable; comma-separated in the environment.
-    #[arg(long = "pid", env = "SERVESCOPE_PID", value_name = "PID", value_delimiter = ',')]
+    #[arg(
+        long = "pid",
+        env = "SERVESCOPE_PID",
+        value_name = "PID",
+        value_delimiter = ','
+    )]
     pub pids: Vec<u32>,
 
     /// Trace whatever process listens on this TCP port (any HTTP/1 server). Repeatable.
-    #[arg(long = "port", env = "SERVESCOPE_PORT", value_name = "PORT", value_delimiter = ',')]
+    #[arg(
+        long = "port",
+        env = "SERVESCOPE_PORT",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
     pub ports: Vec<u16>,
 
     /// Do not look for TorchServe frontends; trace only --pid and --port targets.
@@ -36,7 +51,12 @@ pub struct Cli {
     pub no_discovery: bool,
 
     /// How often to look for new, restarted and vanished targets, in milliseconds.
-    #[arg(long, env = "SERVESCOPE_DISCOVERY_INTERVAL_MS", default_value_t = 1000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "SERVESCOPE_DISCOVERY_INTERVAL_MS",
+        default_value_t = 1000,
+        value_name = "MS"
+    )]
     pub discovery_interval_ms: u64,
 
     /// Kernel ring-buffer size in bytes (a power of two, multiple of the page size).
@@ -104,7 +124,16 @@ mod tests {
 
     #[test]
     fn repeatable_targets() -> anyhow::Result<()> {
-        let c = parse(&["--pid", "1", "--pid", "2", "--port", "8080", "--listen", "0.0.0.0:9082"])?;
+        let c = parse(&[
+            "--pid",
+            "1",
+            "--pid",
+            "2",
+            "--port",
+            "8080",
+            "--listen",
+            "0.0.0.0:9082",
+        ])?;
         assert_eq!(c.pids, vec![1, 2]);
         assert_eq!(c.ports, vec![8080]);
         assert_eq!(c.listen.to_string(), "0.0.0.0:9082");

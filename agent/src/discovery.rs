@@ -55,7 +55,8 @@ impl ProcFs {
         let Ok(dir) = fs::read_dir(&self.root) else {
             return Vec::new();
         };
-        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
     }
 
     /// Start time of `pid` (field 22 of /proc/PID/stat), or `None` when it is gone.
@@ -270,7 +271,10 @@ mod tests {
             fs::write(dir.join("cmdline"), cmd).expect("write");
             fs::write(
                 dir.join("stat"),
-                format!("{pid} ({comm}) S 1 1 1 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {} 1 1", pid * 10),
+                format!(
+                    "{pid} ({comm}) S 1 1 1 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {} 1 1",
+                    pid * 10
+                ),
             )
             .expect("write");
         }
@@ -290,7 +294,10 @@ mod tests {
         assert_eq!(found[&100].flavor, Flavor::TorchServe);
         assert_eq!(found[&100].start_time, 1000);
         assert_eq!(found[&300].flavor, Flavor::Generic);
-        assert_eq!(found[&300].start_time, 3000, "comm with spaces and parentheses");
+        assert_eq!(
+            found[&300].start_time, 3000,
+            "comm with spaces and parentheses"
+        );
         let none = proc.scan(&Selection::default());
         assert!(none.is_empty());
     }

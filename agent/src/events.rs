@@ -212,16 +212,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_records() {
-        assert_eq!(Event::decode(&[0; 10]).unwrap_err(), DecodeError::Short(10, 48));
+        assert_eq!(
+            Event::decode(&[0; 10]).expect_err("must be rejected"),
+            DecodeError::Short(10, 48)
+        );
         let mut bytes = encode_for_test(header(1, 0), b"abc");
         bytes.truncate(49);
-        assert!(matches!(Event::decode(&bytes), Err(DecodeError::HeadLen { .. })));
+        assert!(matches!(
+            Event::decode(&bytes),
+            Err(DecodeError::HeadLen { .. })
+        ));
         assert_eq!(
-            Event::decode(&encode_for_test(header(9, 0), b"")).unwrap_err(),
+            Event::decode(&encode_for_test(header(9, 0), b"")).expect_err("must be rejected"),
             DecodeError::Kind(9)
         );
         assert_eq!(
-            Event::decode(&encode_for_test(header(1, 4), b"")).unwrap_err(),
+            Event::decode(&encode_for_test(header(1, 4), b"")).expect_err("must be rejected"),
             DecodeError::Direction(4)
         );
     }

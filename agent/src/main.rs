@@ -1,7 +1,7 @@
 //! `servescope`: parse the command line, bind the metrics port, load and attach the eBPF programs,
 //! start the readers, serve until SIGINT/SIGTERM.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
@@ -18,8 +18,11 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cfg = match cli.into_config() {
         Ok(c) => c,
@@ -59,7 +62,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (upd_tx, upd_rx) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(pipeline::read_events(ring, registry.clone(), upd_rx, stop_rx.clone()));
+    let reader = tokio::spawn(pipeline::read_events(
+        ring,
+        registry.clone(),
+        upd_rx,
+        stop_rx.clone(),
+    ));
     let discovery = tokio::spawn(pipeline::discover(
         cfg.clone(),
         probes,
@@ -86,7 +94,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// A task that should run forever ended: say which and why.
-fn task_ended(name: &str, r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+fn task_ended(
+    name: &str,
+    r: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
     match r {
         Ok(Ok(())) => anyhow::bail!("{name} stopped unexpectedly"),
         Ok(Err(e)) => Err(e.context(format!("{name} failed"))),

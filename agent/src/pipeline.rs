@@ -126,7 +126,11 @@ pub async fn discover(
         for pid in stale {
             current.remove(&pid);
             if let Err(e) = probes.remove_target(pid) {
-                tracing::warn!(pid, error = format!("{e:#}"), "could not untrack a vanished target");
+                tracing::warn!(
+                    pid,
+                    error = format!("{e:#}"),
+                    "could not untrack a vanished target"
+                );
             }
             let _ = updates.send(Update::Removed(pid));
             tracing::info!(pid, "target exited; no longer traced");
@@ -157,11 +161,16 @@ pub async fn discover(
             );
         }
         warned_empty = current.is_empty();
-        registry.targets.set(i64::try_from(current.len()).unwrap_or(i64::MAX));
+        registry
+            .targets
+            .set(i64::try_from(current.len()).unwrap_or(i64::MAX));
         for (reason, total) in probes.losses() {
             let prev = lost_exported.insert(reason, total).unwrap_or(0);
             if total > prev {
-                registry.kernel_lost.with_label_values(&[reason]).inc_by(total - prev);
+                registry
+                    .kernel_lost
+                    .with_label_values(&[reason])
+                    .inc_by(total - prev);
                 tracing::warn!(reason, lost = total - prev, "kernel dropped records");
             }
         }

@@ -116,9 +116,16 @@ impl Probes {
     pub fn remove_target(&mut self, tgid: u32) -> anyhow::Result<()> {
         match self.targets.remove(&tgid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).with_context(|| format!("removing pid {tgid} from the target map")),
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing pid {tgid} from the target map"));
+            }
         }
-        let stale: Vec<ConnKey> = self.conns.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
+        let stale: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
         for k in stale {
             // A concurrent close may already have removed it.
             let _ = self.conns.remove(&k);
@@ -128,7 +135,11 @@ impl Probes {
 
     /// Kernel connection-map entries of `tgid` (tests and diagnostics).
     pub fn kernel_conns_of(&self, tgid: u32) -> usize {
-        self.conns.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).count()
+        self.conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .count()
     }
 
     /// Totals of the kernel's per-CPU loss counters, by reason name.
@@ -158,8 +169,9 @@ fn attach(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<()> {
         .with_context(|| format!("the eBPF object has no program `{prog}` (build mismatch)"))?
         .try_into()
         .with_context(|| format!("program `{prog}` is not a tracepoint"))?;
-    p.load()
-        .with_context(|| format!("the kernel rejected program `{prog}` (verifier or permissions)"))?;
+    p.load().with_context(|| {
+        format!("the kernel rejected program `{prog}` (verifier or permissions)")
+    })?;
     p.attach("syscalls", tracepoint)
         .with_context(|| format!("attaching `{prog}` to tracepoint syscalls:{tracepoint}"))?;
     Ok(())

@@ -5,8 +5,8 @@
 //! `servescope_` prefix.
 
 use prometheus::{
-    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    core::Collector,
+    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, core::Collector,
 };
 
 use crate::{
@@ -60,10 +60,30 @@ const GPU: &[&str] = &["Level", "DeviceId", "Hostname"];
 /// TorchServe's own order is JVM hash order and differs between JVM builds; servescope prints a fixed
 /// order instead: request counters, model counters, model gauges, worker gauges, system, GPU.
 pub const TORCHSERVE_FAMILIES: [FamilySpec; 21] = [
-    FamilySpec { name: "Requests2XX", kind: FamilyType::Counter, unit: "Count", labels: HOST },
-    FamilySpec { name: "Requests4XX", kind: FamilyType::Counter, unit: "Count", labels: HOST },
-    FamilySpec { name: "Requests5XX", kind: FamilyType::Counter, unit: "Count", labels: HOST },
-    FamilySpec { name: "ts_inference_requests_total", kind: FamilyType::Counter, unit: "Count", labels: MODEL },
+    FamilySpec {
+        name: "Requests2XX",
+        kind: FamilyType::Counter,
+        unit: "Count",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "Requests4XX",
+        kind: FamilyType::Counter,
+        unit: "Count",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "Requests5XX",
+        kind: FamilyType::Counter,
+        unit: "Count",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "ts_inference_requests_total",
+        kind: FamilyType::Counter,
+        unit: "Count",
+        labels: MODEL,
+    },
     FamilySpec {
         name: "ts_inference_latency_microseconds",
         kind: FamilyType::Counter,
@@ -76,31 +96,96 @@ pub const TORCHSERVE_FAMILIES: [FamilySpec; 21] = [
         unit: "Microseconds",
         labels: MODEL,
     },
-    FamilySpec { name: "HandlerTime", kind: FamilyType::Gauge, unit: "ms", labels: &["ModelName", "Level", "Hostname"] },
+    FamilySpec {
+        name: "HandlerTime",
+        kind: FamilyType::Gauge,
+        unit: "ms",
+        labels: &["ModelName", "Level", "Hostname"],
+    },
     FamilySpec {
         name: "PredictionTime",
         kind: FamilyType::Gauge,
         unit: "ms",
         labels: &["ModelName", "Level", "Hostname"],
     },
-    FamilySpec { name: "QueueTime", kind: FamilyType::Gauge, unit: "Milliseconds", labels: HOST },
-    FamilySpec { name: "WorkerThreadTime", kind: FamilyType::Gauge, unit: "Milliseconds", labels: HOST },
+    FamilySpec {
+        name: "QueueTime",
+        kind: FamilyType::Gauge,
+        unit: "Milliseconds",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "WorkerThreadTime",
+        kind: FamilyType::Gauge,
+        unit: "Milliseconds",
+        labels: HOST,
+    },
     FamilySpec {
         name: "WorkerLoadTime",
         kind: FamilyType::Gauge,
         unit: "Milliseconds",
         labels: &["WorkerName", "Level", "Hostname"],
     },
-    FamilySpec { name: "CPUUtilization", kind: FamilyType::Gauge, unit: "Percent", labels: HOST },
-    FamilySpec { name: "MemoryUsed", kind: FamilyType::Gauge, unit: "Megabytes", labels: HOST },
-    FamilySpec { name: "MemoryAvailable", kind: FamilyType::Gauge, unit: "Megabytes", labels: HOST },
-    FamilySpec { name: "MemoryUtilization", kind: FamilyType::Gauge, unit: "Percent", labels: HOST },
-    FamilySpec { name: "DiskUsage", kind: FamilyType::Gauge, unit: "Gigabytes", labels: HOST },
-    FamilySpec { name: "DiskAvailable", kind: FamilyType::Gauge, unit: "Gigabytes", labels: HOST },
-    FamilySpec { name: "DiskUtilization", kind: FamilyType::Gauge, unit: "Percent", labels: HOST },
-    FamilySpec { name: "GPUMemoryUtilization", kind: FamilyType::Gauge, unit: "Percent", labels: GPU },
-    FamilySpec { name: "GPUMemoryUsed", kind: FamilyType::Gauge, unit: "Megabytes", labels: GPU },
-    FamilySpec { name: "GPUUtilization", kind: FamilyType::Gauge, unit: "Percent", labels: GPU },
+    FamilySpec {
+        name: "CPUUtilization",
+        kind: FamilyType::Gauge,
+        unit: "Percent",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "MemoryUsed",
+        kind: FamilyType::Gauge,
+        unit: "Megabytes",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "MemoryAvailable",
+        kind: FamilyType::Gauge,
+        unit: "Megabytes",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "MemoryUtilization",
+        kind: FamilyType::Gauge,
+        unit: "Percent",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "DiskUsage",
+        kind: FamilyType::Gauge,
+        unit: "Gigabytes",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "DiskAvailable",
+        kind: FamilyType::Gauge,
+        unit: "Gigabytes",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "DiskUtilization",
+        kind: FamilyType::Gauge,
+        unit: "Percent",
+        labels: HOST,
+    },
+    FamilySpec {
+        name: "GPUMemoryUtilization",
+        kind: FamilyType::Gauge,
+        unit: "Percent",
+        labels: GPU,
+    },
+    FamilySpec {
+        name: "GPUMemoryUsed",
+        kind: FamilyType::Gauge,
+        unit: "Megabytes",
+        labels: GPU,
+    },
+    FamilySpec {
+        name: "GPUUtilization",
+        kind: FamilyType::Gauge,
+        unit: "Percent",
+        labels: GPU,
+    },
 ];
 
 /// The catalogue entry of a TorchServe family.
@@ -119,7 +204,8 @@ pub enum Flavor {
 
 /// Latency histogram buckets in seconds: from sub-millisecond echo models to minute-long generation.
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// All families servescope serves. Cheap to clone (handles to shared metrics).
@@ -143,7 +229,10 @@ pub struct Registry {
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Only reachable with an invalid static name or label set, which the unit tests exercise.
-    #[expect(clippy::expect_used, reason = "static metric definitions; a failure is a programming error")]
+    #[expect(
+        clippy::expect_used,
+        reason = "static metric definitions; a failure is a programming error"
+    )]
     r.expect("static metric definition is valid")
 }
 
@@ -157,8 +246,12 @@ impl Registry {
     pub fn new() -> Self {
         let registry = prometheus::Registry::new();
         let ts_counter = |name: &str| {
-            let spec = torchserve_family(name).unwrap_or_else(|| unreachable!("{name} is in the catalogue"));
-            must(CounterVec::new(Opts::new(spec.name, spec.help()), spec.labels))
+            let spec = torchserve_family(name)
+                .unwrap_or_else(|| unreachable!("{name} is in the catalogue"));
+            must(CounterVec::new(
+                Opts::new(spec.name, spec.help()),
+                spec.labels,
+            ))
         };
         let r = Registry {
             requests_2xx: ts_counter("Requests2XX"),
@@ -201,7 +294,9 @@ impl Registry {
             )),
             registry,
         };
-        r.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        r.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         // Print every loss reason from the start: an absent series cannot be told apart from zero losses.
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
@@ -331,17 +426,22 @@ mod tests {
     }
 
     fn value(r: &Registry, family: &str, labels: &[&str]) -> Option<f64> {
-        r.gather().into_iter().find(|f| f.name() == family).and_then(|f| {
-            f.get_metric()
-                .iter()
-                .find(|m| {
-                    let spec = torchserve_family(family).map_or(&[][..], |s| s.labels);
-                    spec.iter().zip(labels).all(|(k, v)| {
-                        m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)
+        r.gather()
+            .into_iter()
+            .find(|f| f.name() == family)
+            .and_then(|f| {
+                f.get_metric()
+                    .iter()
+                    .find(|m| {
+                        let spec = torchserve_family(family).map_or(&[][..], |s| s.labels);
+                        spec.iter().zip(labels).all(|(k, v)| {
+                            m.get_label()
+                                .iter()
+                                .any(|l| l.name() == *k && l.value() == *v)
+                        })
                     })
-                })
-                .map(|m| m.get_counter().get_value())
-        })
+                    .map(|m| m.get_counter().get_value())
+            })
     }
 
     #[test]
@@ -349,36 +449,135 @@ mod tests {
         let r = Registry::new();
         let ts = Flavor::TorchServe;
         r.record(&ex("POST", "/predictions/echo", 200, "", true), "vm", ts);
-        r.record(&ex("POST", "/predictions/echo/1.0", 200, "", true), "vm", ts);
-        r.record(&ex("POST", "/predictions/fail", 503, "Service Unavailable", true), "vm", ts);
-        r.record(&ex("POST", "/predictions/nosuch", 404, "Not Found", true), "vm", ts);
-        r.record(&ex("POST", "/predictions/echo", 422, "Echo Status", true), "vm", ts);
-        r.record(&ex("POST", "/predictions/echo", 199, "Echo Status", true), "vm", ts);
-        r.record(&ex("POST", "/predictions/echo", 413, "Request Entity Too Large", false), "vm", ts);
-        r.record(&ex("OPTIONS", "/predictions/echo", 200, "OK", true), "vm", ts);
-        r.record(&ex("POST", "/invocations", 400, "Bad Request", true), "vm", ts);
+        r.record(
+            &ex("POST", "/predictions/echo/1.0", 200, "", true),
+            "vm",
+            ts,
+        );
+        r.record(
+            &ex(
+                "POST",
+                "/predictions/fail",
+                503,
+                "Service Unavailable",
+                true,
+            ),
+            "vm",
+            ts,
+        );
+        r.record(
+            &ex("POST", "/predictions/nosuch", 404, "Not Found", true),
+            "vm",
+            ts,
+        );
+        r.record(
+            &ex("POST", "/predictions/echo", 422, "Echo Status", true),
+            "vm",
+            ts,
+        );
+        r.record(
+            &ex("POST", "/predictions/echo", 199, "Echo Status", true),
+            "vm",
+            ts,
+        );
+        r.record(
+            &ex(
+                "POST",
+                "/predictions/echo",
+                413,
+                "Request Entity Too Large",
+                false,
+            ),
+            "vm",
+            ts,
+        );
+        r.record(
+            &ex("OPTIONS", "/predictions/echo", 200, "OK", true),
+            "vm",
+            ts,
+        );
+        r.record(
+            &ex("POST", "/invocations", 400, "Bad Request", true),
+            "vm",
+            ts,
+        );
         r.record(&ex("GET", "/ping", 200, "OK", true), "vm", ts);
 
         assert_eq!(value(&r, "Requests2XX", &["Host", "vm"]), Some(4.0));
         assert_eq!(value(&r, "Requests4XX", &["Host", "vm"]), Some(3.0));
         assert_eq!(value(&r, "Requests5XX", &["Host", "vm"]), Some(2.0));
         // echo/default: 200, 422, 199 (handler-set statuses count); not OPTIONS, not 413.
-        assert_eq!(value(&r, "ts_inference_requests_total", &["echo", "default", "vm"]), Some(3.0));
-        assert_eq!(value(&r, "ts_inference_requests_total", &["echo", "1.0", "vm"]), Some(1.0));
-        assert_eq!(value(&r, "ts_inference_requests_total", &["fail", "default", "vm"]), Some(1.0));
-        assert_eq!(value(&r, "ts_inference_requests_total", &["nosuch", "default", "vm"]), None);
+        assert_eq!(
+            value(
+                &r,
+                "ts_inference_requests_total",
+                &["echo", "default", "vm"]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(&r, "ts_inference_requests_total", &["echo", "1.0", "vm"]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "ts_inference_requests_total",
+                &["fail", "default", "vm"]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "ts_inference_requests_total",
+                &["nosuch", "default", "vm"]
+            ),
+            None
+        );
         // 1000 µs per exchange; fail (handler exception) adds no latency and gets no series.
-        assert_eq!(value(&r, "ts_inference_latency_microseconds", &["echo", "default", "vm"]), Some(3000.0));
-        assert_eq!(value(&r, "ts_inference_latency_microseconds", &["fail", "default", "vm"]), None);
+        assert_eq!(
+            value(
+                &r,
+                "ts_inference_latency_microseconds",
+                &["echo", "default", "vm"]
+            ),
+            Some(3000.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "ts_inference_latency_microseconds",
+                &["fail", "default", "vm"]
+            ),
+            None
+        );
     }
 
     #[test]
     fn generic_servers_count_every_final_response() {
         let r = Registry::new();
-        r.record(&ex("POST", "/predictions/a", 413, "Request Entity Too Large", false), "h", Flavor::Generic);
-        r.record(&ex("POST", "/predictions/a", 404, "Not Found", false), "h", Flavor::Generic);
+        r.record(
+            &ex(
+                "POST",
+                "/predictions/a",
+                413,
+                "Request Entity Too Large",
+                false,
+            ),
+            "h",
+            Flavor::Generic,
+        );
+        r.record(
+            &ex("POST", "/predictions/a", 404, "Not Found", false),
+            "h",
+            Flavor::Generic,
+        );
         assert_eq!(value(&r, "Requests4XX", &["Host", "h"]), Some(2.0));
-        assert_eq!(value(&r, "ts_inference_requests_total", &["a", "default", "h"]), Some(2.0));
+        assert_eq!(
+            value(&r, "ts_inference_requests_total", &["a", "default", "h"]),
+            Some(2.0)
+        );
     }
 
     #[test]
@@ -388,7 +587,8 @@ mod tests {
         for line in golden.lines().filter(|l| l.starts_with("# HELP ")) {
             let rest = &line["# HELP ".len()..];
             let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            let spec = torchserve_family(name).unwrap_or_else(|| panic!("{name} missing from catalogue"));
+            let spec =
+                torchserve_family(name).unwrap_or_else(|| panic!("{name} missing from catalogue"));
             assert_eq!(spec.help(), help, "{name}");
             seen += 1;
         }

@@ -37,7 +37,9 @@ pub fn route(target: &str) -> Route {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
         // /predictions/{m}[/{v}[/any/extra]] and /explanations/{m}[/{v}...]
-        ["predictions" | "explanations", m, rest @ ..] => Route::inference(m, rest.first().copied()),
+        ["predictions" | "explanations", m, rest @ ..] => {
+            Route::inference(m, rest.first().copied())
+        }
         // /v1/models/{m}:predict, /v1/models/{m}:explain
         ["v1", "models", m] => match m.rsplit_once(':') {
             Some((name, "predict" | "explain")) => Route::inference(name, None),
@@ -129,14 +131,20 @@ mod tests {
             ("/v2/models/echo/infer", inf("echo", "default")),
             ("/v2/models/echo/explain", inf("echo", "default")),
             ("/invocations?model_name=echo", inf("echo", "default")),
-            ("/invocations?x=1&model_name=my%20model", inf("my model", "default")),
+            (
+                "/invocations?x=1&model_name=my%20model",
+                inf("my model", "default"),
+            ),
             ("/invocations", Route::InferenceWithoutModel),
             ("/invocations?model_name=", Route::InferenceWithoutModel),
             ("/models/echo/invoke", inf("echo", "default")),
             ("/echo/predict", inf("echo", "default")),
             ("/echo/1.0/predict", inf("echo", "1.0")),
             ("/predictions/echo?x=1", inf("echo", "default")),
-            ("http://127.0.0.1:8080/predictions/echo", inf("echo", "default")),
+            (
+                "http://127.0.0.1:8080/predictions/echo",
+                inf("echo", "default"),
+            ),
         ];
         for (target, want) in cases {
             assert_eq!(route(target), want, "{target}");

@@ -35,7 +35,8 @@ impl ConnTable {
         match ev.kind {
             Kind::Open => {
                 self.make_room();
-                self.conns.insert(ev.conn_id, Conn::new(ev.tgid, ev.conn_id, true));
+                self.conns
+                    .insert(ev.conn_id, Conn::new(ev.tgid, ev.conn_id, true));
                 Vec::new()
             }
             Kind::Close => {
@@ -108,15 +109,24 @@ mod tests {
         let mut t = ConnTable::new();
         apply(&mut t, &rec(2, 0, 1, 1, b""));
         // Old connection dies with half a request head.
-        apply(&mut t, &rec(1, 0, 1, 1, b"POST /predictions/old HTTP/1.1\r\nContent-Le"));
+        apply(
+            &mut t,
+            &rec(1, 0, 1, 1, b"POST /predictions/old HTTP/1.1\r\nContent-Le"),
+        );
         apply(&mut t, &rec(3, 0, 1, 1, b""));
         assert!(t.is_empty());
         // Same fd, new connection id from the kernel.
         apply(&mut t, &rec(2, 0, 2, 1, b""));
         apply(&mut t, &rec(1, 0, 2, 1, b"GET /ping HTTP/1.1\r\n\r\n"));
-        let ex = apply(&mut t, &rec(1, 1, 2, 1, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        let ex = apply(
+            &mut t,
+            &rec(1, 1, 2, 1, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        );
         assert_eq!(ex.len(), 1);
-        assert_eq!(ex[0].request.as_ref().map(|r| r.target.as_str()), Some("/ping"));
+        assert_eq!(
+            ex[0].request.as_ref().map(|r| r.target.as_str()),
+            Some("/ping")
+        );
         assert_eq!(t.stats, ParseStats::default());
     }
 

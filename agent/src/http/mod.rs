@@ -49,7 +49,10 @@ impl Exchange {
     pub fn latency_us(&self) -> Option<f64> {
         let req = self.request.as_ref()?;
         let ns = self.response.start_ns.checked_sub(req.complete_ns)?;
-        #[expect(clippy::cast_precision_loss, reason = "nanosecond spans fit f64's 52-bit mantissa")]
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "nanosecond spans fit f64's 52-bit mantissa"
+        )]
         Some(ns as f64 / 1000.0)
     }
 }

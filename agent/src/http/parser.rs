@@ -26,7 +26,15 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
 ];
 
 /// Counters the parser feeds; the pipeline exports them.
@@ -43,7 +51,11 @@ enum ReqState {
     /// Between requests.
     Idle,
     /// A request head is arriving (possibly split across reads).
-    Head { buf: Vec<u8>, first_ns: u64, bytes: u64 },
+    Head {
+        buf: Vec<u8>,
+        first_ns: u64,
+        bytes: u64,
+    },
     /// A `Content-Length` body is arriving.
     Body { req: Request, remaining: u64 },
     /// A body whose end cannot be seen: ends when the response starts.
@@ -55,8 +67,13 @@ enum ReqState {
 #[derive(Debug)]
 enum RespState {
     Idle,
-    Head { buf: Vec<u8>, start_ns: u64 },
-    Body { remaining: u64 },
+    Head {
+        buf: Vec<u8>,
+        start_ns: u64,
+    },
+    Body {
+        remaining: u64,
+    },
     /// Chunked or close-delimited body: writes are body until one begins with a status line.
     UntilNextHead,
 }
@@ -121,7 +138,10 @@ impl Conn {
         }
         let mut off: u64 = 0;
         while off < len {
-            let captured = usize::try_from(off).ok().and_then(|o| head.get(o..)).unwrap_or(&[]);
+            let captured = usize::try_from(off)
+                .ok()
+                .and_then(|o| head.get(o..))
+                .unwrap_or(&[]);
             let rest = len - off;
             match &mut self.req {
                 ReqState::Idle => {
@@ -131,12 +151,20 @@ impl Conn {
                         bytes: 0,
                     };
                 }
-                ReqState::Head { buf, first_ns, bytes } => {
+                ReqState::Head {
+                    buf,
+                    first_ns,
+                    bytes,
+                } => {
                     let before = buf.len();
                     let take = captured.len().min(MAX_HEAD.saturating_sub(before));
                     buf.extend_from_slice(&captured[..take]);
                     match parse_request_head(buf) {
-                        HeadParse::Complete { used, mut req, framing } => {
+                        HeadParse::Complete {
+                            used,
+                            mut req,
+                            framing,
+                        } => {
                             // Bytes of this syscall that belonged to the head.
                             let used_here = (used - before) as u64;
                             off += used_here;
@@ -216,14 +244,23 @@ impl Conn {
 
     /// Bytes the server wrote: `len` in all, of which `head` were copied. Returns the exchanges whose
     /// final response started in this write.
-    pub fn on_egress(&mut self, ts_ns: u64, head: &[u8], len: u64, stats: &mut ParseStats) -> Vec<Exchange> {
+    pub fn on_egress(
+        &mut self,
+        ts_ns: u64,
+        head: &[u8],
+        len: u64,
+        stats: &mut ParseStats,
+    ) -> Vec<Exchange> {
         let mut out = Vec::new();
         if !self.resp_synced {
             return out;
         }
         let mut off: u64 = 0;
         while off < len {
-            let captured = usize::try_from(off).ok().and_then(|o| head.get(o..)).unwrap_or(&[]);
+            let captured = usize::try_from(off)
+                .ok()
+                .and_then(|o| head.get(o..))
+                .unwrap_or(&[]);
             let rest = len - off;
             match &mut self.resp {
                 RespState::Idle => {
@@ -277,7 +314,9 @@ impl Conn {
                         continue;
                     }
                     let request = self.take_request_for_response();
-                    let head_request = request.as_ref().is_some_and(|r| r.method.eq_ignore_ascii_case("HEAD"));
+                    let head_request = request
+                        .as_ref()
+                        .is_some_and(|r| r.method.eq_ignore_ascii_case("HEAD"));
                     if request.is_none() && self.req_synced {
                         stats.unmatched_responses += 1;
                     }
@@ -293,7 +332,10 @@ impl Conn {
                             // Chunked or close-delimited: if this write ends with the last chunk, the
                             // response is over; otherwise wait for the next status line.
                             let whole_write_seen = (head.len() as u64) == len;
-                            if head_info.framing == Framing::UntilOther && whole_write_seen && head.ends_with(b"0\r\n\r\n") {
+                            if head_info.framing == Framing::UntilOther
+                                && whole_write_seen
+                                && head.ends_with(b"0\r\n\r\n")
+                            {
                                 off = len;
                                 RespState::Idle
                             } else {
@@ -347,7 +389,11 @@ impl Conn {
                 Some(req)
             }
             ReqState::UntilResponse { req } => Some(req),
-            ReqState::Head { buf, first_ns, bytes } => {
+            ReqState::Head {
+                buf,
+                first_ns,
+                bytes,
+            } => {
                 // A head the server answered before it was complete (e.g. 400 for a malformed or
                 // oversized head): pair it if the request line is readable.
                 parse_request_line(&buf).map(|mut req| {
@@ -381,7 +427,11 @@ enum Framing {
 }
 
 enum HeadParse {
-    Complete { used: usize, req: Request, framing: Framing },
+    Complete {
+        used: usize,
+        req: Request,
+        framing: Framing,
+    },
     Partial,
     Invalid,
 }
@@ -425,7 +475,9 @@ fn body_framing(headers: &[httparse::Header<'_>]) -> Option<Framing> {
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let v = std::str::from_utf8(h.value).ok()?;
-            if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked")) {
+            if v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
+            {
                 framing = Framing::UntilOther;
             }
         } else if h.name.eq_ignore_ascii_case("content-length") && framing != Framing::UntilOther {
@@ -448,7 +500,10 @@ fn parse_request_line(buf: &[u8]) -> Option<Request> {
     let line = std::str::from_utf8(&buf[..end]).ok()?;
     let mut parts = line.split(' ');
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if !version.starts_with("HTTP/1.") || method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !version.starts_with("HTTP/1.")
+        || method.is_empty()
+        || !method.bytes().all(|b| b.is_ascii_uppercase())
+    {
         return None;
     }
     Some(Request {
@@ -478,8 +533,13 @@ fn parse_response_head(buf: &[u8]) -> RespParse {
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
         Ok(httparse::Status::Complete(used)) => {
-            let Some(status) = resp.code else { return RespParse::Invalid };
-            let has_request_id = resp.headers.iter().any(|h| h.name.eq_ignore_ascii_case("x-request-id"));
+            let Some(status) = resp.code else {
+                return RespParse::Invalid;
+            };
+            let has_request_id = resp
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("x-request-id"));
             let framing = match body_framing(resp.headers) {
                 Some(Framing::None) => Framing::UntilOther,
                 Some(f) => f,
@@ -544,32 +604,48 @@ mod tests {
         fn read(&mut self, bytes: &[u8]) -> u64 {
             self.t += 1000;
             let head = &bytes[..bytes.len().min(HEAD_MAX)];
-            self.conn.on_ingress(self.t, head, bytes.len() as u64, &mut self.stats);
+            self.conn
+                .on_ingress(self.t, head, bytes.len() as u64, &mut self.stats);
             self.t
         }
         fn write(&mut self, bytes: &[u8]) -> u64 {
             self.t += 1000;
             let head = &bytes[..bytes.len().min(HEAD_MAX)];
-            let ex = self.conn.on_egress(self.t, head, bytes.len() as u64, &mut self.stats);
+            let ex = self
+                .conn
+                .on_egress(self.t, head, bytes.len() as u64, &mut self.stats);
             self.out.extend(ex);
             self.t
         }
         fn statuses(&self) -> Vec<(Option<String>, u16)> {
             self.out
                 .iter()
-                .map(|e| (e.request.as_ref().map(|r| r.target.clone()), e.response.status))
+                .map(|e| {
+                    (
+                        e.request.as_ref().map(|r| r.target.clone()),
+                        e.response.status,
+                    )
+                })
                 .collect()
         }
     }
 
     fn post(path: &str, body: &[u8]) -> Vec<u8> {
-        let mut v = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        let mut v = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
         v.extend_from_slice(body);
         v
     }
 
     fn ok(body: &[u8]) -> Vec<u8> {
-        let mut v = format!("HTTP/1.1 200 \r\nx-request-id: abc\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        let mut v = format!(
+            "HTTP/1.1 200 \r\nx-request-id: abc\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
         v.extend_from_slice(body);
         v
     }
@@ -616,7 +692,10 @@ mod tests {
         w.write(&resp);
         assert_eq!(
             w.statuses(),
-            vec![(Some("/predictions/a".into()), 200), (Some("/predictions/b".into()), 200)]
+            vec![
+                (Some("/predictions/a".into()), 200),
+                (Some("/predictions/b".into()), 200)
+            ]
         );
     }
 
@@ -635,7 +714,10 @@ mod tests {
         w.write(&ok(b""));
         assert_eq!(
             w.statuses(),
-            vec![(Some("/predictions/big".into()), 200), (Some("/predictions/next".into()), 200)]
+            vec![
+                (Some("/predictions/big".into()), 200),
+                (Some("/predictions/next".into()), 200)
+            ]
         );
         assert_eq!(w.out[0].request.as_ref().map(|r| r.complete_ns), Some(last));
         assert_eq!(w.stats.parse_errors, 0);
@@ -652,7 +734,10 @@ mod tests {
         w.write(&ok(b""));
         assert_eq!(
             w.statuses(),
-            vec![(Some("/predictions/c".into()), 200), (Some("/predictions/d".into()), 200)]
+            vec![
+                (Some("/predictions/c".into()), 200),
+                (Some("/predictions/d".into()), 200)
+            ]
         );
         assert_eq!(w.out[0].request.as_ref().map(|r| r.complete_ns), Some(last));
     }
@@ -660,7 +745,9 @@ mod tests {
     #[test]
     fn expect_continue_and_early_413() {
         let mut w = Wire::new(true);
-        w.read(b"POST /predictions/e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+        w.read(
+            b"POST /predictions/e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        );
         w.write(b"HTTP/1.1 100 Continue\r\n\r\n");
         w.read(b"abc");
         w.write(&ok(b"abc"));
@@ -681,7 +768,10 @@ mod tests {
         w.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         assert_eq!(w.statuses(), vec![(None, 400)]);
         assert_eq!(w.stats.parse_errors, 1);
-        assert_eq!(w.stats.unmatched_responses, 0, "desynced: not counted as unmatched");
+        assert_eq!(
+            w.stats.unmatched_responses, 0,
+            "desynced: not counted as unmatched"
+        );
     }
 
     #[test]
@@ -696,7 +786,10 @@ mod tests {
         w.write(&ok(b""));
         assert_eq!(
             w.statuses(),
-            vec![(Some("/predictions/m".into()), 200), (Some("/predictions/n".into()), 200)]
+            vec![
+                (Some("/predictions/m".into()), 200),
+                (Some("/predictions/n".into()), 200)
+            ]
         );
     }
 
@@ -712,7 +805,10 @@ mod tests {
         w.write(&ok(b""));
         assert_eq!(
             w.statuses(),
-            vec![(Some("/predictions/long".into()), 200), (Some("/predictions/after".into()), 200)]
+            vec![
+                (Some("/predictions/long".into()), 200),
+                (Some("/predictions/after".into()), 200)
+            ]
         );
     }
 
@@ -742,7 +838,11 @@ mod tests {
         w.write(&ok(b""));
         assert_eq!(
             w.statuses(),
-            vec![(Some("/a".into()), 200), (Some("/b".into()), 201), (Some("/c".into()), 200)]
+            vec![
+                (Some("/a".into()), 200),
+                (Some("/b".into()), 201),
+                (Some("/c".into()), 200)
+            ]
         );
     }
 
@@ -751,7 +851,10 @@ mod tests {
         let mut w = Wire::new(true);
         w.read(&[0xff, 0x00, 0x13, 0x37]);
         w.write(b"\x00\x01junk");
-        assert_eq!(w.stats.parse_errors, 2, "one for the request side, one for the response side");
+        assert_eq!(
+            w.stats.parse_errors, 2,
+            "one for the request side, one for the response side"
+        );
         w.read(&post("/predictions/ok", b""));
         w.write(&ok(b""));
         assert_eq!(w.statuses(), vec![(Some("/predictions/ok".into()), 200)]);
@@ -772,6 +875,9 @@ mod tests {
         w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n");
         w.read(b"GET /y HTTP/1.1\r\n\r\n");
         w.write(&ok(b""));
-        assert_eq!(w.statuses(), vec![(Some("/x".into()), 200), (Some("/y".into()), 200)]);
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/x".into()), 200), (Some("/y".into()), 200)]
+        );
     }
 }

@@ -1,0 +1,790 @@
+//! The metrics endpoint: an HTTP/1 server that answers like TorchServe's metrics port (FACTS.md §2, §5).
+//!
+//! Any path whose first segment is `metrics`, with any method, gets the exposition of
+//! [`super::torchserve::encode`] with TorchServe's response headers, in TorchServe's order and case;
+//! everything else gets TorchServe's 404 JSON and a closed connection.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    hash::{BuildHasher, RandomState},
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::{
+    HeaderMap, Request, Response, StatusCode,
+    body::{Body, Frame, Incoming, SizeHint},
+    header::{self, HeaderName, HeaderValue},
+    http::Extensions,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+
+use super::torchserve::{Filter, encode};
+use crate::registry::Registry;
+
+/// TorchServe's `TextFormat.CONTENT_TYPE_004` (simpleclient 0.9).
+pub const CONTENT_TYPE_METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// TorchServe's 404 body: Gson pretty-printed `ErrorResponse` plus `\n` (`NettyUtils.sendJsonResponse`).
+pub const NOT_FOUND_BODY: &str = "{\n  \"code\": 404,\n  \"type\": \"ResourceNotFoundException\",\n  \"message\": \"Requested resource is not found, please refer to API document.\"\n}\n";
+
+/// Request bodies are read (so the connection stays usable) up to this size; a scrape sends none.
+const MAX_BODY: usize = 64 * 1024;
+
+/// How long [`serve`] waits for open connections to finish their response after `shutdown`.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the metrics port could not be bound, phrased with the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "{addr} is already in use (is TorchServe's own metrics API on it? set metrics_address elsewhere or run \
+         servescope with --listen {alternative})"
+    )]
+    InUse {
+        addr: SocketAddr,
+        alternative: SocketAddr,
+    },
+    #[error(
+        "not permitted to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE; run servescope \
+         with --listen {alternative})"
+    )]
+    PermissionDenied {
+        addr: SocketAddr,
+        alternative: SocketAddr,
+    },
+    #[error(
+        "{addr} is not an address of this machine (give a local address with --listen, e.g. --listen {alternative})"
+    )]
+    AddrNotAvailable {
+        addr: SocketAddr,
+        alternative: SocketAddr,
+    },
+    #[error("cannot listen on {addr}: {source} (choose another address with --listen)")]
+    Other {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds the metrics port.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::AddrInUse => BindError::InUse {
+                addr,
+                alternative: alternative(addr),
+            },
+            io::ErrorKind::PermissionDenied => BindError::PermissionDenied {
+                addr,
+                alternative: alternative(addr),
+            },
+            io::ErrorKind::AddrNotAvailable => BindError::AddrNotAvailable {
+                addr,
+                alternative: SocketAddr::from(([127, 0, 0, 1], alternative(addr).port())),
+            },
+            _ => BindError::Other { addr, source },
+        })
+}
+
+/// An address to suggest instead of `addr`: same IP, TorchServe's metrics port moved up by 1000
+/// (8082 → 9082), and an unprivileged port for privileged ones.
+fn alternative(addr: SocketAddr) -> SocketAddr {
+    let port = addr.port();
+    let port = match port {
+        0..1024 => 9082,
+        1024..=64535 => port + 1000,
+        _ => port - 1000,
+    };
+    SocketAddr::new(addr.ip(), port)
+}
+
+/// Shared by every connection.
+struct State {
+    registry: Registry,
+    /// A hyper header-case map spelling `Pragma`, `Cache-Control` and `Expires` as TorchServe does.
+    header_case: Option<Extensions>,
+}
+
+/// Serves the metrics endpoint on `listener` until `shutdown` completes.
+///
+/// Connections are kept alive like TorchServe's (no idle timeout). After `shutdown`, no connection is
+/// accepted and open ones get [`SHUTDOWN_GRACE`] to finish the response they are writing.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let state = Arc::new(State {
+        registry,
+        header_case: header_case_template().await,
+    });
+    let mut http = http1::Builder::new();
+    // TorchServe sends no Date header.
+    http.auto_date_header(false);
+    let (stop_tx, stop_rx) = watch::channel(());
+    let mut conns = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            // Reap finished connection tasks so the set does not grow with every scrape.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    conns.spawn(connection(http.clone(), stream, peer, Arc::clone(&state), stop_rx.clone()));
+                }
+                Err(e) => accept_failed(&e).await,
+            },
+        }
+    }
+    drop(listener);
+    // Receivers see the send (or the sender's drop) as the signal for a graceful close.
+    let _ = stop_tx.send(());
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!(
+            open = conns.len(),
+            "metrics connections still open at shutdown; dropped"
+        );
+    }
+    Ok(())
+}
+
+async fn accept_failed(e: &io::Error) {
+    // Out of descriptors or memory: the listener stays readable, so back off instead of spinning.
+    let exhausted = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if exhausted {
+        tracing::warn!(error = %e, "cannot accept metrics connections; retrying in 100 ms");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        tracing::debug!(error = %e, "accepting a metrics connection failed");
+    }
+}
+
+async fn connection(
+    http: http1::Builder,
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    mut stop: watch::Receiver<()>,
+) {
+    // TorchServe sets TCP_NODELAY on every accepted socket (FACTS.md §5); a scrape is one small write.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+    }
+    let service = service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+    }
+}
+
+/// TorchServe's routing of the metrics port: `segments[1] == "metrics"` after splitting the decoded
+/// path on `/` (so `/metrics`, `/metrics/`, `/metrics/extra`; not `//metrics` or `/metricsx`).
+fn is_metrics_path(path: &str) -> bool {
+    crate::routing::percent_decode(path).split('/').nth(1) == Some("metrics")
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Payload> {
+    let metrics = is_metrics_path(req.uri().path());
+    let filter = Filter::from_query(req.uri().query());
+    let mut close = wants_close(&req);
+    // Read the body (TorchServe aggregates it too) so the next request on the connection parses; one
+    // too large or broken ends the connection after this response.
+    if Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .is_err()
+    {
+        close = true;
+    }
+
+    let (status, content_type, body) = if metrics {
+        (
+            StatusCode::OK,
+            CONTENT_TYPE_METRICS,
+            encode(&state.registry.gather(), &filter),
+        )
+    } else {
+        // TorchServe closes the connection after every response of status >= 400.
+        close = true;
+        (
+            StatusCode::NOT_FOUND,
+            "application/json",
+            NOT_FOUND_BODY.to_owned(),
+        )
+    };
+    response(state, status, content_type, body, close)
+}
+
+/// Whether the client asked for the connection to end (hyper then closes it whatever we answer, so the
+/// response says so rather than TorchServe's unconditional `keep-alive`).
+fn wants_close<B>(req: &Request<B>) -> bool {
+    let tokens = |value: &HeaderValue| {
+        value
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    let connection: Vec<String> = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(tokens)
+        .collect();
+    if connection.iter().any(|t| t == "close") {
+        return true;
+    }
+    req.version() == hyper::Version::HTTP_10 && !connection.iter().any(|t| t == "keep-alive")
+}
+
+/// A response with TorchServe's headers in TorchServe's order (`NettyUtils.sendHttpResponse`).
+fn response(
+    state: &State,
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+    close: bool,
+) -> Response<Payload> {
+    let mut headers = HeaderMap::with_capacity(7);
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // A UUID is hex and dashes: always a valid header value.
+    if let Ok(id) = HeaderValue::from_str(&request_id()) {
+        headers.insert(HeaderName::from_static("x-request-id"), id);
+    }
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache; no-store, must-revalidate, private"),
+    );
+    headers.insert(
+        header::EXPIRES,
+        HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 UTC"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(
+        header::CONNECTION,
+        HeaderValue::from_static(if close { "close" } else { "keep-alive" }),
+    );
+
+    let mut resp = Response::new(Payload(Some(Bytes::from(body))));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    if let Some(case) = &state.header_case {
+        *resp.extensions_mut() = case.clone();
+    }
+    resp
+}
+
+/// A complete response body that hyper always treats as a body of known length.
+///
+/// hyper drops an explicit `content-length: 0` when the body reports itself finished up front (as an
+/// empty `Full` does) and appends its own after `connection`, out of TorchServe's header order; this
+/// body only ends when polled, so the header stays where it was put.
+struct Payload(Option<Bytes>);
+
+impl Body for Payload {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(
+            self.0
+                .take()
+                .filter(|b| !b.is_empty())
+                .map(|b| Ok(Frame::data(b))),
+        )
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(
+            self.0
+                .as_ref()
+                .map_or(0, |b| u64::try_from(b.len()).unwrap_or(u64::MAX)),
+        )
+    }
+}
+
+/// hyper writes header names lowercase unless the response carries its (private) header-case map,
+/// which it documents as recorded from a request by `preserve_header_case` and honoured on any
+/// response. One synthetic request through an in-memory connection records the spellings TorchServe
+/// uses; names absent from the map stay lowercase, as TorchServe's other headers are. `None` (names
+/// all lowercase, equally valid HTTP) if hyper does not cooperate.
+async fn header_case_template() -> Option<Extensions> {
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nPragma: x\r\nCache-Control: x\r\nExpires: x\r\nconnection: close\r\n\r\n";
+    let (mut client, server) = tokio::io::duplex(4096);
+    let slot: Arc<Mutex<Option<Extensions>>> = Arc::default();
+    let seen = Arc::clone(&slot);
+    let service = service_fn(move |req: Request<Incoming>| {
+        if let Ok(mut slot) = seen.lock() {
+            *slot = Some(req.extensions().clone());
+        }
+        async { Ok::<_, Infallible>(Response::new(Payload(None))) }
+    });
+    let mut http = http1::Builder::new();
+    http.preserve_header_case(true);
+    let conn = http.serve_connection(TokioIo::new(server), service);
+    // In memory and tiny; the bound only guards start-up against a hyper that waits for more.
+    let exchange = tokio::time::timeout(Duration::from_secs(1), async {
+        let (written, served) = tokio::join!(client.write_all(REQUEST), conn);
+        written?;
+        served.map_err(io::Error::other)
+    })
+    .await;
+    match exchange {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "header case template not built; header names stay lowercase")
+        }
+        Err(_) => tracing::debug!("header case template timed out; header names stay lowercase"),
+    }
+    slot.lock().ok().and_then(|mut s| s.take())
+}
+
+/// A random (version 4) UUID, like TorchServe's `x-request-id`.
+fn request_id() -> String {
+    let mut b = random_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn random_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    // SAFETY: the pointer and length describe `b`, which is valid for writes of its whole length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    if usize::try_from(n).is_ok_and(|n| n == b.len()) {
+        return b;
+    }
+    // Entropy pool not ready yet (early boot) or no getrandom: the id only needs to be unique, and
+    // std's per-process random hash keys mixed with the time give that.
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let hi = RandomState::new().hash_one(nanos);
+    let lo = RandomState::new().hash_one(nanos.wrapping_add(1));
+    b[..8].copy_from_slice(&hi.to_le_bytes());
+    b[8..].copy_from_slice(&lo.to_le_bytes());
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::{
+        http::{Exchange, Request as HttpRequest, Response as HttpResponse},
+        registry::Flavor,
+    };
+
+    const GOLDEN_HEADERS: &str =
+        include_str!("../../../tests/golden/torchserve-0.12/metrics_headers.txt");
+    const GOLDEN_UNKNOWN_HEADERS: &str =
+        include_str!("../../../tests/golden/torchserve-0.12/metrics_unknown_name_headers.txt");
+
+    /// Every test exchange is bounded: a hung server fails the test instead of the run.
+    const IO_LIMIT: Duration = Duration::from_secs(5);
+
+    struct Reply {
+        status_line: String,
+        /// (name as written, value), in wire order.
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Starts a server on an ephemeral port; dropping the sender stops it.
+    async fn start(
+        registry: Registry,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind an ephemeral port");
+        let addr = listener.local_addr().expect("local address");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, registry, async move {
+            let _ = rx.await;
+        }));
+        (addr, tx, task)
+    }
+
+    /// Writes `request` and reads one response (no body for HEAD).
+    async fn roundtrip(stream: &mut TcpStream, request: &str, head: bool) -> Reply {
+        tokio::time::timeout(IO_LIMIT, async {
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .expect("write request");
+            let mut buf = Vec::new();
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.expect("read response head");
+                assert!(n > 0, "connection closed before the response head: {buf:?}");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let text = String::from_utf8(buf[..end].to_vec()).expect("ASCII head");
+            let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+            let status_line = lines.next().unwrap_or_default().to_owned();
+            let headers: Vec<(String, String)> = lines
+                .map(|l| {
+                    let (n, v) = l.split_once(": ").expect("header line");
+                    (n.to_owned(), v.to_owned())
+                })
+                .collect();
+            let mut reply = Reply {
+                status_line,
+                headers,
+                body: buf[end..].to_vec(),
+            };
+            let len: usize = if head {
+                0
+            } else {
+                reply
+                    .header("content-length")
+                    .expect("content-length")
+                    .parse()
+                    .expect("numeric length")
+            };
+            while reply.body.len() < len {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.expect("read body");
+                assert!(n > 0, "connection closed inside the body");
+                reply.body.extend_from_slice(&chunk[..n]);
+            }
+            assert_eq!(reply.body.len(), len, "bytes beyond the announced length");
+            reply
+        })
+        .await
+        .expect("response within the time limit")
+    }
+
+    async fn get(addr: SocketAddr, target: &str) -> Reply {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        roundtrip(
+            &mut stream,
+            &format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+            false,
+        )
+        .await
+    }
+
+    /// Header lines of a golden capture: (name, value) in order.
+    fn golden_headers(text: &str) -> Vec<(&str, &str)> {
+        text.lines()
+            .skip(1)
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(": "))
+            .collect()
+    }
+
+    fn is_uuid_v4(s: &str) -> bool {
+        let groups: Vec<&str> = s.split('-').collect();
+        groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+            && s.chars()
+                .all(|c| c == '-' || matches!(c, '0'..='9' | 'a'..='f'))
+            && groups[2].starts_with('4')
+            && groups[3].starts_with(['8', '9', 'a', 'b'])
+    }
+
+    fn ping(registry: &Registry) {
+        let ex = Exchange {
+            tgid: 1,
+            conn_id: 1,
+            request: Some(HttpRequest {
+                method: "GET".into(),
+                target: "/ping".into(),
+                first_byte_ns: 1_000,
+                complete_ns: 2_000,
+                bytes: 40,
+            }),
+            response: HttpResponse {
+                status: 200,
+                reason: "OK".into(),
+                has_request_id: true,
+                start_ns: 3_000,
+            },
+        };
+        registry.record(&ex, "vm", Flavor::TorchServe);
+    }
+
+    #[tokio::test]
+    async fn metrics_reply_has_torchserve_headers() {
+        let registry = Registry::new();
+        let (addr, _stop, _task) = start(registry.clone()).await;
+        let reply = get(addr, "/metrics").await;
+
+        assert_eq!(
+            Some(reply.status_line.as_str()),
+            GOLDEN_HEADERS.lines().next()
+        );
+        let golden = golden_headers(GOLDEN_HEADERS);
+        let names: Vec<&str> = reply.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let golden_names: Vec<&str> = golden.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names, golden_names,
+            "names, order and case as TorchServe writes them"
+        );
+        for ((name, value), (_, want)) in reply.headers.iter().zip(&golden) {
+            match name.as_str() {
+                "x-request-id" => assert!(is_uuid_v4(value), "{value}"),
+                "content-length" => assert_eq!(value.parse::<usize>().ok(), Some(reply.body.len())),
+                _ => assert_eq!(value, want, "{name}"),
+            }
+        }
+        assert_eq!(
+            reply.body,
+            encode(&registry.gather(), &Filter::all()).into_bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn name_filter_end_to_end() {
+        let registry = Registry::new();
+        ping(&registry);
+        let (addr, _stop, _task) = start(registry).await;
+
+        let want = "# HELP Requests2XX Torchserve prometheus counter metric with unit: Count\n\
+                    # TYPE Requests2XX counter\n\
+                    Requests2XX{Level=\"Host\",Hostname=\"vm\",} 1.0\n";
+        for target in [
+            "/metrics?name[]=Requests2XX",
+            "/metrics?name%5B%5D=Requests2XX&name[]=Requests4XX",
+        ] {
+            let reply = get(addr, target).await;
+            assert_eq!(String::from_utf8_lossy(&reply.body), want, "{target}");
+        }
+
+        // Unknown name: 200 with an empty body and the same headers as the golden capture.
+        let reply = get(addr, "/metrics?name[]=no_such_metric").await;
+        assert!(reply.body.is_empty());
+        let golden = golden_headers(GOLDEN_UNKNOWN_HEADERS);
+        for ((name, value), (want_name, want)) in reply.headers.iter().zip(&golden) {
+            assert_eq!(name, want_name);
+            if name != "x-request-id" {
+                assert_eq!(value, want, "{name}");
+            }
+        }
+        assert_eq!(reply.headers.len(), golden.len());
+
+        // `name=` without brackets is ignored: the full exposition.
+        let reply = get(addr, "/metrics?name=Requests2XX").await;
+        assert!(String::from_utf8_lossy(&reply.body).contains("# TYPE GPUUtilization gauge\n"));
+    }
+
+    #[tokio::test]
+    async fn any_metrics_path_and_method_on_one_connection() {
+        let (addr, _stop, _task) = start(Registry::new()).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let post = "POST /metrics/extra HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        let reply = roundtrip(&mut stream, post, false).await;
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+        assert_eq!(reply.header("connection"), Some("keep-alive"));
+        assert!(String::from_utf8_lossy(&reply.body).starts_with("# HELP Requests2XX "));
+
+        // HEAD: same headers, announced length, no body; the connection stays usable.
+        let reply = roundtrip(
+            &mut stream,
+            "HEAD /metrics/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            true,
+        )
+        .await;
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+        assert!(
+            reply
+                .header("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_some_and(|l| l > 0)
+        );
+        assert!(reply.body.is_empty());
+
+        let reply = roundtrip(
+            &mut stream,
+            "GET /metrics?name[]=nothing HTTP/1.1\r\nHost: x\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(reply.header("content-length"), Some("0"));
+
+        // The client asking to close gets an honest `connection: close`.
+        let reply = roundtrip(
+            &mut stream,
+            "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(reply.header("connection"), Some("close"));
+    }
+
+    #[tokio::test]
+    async fn other_paths_get_torchserve_404_and_close() {
+        let (addr, _stop, _task) = start(Registry::new()).await;
+        for target in ["/ping", "/", "/metricsx", "//metrics", "/api/metrics"] {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            let reply = roundtrip(
+                &mut stream,
+                &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"),
+                false,
+            )
+            .await;
+            assert_eq!(reply.status_line, "HTTP/1.1 404 Not Found", "{target}");
+            assert_eq!(reply.header("content-type"), Some("application/json"));
+            assert_eq!(reply.header("connection"), Some("close"));
+            assert!(reply.header("x-request-id").is_some_and(is_uuid_v4));
+            assert_eq!(String::from_utf8_lossy(&reply.body), NOT_FOUND_BODY);
+            let mut rest = Vec::new();
+            let eof = tokio::time::timeout(IO_LIMIT, stream.read_to_end(&mut rest)).await;
+            assert!(
+                matches!(eof, Ok(Ok(0))),
+                "{target}: server keeps the connection after a 404"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_accepting() {
+        let (addr, stop, task) = start(Registry::new()).await;
+        let mut idle = TcpStream::connect(addr).await.expect("connect");
+        let _ = roundtrip(&mut idle, "GET /metrics HTTP/1.1\r\n\r\n", false).await;
+        drop(stop);
+        let outcome = tokio::time::timeout(IO_LIMIT, task).await;
+        assert!(
+            matches!(outcome, Ok(Ok(Ok(())))),
+            "serve returns Ok after shutdown"
+        );
+        assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+    }
+
+    #[tokio::test]
+    async fn taken_port_names_the_fix() {
+        let taken = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind an ephemeral port");
+        let addr = taken.local_addr().expect("local address");
+        let err = bind(addr).await.expect_err("second bind fails");
+        assert!(matches!(err, BindError::InUse { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("already in use"), "{msg}");
+        assert!(
+            msg.contains(&format!("--listen {}", alternative(addr))),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bind_messages() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 8082));
+        let err = BindError::InUse {
+            addr,
+            alternative: alternative(addr),
+        };
+        assert_eq!(
+            err.to_string(),
+            "127.0.0.1:8082 is already in use (is TorchServe's own metrics API on it? set metrics_address \
+             elsewhere or run servescope with --listen 127.0.0.1:9082)"
+        );
+        assert_eq!(
+            alternative(SocketAddr::from(([0, 0, 0, 0], 80))).to_string(),
+            "0.0.0.0:9082"
+        );
+        assert_eq!(
+            alternative(SocketAddr::from(([127, 0, 0, 1], 65000))).port(),
+            64000
+        );
+    }
+
+    #[test]
+    fn metrics_paths() {
+        for p in [
+            "/metrics",
+            "/metrics/",
+            "/metrics/extra",
+            "/%6detrics",
+            "/metrics%2Fx",
+        ] {
+            assert!(is_metrics_path(p), "{p}");
+        }
+        for p in [
+            "/",
+            "",
+            "/metricsx",
+            "//metrics",
+            "/Metrics",
+            "/api/metrics",
+            "metrics",
+        ] {
+            assert!(!is_metrics_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_random_uuid_v4() {
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| request_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().all(|id| is_uuid_v4(id)), "{ids:?}");
+    }
+}

@@ -1,0 +1,672 @@
+//! TorchServe 0.12's `/metrics` text format, byte for byte (FACTS.md §2).
+//!
+//! TorchServe renders its registry with Prometheus simpleclient 0.9 (`TextFormat.write004`): every
+//! family gets `# HELP` and `# TYPE` even without samples, label pairs end with a comma
+//! (`{k="v",}`), values are Java's `Double.toString`, and the `name[]` query filter of
+//! `CollectorRegistry.filteredMetricFamilySamples` selects families. servescope's own families
+//! (`servescope_*`) follow in the standard Prometheus text format.
+
+use std::{collections::BTreeSet, fmt::Write as _};
+
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{MetricFamily, MetricType},
+};
+
+use crate::registry::{FamilySpec, TORCHSERVE_FAMILIES};
+
+/// Renders `v` as Java's `Double.toString` does (JDK 19+ specification).
+///
+/// Java takes the decimals of minimal length `n` (at least 2) that read back as `v`, and of those the
+/// closest to `v`, the one with an even last digit on a tie. Rust's `{:e}` gives the minimal length;
+/// Rust's fixed-precision formatting is exact and rounds half to even, so `{:.(n-1)e}` is Java's
+/// choice. Plain notation for `1e-3 <= |v| < 1e7`, computerized scientific (`d.dddE<exp>`) otherwise;
+/// always at least one fractional digit.
+///
+/// The golden captures came from OpenJDK 17, whose older `FloatingDecimal` (JDK-4511638) differs
+/// from this only for integral values from about 2^54 (1.8E16) up, where it prints the exact integer's
+/// leading 17 digits (`5.0144348174390968E16`, here `5.014434817439097E16`): compared on 1.2 million
+/// values against OpenJDK 17.0.21, nothing else differed. No TorchServe family gets there (1.8E16 µs
+/// is 570 years).
+pub fn java_double(v: f64) -> String {
+    if v.is_nan() {
+        return "NaN".to_owned();
+    }
+    if v.is_infinite() {
+        return if v > 0.0 { "Infinity" } else { "-Infinity" }.to_owned();
+    }
+    if v == 0.0 {
+        return if v.is_sign_negative() { "-0.0" } else { "0.0" }.to_owned();
+    }
+    let sign = if v < 0.0 { "-" } else { "" };
+    let (digits, exp) = java_digits(v.abs());
+    let body = if (-3..7).contains(&exp) {
+        plain(&digits, exp)
+    } else {
+        let (first, rest) = digits.split_at(1);
+        let rest = if rest.is_empty() { "0" } else { rest };
+        format!("{first}.{rest}E{exp}")
+    };
+    format!("{sign}{body}")
+}
+
+/// Significant digits (no trailing zeros, at least one digit) and decimal exponent of a finite,
+/// positive `a`, so that `a = d.ddd × 10^exp` as Java selects them.
+fn java_digits(a: f64) -> (String, i32) {
+    let shortest = split_sci(&format!("{a:e}"));
+    // Rust's shortest form is the closest of its length except on a tie (it then rounds up, Java
+    // picks the even digit: 8713938551.0390625 is `8.713938551039062E9`), and Java never uses fewer
+    // than two digits (`Double.MIN_VALUE` is `4.9E-324`). The closest decimal of that length is
+    // normally among those that read back; the check keeps the shortest form if it is not.
+    let len = shortest.0.len().max(2);
+    let closest = format!("{a:.prec$e}", prec = len - 1);
+    if closest.parse::<f64>().is_ok_and(|b| b == a) {
+        return split_sci(&closest);
+    }
+    shortest
+}
+
+/// Splits Rust's `{:e}` output (`2.4514959299999997e7`, `1e-4`) into trimmed digits and exponent.
+fn split_sci(s: &str) -> (String, i32) {
+    let (mantissa, exp) = s.split_once('e').unwrap_or((s, "0"));
+    let mut digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    while digits.len() > 1 && digits.ends_with('0') {
+        digits.pop();
+    }
+    (digits, exp.parse().unwrap_or(0))
+}
+
+/// Plain decimal rendering of `d.ddd × 10^exp` for `-3 <= exp < 7`, with at least one fractional digit.
+fn plain(digits: &str, exp: i32) -> String {
+    if exp < 0 {
+        // `exp` is -1..=-3: "0." followed by -exp-1 zeros, then the digits.
+        let zeros = "0".repeat(usize::try_from(-exp - 1).unwrap_or(0));
+        return format!("0.{zeros}{digits}");
+    }
+    let int_len = usize::try_from(exp).unwrap_or(0) + 1;
+    if digits.len() <= int_len {
+        format!("{digits:0<int_len$}.0")
+    } else {
+        let (int, frac) = digits.split_at(int_len);
+        format!("{int}.{frac}")
+    }
+}
+
+/// simpleclient 0.9's `Collector.doubleToGoString`, used by `TextFormat.write004` for sample values:
+/// `Double.toString` except for the infinities, which Prometheus spells `+Inf`/`-Inf`.
+fn sample_value(v: f64) -> String {
+    if v.is_infinite() {
+        return if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned();
+    }
+    java_double(v)
+}
+
+/// The `name[]` selection of a `/metrics` request.
+///
+/// Parsed like Netty's `QueryStringDecoder` (TorchServe 0.12 bundles Netty 4.1.53): pairs separated
+/// by `&` or `;`, a `#` ends the query, keys and values are percent-decoded with `+` as a space, a
+/// key without `=` has the empty value. Only the key `name[]` counts (`name=A` is ignored).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// `None`: no `name[]` parameter, every family. `Some`: exactly these names; TorchServe hands the
+    /// values to simpleclient as a set, so `name[]=` (the empty name) selects nothing.
+    names: Option<BTreeSet<String>>,
+}
+
+impl Filter {
+    /// Every family.
+    pub fn all() -> Self {
+        Filter { names: None }
+    }
+
+    /// The filter of a request's query string (the part after `?`, if any).
+    pub fn from_query(query: Option<&str>) -> Self {
+        let Some(query) = query else {
+            return Filter::all();
+        };
+        let query = query.split('#').next().unwrap_or("");
+        let mut names: Option<BTreeSet<String>> = None;
+        for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if form_decode(key) == "name[]" {
+                names
+                    .get_or_insert_with(BTreeSet::new)
+                    .insert(form_decode(value));
+            }
+        }
+        Filter { names }
+    }
+
+    /// Whether the request selects no family by name (the unfiltered scrape).
+    pub fn is_all(&self) -> bool {
+        self.names.is_none()
+    }
+
+    /// Whether the family `name` is selected: exact, case-sensitive (no `_total` aliasing).
+    pub fn matches(&self, name: &str) -> bool {
+        self.names.as_ref().is_none_or(|names| names.contains(name))
+    }
+}
+
+/// `application/x-www-form-urlencoded` decoding: `%XX` escapes and `+` as a space. A malformed escape
+/// is kept verbatim (Netty rejects the request; a lenient reading costs nothing here) and invalid
+/// UTF-8 is replaced.
+fn form_decode(s: &str) -> String {
+    if !s.contains(['%', '+']) {
+        return s.to_owned();
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = |j: usize| bytes.get(j).and_then(|c| char::from(*c).to_digit(16));
+                match (hex(i + 1), hex(i + 2)) {
+                    (Some(h), Some(l)) => {
+                        // Two hex digits: at most 255.
+                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Renders the `/metrics` body: TorchServe's families in TorchServe's format, then servescope's own.
+///
+/// (a) Every family of [`TORCHSERVE_FAMILIES`], in catalogue order, with `# HELP`/`# TYPE` even when
+/// it has no samples, as TorchServe does. Under a `name[]` filter a family without samples is left
+/// out entirely: simpleclient 0.9's filter drops a family once none of its samples matches. (b) Then
+/// every other family of `families` that the filter selects, in Prometheus text format 0.0.4.
+///
+/// Samples of a TorchServe family are sorted by their label values, compared in the catalogue's label
+/// order as byte strings: TorchServe prints them in Java hash order, which no client can rely on, and
+/// a fixed order keeps successive scrapes diffable. Returns the empty string when nothing is selected;
+/// otherwise the body ends with `\n`.
+pub fn encode(families: &[MetricFamily], filter: &Filter) -> String {
+    let mut out = String::new();
+    for spec in TORCHSERVE_FAMILIES
+        .iter()
+        .filter(|s| filter.matches(s.name))
+    {
+        let family = families.iter().find(|f| f.name() == spec.name);
+        encode_torchserve_family(&mut out, spec, family, filter.is_all());
+    }
+
+    let own = families
+        .iter()
+        .filter(|f| !TORCHSERVE_FAMILIES.iter().any(|s| s.name == f.name()))
+        .filter(|f| filter.matches(f.name()) && !f.get_metric().is_empty());
+    let mut text = Vec::new();
+    for family in own {
+        // One family at a time, so a family the encoder rejects costs only itself.
+        if let Err(e) = TextEncoder::new().encode(std::slice::from_ref(family), &mut text) {
+            tracing::debug!(family = family.name(), error = %e, "family not encodable; skipped");
+        }
+    }
+    out.push_str(&String::from_utf8_lossy(&text));
+    out
+}
+
+/// One TorchServe family: HELP, TYPE and its samples, as simpleclient 0.9's `write004` prints them.
+fn encode_torchserve_family(
+    out: &mut String,
+    spec: &FamilySpec,
+    family: Option<&MetricFamily>,
+    unfiltered: bool,
+) {
+    let mut samples: Vec<(Vec<&str>, f64)> = Vec::new();
+    if let Some(family) = family {
+        for metric in family.get_metric() {
+            let value = match family.get_field_type() {
+                MetricType::COUNTER => metric.get_counter().get_value(),
+                MetricType::GAUGE => metric.get_gauge().get_value(),
+                other => {
+                    tracing::debug!(family = spec.name, kind = ?other, "unexpected metric type; sample skipped");
+                    continue;
+                }
+            };
+            // The prometheus crate stores label pairs sorted by name; the catalogue has the print order.
+            let labels = spec
+                .labels
+                .iter()
+                .map(|name| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == *name)
+                        .map_or("", |l| l.value())
+                })
+                .collect();
+            samples.push((labels, value));
+        }
+    }
+    if samples.is_empty() && !unfiltered {
+        return;
+    }
+    samples.sort_by(|a, b| a.0.cmp(&b.0));
+
+    // `write!` into a String cannot fail.
+    let _ = writeln!(out, "# HELP {} {}", spec.name, escape_help(&spec.help()));
+    let _ = writeln!(out, "# TYPE {} {}", spec.name, spec.kind.as_str());
+    for (values, value) in samples {
+        out.push_str(spec.name);
+        // TorchServe's families all have labels; simpleclient omits the braces only without any.
+        if !spec.labels.is_empty() {
+            out.push('{');
+            for (name, v) in spec.labels.iter().zip(values) {
+                let _ = write!(out, "{name}=\"{}\",", escape_label_value(v));
+            }
+            out.push('}');
+        }
+        let _ = writeln!(out, " {}", sample_value(value));
+    }
+}
+
+/// simpleclient 0.9 `writeEscapedHelp`: backslash and newline.
+fn escape_help(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// simpleclient 0.9 `writeEscapedLabelValue`: backslash, double quote and newline.
+fn escape_label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use prometheus::proto::{Counter, Gauge, LabelPair, Metric};
+
+    use super::*;
+    use crate::registry::{FamilyType, Registry, torchserve_family};
+
+    const FULL: &str = include_str!("../../../tests/golden/torchserve-0.12/metrics_full.txt");
+    const FILTERED: &str =
+        include_str!("../../../tests/golden/torchserve-0.12/metrics_filtered.txt");
+    const UNKNOWN: &str =
+        include_str!("../../../tests/golden/torchserve-0.12/metrics_unknown_name.txt");
+
+    #[test]
+    fn java_double_golden_examples() {
+        for (v, want) in [
+            (81.0, "81.0"),
+            (0.0, "0.0"),
+            (19123.317999999996, "19123.317999999996"),
+            (1013.47, "1013.47"),
+            (2.8594324398E7, "2.8594324398E7"),
+            (2.4514959299999997E7, "2.4514959299999997E7"),
+            (1.0E-4, "1.0E-4"),
+            (1.0E7, "1.0E7"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "Infinity"),
+            (f64::NEG_INFINITY, "-Infinity"),
+            (-0.0, "-0.0"),
+        ] {
+            assert_eq!(java_double(v), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn java_double_edge_cases() {
+        for (v, want) in [
+            // Plain/scientific boundaries.
+            (0.001, "0.001"),
+            (9.999999999999998E-4, "9.999999999999998E-4"),
+            (9999999.999999998, "9999999.999999998"),
+            (1234567.0, "1234567.0"),
+            (12345678.0, "1.2345678E7"),
+            (0.01, "0.01"),
+            (0.1, "0.1"),
+            (0.5, "0.5"),
+            (1.0, "1.0"),
+            (100.0, "100.0"),
+            (-1.5, "-1.5"),
+            (-2.5E-5, "-2.5E-5"),
+            (1.0E21, "1.0E21"),
+            (1.0E23, "1.0E23"),
+            (123.456, "123.456"),
+            (1.0 / 3.0, "0.3333333333333333"),
+            // Golden gauges.
+            (11.465320587158203, "11.465320587158203"),
+            (79.4063835144043, "79.4063835144043"),
+            (23544.48828125, "23544.48828125"),
+            (202922.456, "202922.456"),
+            // Extremes. Subnormals with a one-digit shortest form show Java's two-digit minimum: the
+            // closest two-digit decimal (4.9E-324, not 5.0E-324; 2 × MIN_VALUE is 9.88…E-324).
+            (f64::MAX, "1.7976931348623157E308"),
+            (f64::MIN_POSITIVE, "2.2250738585072014E-308"),
+            (f64::from_bits(1), "4.9E-324"),
+            (f64::from_bits(2), "9.9E-324"),
+            (-f64::from_bits(1), "-4.9E-324"),
+            (9007199254740993.0, "9.007199254740992E15"),
+            // Ties between two shortest candidates go to the even digit (checked against JDK 17, which
+            // agrees here).
+            // 8713938551.0390625 exactly: midway between the two 16-digit candidates.
+            (f64::from_bits(0x4200_3b21_33b8_5000), "8.713938551039062E9"),
+            (1.1128049820789062E10, "1.1128049820789062E10"),
+            (1.5816277825632812E10, "1.5816277825632812E10"),
+        ] {
+            assert_eq!(java_double(v), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn java_double_reads_back() {
+        // Java's output is valid Rust float syntax; it must name the same double.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            // xorshift: a spread of bit patterns, subnormals and huge exponents included.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(x);
+            if !v.is_finite() {
+                continue;
+            }
+            let s = java_double(v);
+            assert_eq!(s.parse::<f64>().ok(), Some(v), "{s}");
+            assert!(s.contains('.'), "{s}");
+        }
+    }
+
+    #[test]
+    fn filter_parsing() {
+        assert!(Filter::from_query(None).is_all());
+        assert!(Filter::from_query(Some("")).is_all());
+        // Without brackets the parameter is ignored: every family.
+        assert!(Filter::from_query(Some("name=Requests2XX")).matches("QueueTime"));
+
+        let f = Filter::from_query(Some(
+            "name[]=Requests2XX&name[]=ts_inference_requests_total",
+        ));
+        assert!(f.matches("Requests2XX") && f.matches("ts_inference_requests_total"));
+        assert!(!f.matches("QueueTime"));
+        // Exact and case-sensitive; no `_total` aliasing.
+        assert!(!f.matches("requests2xx"));
+        assert!(!f.matches("ts_inference_requests"));
+
+        let f = Filter::from_query(Some(
+            "name%5B%5D=Requests2XX;name%5b%5d=a%20b+c&x=1#name[]=QueueTime",
+        ));
+        assert!(f.matches("Requests2XX") && f.matches("a b c"));
+        assert!(!f.matches("QueueTime"));
+
+        for q in ["name[]=", "name[]", "name[]=no_such_metric"] {
+            let f = Filter::from_query(Some(q));
+            assert!(!f.is_all() && !f.matches("Requests2XX"), "{q}");
+        }
+        // A malformed escape is kept as written.
+        assert!(Filter::from_query(Some("name[]=a%zz%4")).matches("a%zz%4"));
+    }
+
+    fn label(name: &str, value: &str) -> LabelPair {
+        let mut l = LabelPair::default();
+        l.set_name(name.to_owned());
+        l.set_value(value.to_owned());
+        l
+    }
+
+    fn family(
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: &[(Vec<(&str, &str)>, f64)],
+    ) -> MetricFamily {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_owned());
+        f.set_help(help.to_owned());
+        f.set_field_type(kind);
+        let metrics = samples
+            .iter()
+            .map(|(labels, v)| {
+                // Sorted by name, as the prometheus crate stores them.
+                let mut pairs: Vec<LabelPair> = labels.iter().map(|(k, v)| label(k, v)).collect();
+                pairs.sort_by(|a, b| a.name().cmp(b.name()));
+                let mut m = Metric::from_label(pairs);
+                if kind == MetricType::GAUGE {
+                    let mut g = Gauge::default();
+                    g.set_value(*v);
+                    m.set_gauge(g);
+                } else {
+                    let mut c = Counter::default();
+                    c.set_value(*v);
+                    m.set_counter(c);
+                }
+                m
+            })
+            .collect();
+        f.set_metric(metrics);
+        f
+    }
+
+    /// Families of a golden capture as the prometheus crate would gather them.
+    fn parse_golden(text: &str) -> Vec<MetricFamily> {
+        let mut out: Vec<MetricFamily> = Vec::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("sample line: {line}"));
+            let (name, labels) = series
+                .split_once('{')
+                .unwrap_or_else(|| panic!("labels: {line}"));
+            let labels: Vec<(&str, &str)> = labels
+                .trim_end_matches(",}")
+                .split("\",")
+                .map(|kv| {
+                    let (k, v) = kv
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("label: {kv}"));
+                    (k, v.trim_end_matches('"'))
+                })
+                .collect();
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("value: {line}"));
+            let spec =
+                torchserve_family(name).unwrap_or_else(|| panic!("not in catalogue: {name}"));
+            let kind = match spec.kind {
+                FamilyType::Counter => MetricType::COUNTER,
+                FamilyType::Gauge => MetricType::GAUGE,
+            };
+            let sample = family(name, &spec.help(), kind, &[(labels, value)]);
+            match out.iter_mut().find(|f| f.name() == name) {
+                Some(f) => f.mut_metric().extend(sample.get_metric().iter().cloned()),
+                None => out.push(sample),
+            }
+        }
+        out
+    }
+
+    /// An exposition split into family blocks, keyed by family name: HELP and TYPE lines as printed,
+    /// sample lines sorted (TorchServe's sample order is hash order).
+    fn blocks(text: &str) -> BTreeMap<String, (String, String, Vec<String>)> {
+        let mut out = BTreeMap::new();
+        let mut lines = text.lines().peekable();
+        while let Some(help) = lines.next() {
+            let name = help
+                .strip_prefix("# HELP ")
+                .and_then(|r| r.split(' ').next())
+                .unwrap_or_else(|| panic!("block must start with HELP: {help}"));
+            let ty = lines.next().unwrap_or_default().to_owned();
+            let mut samples = Vec::new();
+            while let Some(l) = lines.next_if(|l| !l.starts_with("# HELP ")) {
+                samples.push(l.to_owned());
+            }
+            samples.sort();
+            assert!(
+                out.insert(name.to_owned(), (help.to_owned(), ty, samples))
+                    .is_none(),
+                "{name} twice"
+            );
+        }
+        out
+    }
+
+    fn names_in_order(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .filter_map(|r| r.split(' ').next())
+            .collect()
+    }
+
+    #[test]
+    fn full_scrape_matches_golden() {
+        let out = encode(&parse_golden(FULL), &Filter::all());
+        assert!(out.ends_with('\n'));
+        assert_eq!(blocks(&out), blocks(FULL));
+        let catalogue: Vec<&str> = TORCHSERVE_FAMILIES.iter().map(|s| s.name).collect();
+        assert_eq!(names_in_order(&out), catalogue);
+    }
+
+    #[test]
+    fn filtered_scrape_matches_golden() {
+        // Scrape 2 saw every family of scrape 1, with Requests2XX one higher (it counted scrape 1).
+        let mut input: Vec<MetricFamily> = parse_golden(FULL)
+            .into_iter()
+            .filter(|f| f.name() != "Requests2XX")
+            .collect();
+        input.extend(
+            parse_golden(FILTERED)
+                .into_iter()
+                .filter(|f| f.name() == "Requests2XX"),
+        );
+        let filter = Filter::from_query(Some(
+            "name[]=ts_inference_requests_total&name[]=Requests2XX",
+        ));
+        let out = encode(&input, &filter);
+        assert_eq!(blocks(&out), blocks(FILTERED));
+        assert_eq!(out.len(), FILTERED.len());
+        assert_eq!(
+            names_in_order(&out),
+            ["Requests2XX", "ts_inference_requests_total"]
+        );
+    }
+
+    #[test]
+    fn unknown_name_is_empty() {
+        assert_eq!(UNKNOWN, "");
+        let input = parse_golden(FULL);
+        for q in ["name[]=no_such_metric", "name[]=", "name[]=requests2xx"] {
+            assert_eq!(encode(&input, &Filter::from_query(Some(q))), UNKNOWN, "{q}");
+        }
+    }
+
+    #[test]
+    fn empty_registry_prints_every_help_and_type() {
+        let out = encode(&[], &Filter::all());
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2 * TORCHSERVE_FAMILIES.len());
+        for (pair, spec) in lines.chunks(2).zip(TORCHSERVE_FAMILIES.iter()) {
+            assert_eq!(pair[0], format!("# HELP {} {}", spec.name, spec.help()));
+            assert_eq!(
+                pair[1],
+                format!("# TYPE {} {}", spec.name, spec.kind.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn help_and_type_lines_match_golden() {
+        let golden: BTreeSet<&str> = FULL.lines().filter(|l| l.starts_with("# ")).collect();
+        let out = encode(&[], &Filter::all());
+        let ours: BTreeSet<&str> = out.lines().collect();
+        assert_eq!(ours, golden);
+    }
+
+    #[test]
+    fn filtered_family_without_samples_is_left_out() {
+        // simpleclient 0.9 drops a family from a filtered scrape when none of its samples matches.
+        let input = parse_golden(FULL);
+        assert_eq!(
+            encode(&input, &Filter::from_query(Some("name[]=GPUUtilization"))),
+            ""
+        );
+        let out = encode(
+            &input,
+            &Filter::from_query(Some("name[]=GPUUtilization&name[]=QueueTime")),
+        );
+        assert_eq!(names_in_order(&out), ["QueueTime"]);
+    }
+
+    #[test]
+    fn samples_sorted_and_labels_escaped() {
+        let help = "h";
+        let input = [family(
+            "HandlerTime",
+            help,
+            MetricType::GAUGE,
+            &[
+                (
+                    vec![("Hostname", "vm"), ("Level", "Model"), ("ModelName", "z")],
+                    1.0,
+                ),
+                (
+                    vec![
+                        ("Hostname", "vm"),
+                        ("Level", "Model"),
+                        ("ModelName", "a\"b\\c\nd"),
+                    ],
+                    2.5E-4,
+                ),
+                (
+                    vec![("Hostname", "vm"), ("Level", "Model"), ("ModelName", "m")],
+                    f64::INFINITY,
+                ),
+            ],
+        )];
+        let out = encode(&input, &Filter::from_query(Some("name[]=HandlerTime")));
+        assert_eq!(
+            out,
+            "# HELP HandlerTime Torchserve prometheus gauge metric with unit: ms\n\
+             # TYPE HandlerTime gauge\n\
+             HandlerTime{ModelName=\"a\\\"b\\\\c\\nd\",Level=\"Model\",Hostname=\"vm\",} 2.5E-4\n\
+             HandlerTime{ModelName=\"m\",Level=\"Model\",Hostname=\"vm\",} +Inf\n\
+             HandlerTime{ModelName=\"z\",Level=\"Model\",Hostname=\"vm\",} 1.0\n"
+        );
+    }
+
+    #[test]
+    fn own_families_follow_in_prometheus_format() {
+        let registry = Registry::new();
+        registry.targets.set(3);
+        let gathered = registry.gather();
+
+        let out = encode(&gathered, &Filter::all());
+        let ts_end = out
+            .find("# HELP servescope_")
+            .unwrap_or_else(|| panic!("own families missing:\n{out}"));
+        assert_eq!(blocks(&out[..ts_end]).len(), TORCHSERVE_FAMILIES.len());
+        assert!(
+            out.contains("# TYPE servescope_targets gauge\nservescope_targets 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("servescope_build_info{version=\""), "{out}");
+        assert!(out.ends_with('\n'));
+
+        let out = encode(
+            &gathered,
+            &Filter::from_query(Some("name[]=servescope_targets")),
+        );
+        assert_eq!(
+            out,
+            "# HELP servescope_targets Processes being traced.\n# TYPE servescope_targets gauge\nservescope_targets 3\n"
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! The agent watching a plain HTTP/1.1 server (`--port`): counts per model and status class equal what
+//! was sent, over keep-alive and one-request-per-connection clients, and the latency sums lie between the
+//! injected delay × N and a tight bound above it.
+//!
+//! The server is `tests/servers/predict_server.py` (Python reads with recvfrom and writes headers and
+//! body with two sendto calls), so this covers other syscalls than TorchServe's Netty.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use servescope_integration::{Agent, Metrics, log_dir, require_root, workspace_root};
+
+const SERVER_PORT: u16 = 18_080;
+const AGENT: &str = "127.0.0.1:19082";
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server(port: u16) -> Result<Server> {
+    let script = workspace_root().join("tests/servers/predict_server.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", script.display()))?;
+    let mut line = String::new();
+    let out = child.stdout.take().context("server stdout")?;
+    BufReader::new(out)
+        .read_line(&mut line)
+        .context("reading the server's ready line")?;
+    ensure!(
+        line.starts_with("ready"),
+        "test server did not start: {line:?}"
+    );
+    Ok(Server(child))
+}
+
+/// A keep-alive HTTP/1.1 client that reads exactly one response per request.
+struct Client {
+    stream: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(port: u16) -> Result<Client> {
+        let s = TcpStream::connect(("127.0.0.1", port)).context("connecting to the test server")?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_nodelay(true)?;
+        Ok(Client {
+            stream: BufReader::new(s),
+        })
+    }
+
+    /// Sends one request and returns the response status.
+    fn send(&mut self, method: &str, path: &str, body: &[u8], close: bool) -> Result<u16> {
+        let conn = if close { "Connection: close\r\n" } else { "" };
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{conn}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        self.stream.get_mut().write_all(&req)?;
+        let mut status_line = String::new();
+        self.stream.read_line(&mut status_line)?;
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line {status_line:?}"))?;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            self.stream.read_line(&mut h)?;
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse()?;
+            }
+        }
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body)?;
+        Ok(status)
+    }
+}
+
+fn inference(m: &Metrics, model: &str, version: &str) -> f64 {
+    m.get(
+        "ts_inference_requests_total",
+        &[
+            ("model_name", model),
+            ("model_version", version),
+            ("hostname", &hostname()),
+        ],
+    )
+    .unwrap_or(0.0)
+}
+
+fn latency_us(m: &Metrics, model: &str, version: &str) -> f64 {
+    m.get(
+        "ts_inference_latency_microseconds",
+        &[
+            ("model_name", model),
+            ("model_version", version),
+            ("hostname", &hostname()),
+        ],
+    )
+    .unwrap_or(0.0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn host_counter(m: &Metrics, family: &str) -> f64 {
+    m.get(family, &[("Level", "Host"), ("Hostname", &hostname())])
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn counts_and_latency_match_what_was_sent() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server")?;
+    let _server = start_server(SERVER_PORT)?;
+    let listen: SocketAddr = AGENT.parse()?;
+    let port = SERVER_PORT.to_string();
+    let agent = Agent::start(&logs, listen, &["--no-discovery", "--port", &port])?;
+    agent.wait_ready(Duration::from_secs(15))?;
+
+    // Keep-alive: one connection, 30 requests to alpha (200, 20 ms each) and 10 to beta (503).
+    const ALPHA_N: u32 = 30;
+    const DELAY_MS: u32 = 20;
+    let mut c = Client::connect(SERVER_PORT)?;
+    for i in 0..ALPHA_N {
+        let body = format!("request {i}");
+        let st = c.send(
+            "POST",
+            &format!("/predictions/alpha?delay_ms={DELAY_MS}"),
+            body.as_bytes(),
+            false,
+        )?;
+        ensure!(st == 200, "alpha answered {st}");
+    }
+    for _ in 0..10 {
+        ensure!(c.send("POST", "/predictions/beta?status=503", b"x", false)? == 503);
+    }
+    drop(c);
+    // One request per connection (Connection: close): 15 to gamma version 2.0 (404), 5 GETs of /ping.
+    for _ in 0..15 {
+        let mut c = Client::connect(SERVER_PORT)?;
+        ensure!(c.send("POST", "/predictions/gamma/2.0?status=404", b"", true)? == 404);
+    }
+    for _ in 0..5 {
+        let mut c = Client::connect(SERVER_PORT)?;
+        ensure!(c.send("GET", "/ping", b"", true)? == 200);
+    }
+    // A large body split over many reads, then a small one on the same connection.
+    let mut c = Client::connect(SERVER_PORT)?;
+    let big = vec![b'b'; 3 << 20];
+    ensure!(c.send("POST", "/predictions/alpha/1.0", &big, false)? == 200);
+    ensure!(c.send("POST", "/predictions/alpha/1.0", b"small", false)? == 200);
+    drop(c);
+
+    agent.wait_until(Duration::from_secs(10), "all 62 responses counted", |m| {
+        host_counter(m, "Requests2XX")
+            + host_counter(m, "Requests4XX")
+            + host_counter(m, "Requests5XX")
+            >= 62.0
+    })?;
+    // Give an over-count (a response counted twice) time to show before asserting exact values.
+    std::thread::sleep(Duration::from_millis(300));
+    let m = agent.scrape()?;
+
+    assert_eq!(
+        host_counter(&m, "Requests2XX"),
+        f64::from(ALPHA_N) + 5.0 + 2.0
+    );
+    assert_eq!(host_counter(&m, "Requests4XX"), 15.0);
+    assert_eq!(host_counter(&m, "Requests5XX"), 10.0);
+    assert_eq!(inference(&m, "alpha", "default"), f64::from(ALPHA_N));
+    assert_eq!(inference(&m, "alpha", "1.0"), 2.0);
+    assert_eq!(inference(&m, "beta", "default"), 10.0);
+    assert_eq!(inference(&m, "gamma", "2.0"), 15.0);
+    ensure!(
+        !m.label_values("model_name").contains("ping"),
+        "/ping is not an inference route"
+    );
+    assert_eq!(m.sum("servescope_http_parse_errors_total"), 0.0);
+    assert_eq!(m.sum("servescope_unmatched_responses_total"), 0.0);
+
+    // Latency: each alpha request sleeps DELAY_MS in the server between the read that completed it and
+    // the write of its status line, so the sum is at least N × delay; Python's own work on loopback adds
+    // well under 5 ms per request.
+    let lat = latency_us(&m, "alpha", "default");
+    let floor = f64::from(ALPHA_N * DELAY_MS) * 1000.0;
+    let ceiling = floor + f64::from(ALPHA_N) * 5_000.0;
+    if !(floor..ceiling).contains(&lat) {
+        bail!("alpha latency sum {lat} µs outside [{floor}, {ceiling})");
+    }
+    // The histogram saw the same requests.
+    let count = m
+        .get(
+            "servescope_request_duration_seconds_count",
+            &[
+                ("model_name", "alpha"),
+                ("model_version", "default"),
+                ("status_class", "2xx"),
+                ("hostname", &hostname()),
+            ],
+        )
+        .unwrap_or(0.0);
+    assert_eq!(count, f64::from(ALPHA_N));
+    Ok(())
+}
+
+#[test]
+fn taken_listen_port_is_a_clear_error() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server_taken_port")?;
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = squatter.local_addr()?;
+    let agent = Agent::start(&logs, addr, &["--no-discovery", "--port", "1"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if agent.check_running().is_err() {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "agent kept running on a taken port"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(agent.log_path())?;
+    ensure!(
+        log.contains("already in use") && log.contains("--listen"),
+        "unclear error: {log}"
+    );
+    ensure!(!log.contains("panicked"), "agent panicked: {log}");
+    Ok(())
+}
+
+#[test]
+fn vanished_target_is_logged_not_fatal() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server_vanished")?;
+    let server = start_server(SERVER_PORT + 1)?;
+    let pid = server.0.id().to_string();
+    let agent = Agent::start(
+        &logs,
+        "127.0.0.1:19083".parse()?,
+        &["--no-discovery", "--pid", &pid],
+    )?;
+    agent.wait_ready(Duration::from_secs(15))?;
+    let mut c = Client::connect(SERVER_PORT + 1)?;
+    ensure!(c.send("GET", "/predictions/m", b"", false)? == 200);
+    drop(c);
+    drop(server);
+    agent.wait_until(Duration::from_secs(10), "target gone", |m| {
+        m.sum("servescope_targets") == 0.0
+    })?;
+    agent.check_running()?;
+    let m = agent.scrape()?;
+    // What was counted before the process exited stays.
+    assert_eq!(inference(&m, "m", "default"), 1.0);
+    let log = std::fs::read_to_string(agent.log_path())?;
+    ensure!(
+        log.contains("target exited"),
+        "no log line for the vanished target: {log}"
+    );
+    Ok(())
+}
