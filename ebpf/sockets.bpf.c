@@ -118,32 +118,39 @@ static __always_inline int is_target(__u32 tgid)
 	return bpf_map_lookup_elem(&targets, &tgid) != NULL;
 }
 
-/* Family of the socket behind `fd` in the current task, or 0 when `fd` is not a stream socket. */
-static __always_inline __u8 stream_socket_family(int fd)
+/* The socket behind `fd` in the current task when it is a stream socket of a traced family, else NULL;
+ * its family in *family. */
+static __always_inline struct sock *stream_sock(int fd, __u8 *family)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	if (!fdt)
-		return 0;
+		return NULL;
 	if ((unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
-		return 0;
+		return NULL;
 	struct file **fds = BPF_CORE_READ(fdt, fd);
 	struct file *file = NULL;
 	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
-		return 0;
+		return NULL;
 	umode_t mode = BPF_CORE_READ(file, f_inode, i_mode);
 	if ((mode & S_IFMT) != S_IFSOCK)
-		return 0;
+		return NULL;
 	struct socket *sock = BPF_CORE_READ(file, private_data);
 	if (!sock || BPF_CORE_READ(sock, type) != SOCK_STREAM)
-		return 0;
-	__u16 family = BPF_CORE_READ(sock, sk, __sk_common.skc_family);
-	if (family == AF_INET || family == AF_INET6)
-		return family;
-	if (trace_unix && family == AF_UNIX)
-		return family;
-	return 0;
+		return NULL;
+	struct sock *sk = BPF_CORE_READ(sock, sk);
+	if (!sk)
+		return NULL;
+	__u16 fam = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (fam == AF_INET || fam == AF_INET6 || (trace_unix && fam == AF_UNIX)) {
+		*family = fam;
+		return sk;
+	}
+	return NULL;
 }
+
+/* Emits the SS_EV_OPEN record of a newly tracked connection, with the client's address. */
+static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *c, struct sock *sk);
 
 static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 family, __u8 accepted)
 {
@@ -165,16 +172,20 @@ static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 
 
 /* The connection behind (tgid, fd); a socket first seen mid-stream (open before the agent started, or
  * evicted) is adopted here with accepted = 0. */
-static __always_inline struct conn_info *get_conn(__u32 tgid, int fd)
+static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd)
 {
-	struct ss_conn_key key = { .tgid = tgid, .fd = fd };
+	struct ss_conn_key key = { .tgid = pid_tgid >> 32, .fd = fd };
 	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
 	if (c)
 		return c;
-	__u8 family = stream_socket_family(fd);
-	if (!family)
+	__u8 family = 0;
+	struct sock *sk = stream_sock(fd, &family);
+	if (!sk)
 		return NULL;
-	return new_conn(&key, family, 0);
+	c = new_conn(&key, family, 0);
+	if (c)
+		emit_open(pid_tgid, fd, c, sk);
+	return c;
 }
 
 static __always_inline struct scratch *get_scratch(void)
@@ -207,6 +218,24 @@ static __always_inline void submit(struct ss_event *ev)
 		head = SS_HEAD_MAX;
 	if (bpf_ringbuf_output(&events, ev, offsetof(struct ss_event, data) + head, 0))
 		count_loss(SS_LOSS_RINGBUF_FULL);
+}
+
+static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *c, struct sock *sk)
+{
+	struct scratch *s = get_scratch();
+	if (!s)
+		return;
+	fill_header(&s->ev, pid_tgid, fd, c, SS_EV_OPEN, SS_DIR_INGRESS, SS_SYS_ACCEPT, 0);
+	struct ss_peer *peer = (struct ss_peer *)s->ev.data;
+	__builtin_memset(peer, 0, sizeof(*peer));
+	peer->family = c->family;
+	peer->port = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (c->family == AF_INET)
+		BPF_CORE_READ_INTO(&peer->addr, sk, __sk_common.skc_daddr);
+	else if (c->family == AF_INET6)
+		BPF_CORE_READ_INTO(&peer->addr, sk, __sk_common.skc_v6_daddr);
+	s->ev.head_len = sizeof(*peer);
+	submit(&s->ev);
 }
 
 /* Copies the head of one flat user buffer (read, write, recvfrom, sendto). */
@@ -268,7 +297,7 @@ static __always_inline int exit_data(long ret, __u8 dir)
 	if (ret <= 0)
 		return 0;
 
-	struct conn_info *c = get_conn(id >> 32, a.fd);
+	struct conn_info *c = get_conn(id, a.fd);
 	if (!c)
 		return 0;
 	struct scratch *s = get_scratch();
@@ -417,18 +446,14 @@ static __always_inline int exit_accept(long ret)
 	if (ret < 0 || !is_target(id >> 32))
 		return 0;
 	int fd = (int)ret;
-	__u8 family = stream_socket_family(fd);
-	if (!family)
+	__u8 family = 0;
+	struct sock *sk = stream_sock(fd, &family);
+	if (!sk)
 		return 0;
 	struct ss_conn_key key = { .tgid = id >> 32, .fd = fd };
 	struct conn_info *c = new_conn(&key, family, 1);
-	if (!c)
-		return 0;
-	struct scratch *s = get_scratch();
-	if (!s)
-		return 0;
-	fill_header(&s->ev, id, fd, c, SS_EV_OPEN, SS_DIR_INGRESS, SS_SYS_ACCEPT, 0);
-	submit(&s->ev);
+	if (c)
+		emit_open(id, fd, c, sk);
 	return 0;
 }
 

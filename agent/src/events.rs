@@ -65,6 +65,22 @@ const _: () = assert!(offset_of!(ConnKey, fd) == 4);
 // SAFETY: ConnKey is repr(C), made of integers only, with no padding: every bit pattern is valid.
 unsafe impl aya::Pod for ConnKey {}
 
+/// `struct ss_peer`: the client's address, carried by open records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawPeer {
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(size_of::<RawPeer>() == 20);
+const _: () = assert!(offset_of!(RawPeer, port) == 2);
+const _: () = assert!(offset_of!(RawPeer, addr) == 4);
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
 /// `enum ss_event_kind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -164,6 +180,24 @@ impl<'a> Event<'a> {
     }
 }
 
+impl Event<'_> {
+    /// The client's address carried by an open record (IPv4-mapped IPv6 shown as IPv4).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        if self.kind != Kind::Open || self.head.len() < size_of::<RawPeer>() {
+            return None;
+        }
+        // SAFETY: at least size_of::<RawPeer>() bytes; RawPeer is plain old data.
+        let p: RawPeer = unsafe { std::ptr::read_unaligned(self.head.as_ptr().cast::<RawPeer>()) };
+        let ip = match p.family {
+            AF_INET => IpAddr::V4(Ipv4Addr::new(p.addr[0], p.addr[1], p.addr[2], p.addr[3])),
+            AF_INET6 => IpAddr::V6(Ipv6Addr::from(p.addr)).to_canonical(),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, p.port))
+    }
+}
+
 /// Builds the bytes of a record as the kernel would send them (tests and benchmarks).
 #[doc(hidden)]
 pub fn encode_for_test(h: RawHeader, head: &[u8]) -> Vec<u8> {
@@ -208,6 +242,46 @@ mod tests {
         assert_eq!(ev.head, b"HTTP/1.1 200 OK\r\n");
         assert!(ev.accepted);
         assert_eq!((ev.tgid, ev.fd, ev.conn_id, ev.ts_ns), (99, 5, 7, 42));
+    }
+
+    #[test]
+    fn open_record_carries_the_peer() {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let peer = RawPeer {
+            family: 10,
+            port: 41000,
+            addr,
+        };
+        // SAFETY: RawPeer is repr(C) plain old data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&peer).cast::<u8>(), size_of::<RawPeer>())
+        };
+        let rec = encode_for_test(header(2, 0), bytes);
+        let ev = Event::decode(&rec).expect("decodes");
+        assert_eq!(ev.peer(), Some("127.0.0.1:41000".parse().expect("addr")));
+        let v4 = RawPeer {
+            family: 2,
+            port: 80,
+            addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&v4).cast::<u8>(), size_of::<RawPeer>())
+        };
+        let ev_rec = encode_for_test(header(2, 0), bytes);
+        assert_eq!(
+            Event::decode(&ev_rec).expect("decodes").peer(),
+            Some("10.1.2.3:80".parse().expect("addr"))
+        );
+        let data = encode_for_test(header(1, 0), bytes);
+        assert_eq!(
+            Event::decode(&data).expect("decodes").peer(),
+            None,
+            "only open records carry a peer"
+        );
     }
 
     #[test]

@@ -332,7 +332,7 @@ impl Registry {
         let torchserve = flavor == Flavor::TorchServe;
         // Netty's own 413 (body over max_request_size) never reaches TorchServe's counters; it is the
         // only frontend response without an x-request-id.
-        let netty_413 = torchserve && status == 413 && !ex.response.has_request_id;
+        let netty_413 = torchserve && status == 413 && ex.response.request_id.is_none();
         if netty_413 {
             return;
         }
@@ -409,6 +409,7 @@ mod tests {
         Exchange {
             tgid: 1,
             conn_id: 1,
+            peer: None,
             request: Some(Request {
                 method: method.into(),
                 target: target.into(),
@@ -419,8 +420,10 @@ mod tests {
             response: Response {
                 status,
                 reason: reason.into(),
-                has_request_id: rid,
+                request_id: rid.then(|| "id".to_owned()),
                 start_ns: 1_002_000,
+                end_ns: Some(1_003_000),
+                bytes: 100,
             },
         }
     }

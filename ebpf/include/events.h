@@ -20,7 +20,8 @@
 enum ss_event_kind {
 	/* A data syscall on a traced connection moved `len` bytes; `data[0..head_len]` is their head. */
 	SS_EV_DATA = 1,
-	/* accept()/accept4() returned a new connection: the stream starts at a message boundary. */
+	/* A connection starts being traced: at accept() (accepted = 1, the stream starts at a message
+	 * boundary) or when first seen mid-stream (accepted = 0). data[] holds a struct ss_peer. */
 	SS_EV_OPEN = 2,
 	/* close() of a traced connection: its state is gone in the kernel. */
 	SS_EV_CLOSE = 3,
@@ -63,6 +64,13 @@ enum ss_loss {
 struct ss_conn_key {
 	__u32 tgid;
 	__s32 fd;
+};
+
+/* Payload of an SS_EV_OPEN record (in data[], head_len = sizeof(struct ss_peer)): the client's address. */
+struct ss_peer {
+	__u16 family; /* AF_INET or AF_INET6 (0: unknown) */
+	__u16 port;   /* host byte order */
+	__u8 addr[16]; /* IPv4 in the first 4 bytes, or IPv6 */
 };
 
 /* One ring-buffer record. Records are variable-length: only `data[0..head_len]` is sent. */

@@ -555,6 +555,7 @@ mod tests {
         let ex = Exchange {
             tgid: 1,
             conn_id: 1,
+            peer: None,
             request: Some(HttpRequest {
                 method: "GET".into(),
                 target: "/ping".into(),
@@ -565,8 +566,10 @@ mod tests {
             response: HttpResponse {
                 status: 200,
                 reason: "OK".into(),
-                has_request_id: true,
+                request_id: Some("id".into()),
                 start_ns: 3_000,
+                end_ns: Some(4_000),
+                bytes: 100,
             },
         };
         registry.record(&ex, "vm", Flavor::TorchServe);

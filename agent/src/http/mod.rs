@@ -26,19 +26,26 @@ pub struct Request {
 pub struct Response {
     pub status: u16,
     pub reason: String,
-    /// The response carried an `x-request-id` header (every TorchServe frontend response does, except
-    /// Netty's own 413).
-    pub has_request_id: bool,
+    /// The response's `x-request-id` (every TorchServe frontend response has one, except Netty's own
+    /// 413), sanitised and bounded.
+    pub request_id: Option<String>,
     /// Kernel time of the write that carried the status line.
     pub start_ns: u64,
+    /// Kernel time of the write that carried the last byte; `None` when the connection closed before
+    /// the response was complete.
+    pub end_ns: Option<u64>,
+    /// Bytes of the response (head and body) written.
+    pub bytes: u64,
 }
 
-/// One request/response pair reconstructed from a connection. `request` is `None` when a response
+/// One request/response pair reconstructed from a connection, reported when the response ended. `request` is `None` when a response
 /// could not be matched to a request (malformed request, bytes the head copy did not show).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
     pub tgid: u32,
     pub conn_id: u64,
+    /// The client's address, when the kernel reported it.
+    pub peer: Option<std::net::SocketAddr>,
     pub request: Option<Request>,
     pub response: Response,
 }
@@ -49,6 +56,19 @@ impl Exchange {
     pub fn latency_us(&self) -> Option<f64> {
         let req = self.request.as_ref()?;
         let ns = self.response.start_ns.checked_sub(req.complete_ns)?;
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "nanosecond spans fit f64's 52-bit mantissa"
+        )]
+        Some(ns as f64 / 1000.0)
+    }
+}
+
+impl Exchange {
+    /// Time from the request's first byte to the response's last byte, in microseconds.
+    pub fn total_us(&self) -> Option<f64> {
+        let req = self.request.as_ref()?;
+        let ns = self.response.end_ns?.checked_sub(req.first_byte_ns)?;
         #[expect(
             clippy::cast_precision_loss,
             reason = "nanosecond spans fit f64's 52-bit mantissa"

@@ -16,7 +16,7 @@
 //! - A connection first seen mid-stream (open before the agent started, or evicted from the kernel map)
 //!   is picked up at the first read that begins with a request line; bytes before it are ignored.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, net::SocketAddr};
 
 use super::{Exchange, Request, Response};
 
@@ -71,11 +71,23 @@ enum RespState {
         buf: Vec<u8>,
         start_ns: u64,
     },
+    /// A `Content-Length` body is being written; the exchange is reported when it ends.
     Body {
         remaining: u64,
+        ex: Exchange,
     },
-    /// Chunked or close-delimited body: writes are body until one begins with a status line.
-    UntilNextHead,
+    /// Chunked or close-delimited body (or bytes of a response we never saw the head of): writes are
+    /// body until one begins with a status line, or the connection closes.
+    UntilNextHead {
+        ex: Option<Exchange>,
+    },
+}
+
+/// Reports `ex` as ended at `end_ns` and readies the connection for the next response.
+fn finish(out: &mut Vec<Exchange>, mut ex: Exchange, end_ns: u64, state: &mut RespState) {
+    ex.response.end_ns = Some(end_ns);
+    out.push(ex);
+    *state = RespState::Idle;
 }
 
 /// Parser state for one connection.
@@ -94,6 +106,9 @@ pub struct Conn {
     pending: VecDeque<Request>,
     resp: RespState,
     last_read_ns: u64,
+    last_write_ns: u64,
+    /// The client's address, when the kernel reported it.
+    peer: Option<SocketAddr>,
 }
 
 impl Conn {
@@ -108,7 +123,14 @@ impl Conn {
             pending: VecDeque::new(),
             resp: RespState::Idle,
             last_read_ns: 0,
+            last_write_ns: 0,
+            peer: None,
         }
+    }
+
+    /// Records the client's address (from the kernel's open record).
+    pub fn set_peer(&mut self, peer: Option<SocketAddr>) {
+        self.peer = peer;
     }
 
     pub fn tgid(&self) -> u32 {
@@ -133,7 +155,7 @@ impl Conn {
                 // First request boundary of a connection picked up mid-stream: whatever response is
                 // still being written belongs to a request we never saw.
                 self.resp_synced = true;
-                self.resp = RespState::UntilNextHead;
+                self.resp = RespState::UntilNextHead { ex: None };
             }
         }
         let mut off: u64 = 0;
@@ -243,7 +265,7 @@ impl Conn {
     }
 
     /// Bytes the server wrote: `len` in all, of which `head` were copied. Returns the exchanges whose
-    /// final response started in this write.
+    /// response ended in this write (or, for a response whose end cannot be seen, whose successor began).
     pub fn on_egress(
         &mut self,
         ts_ns: u64,
@@ -267,12 +289,12 @@ impl Conn {
                     if captured.is_empty() {
                         // A response starting beyond the copied bytes: invisible; resynchronise on
                         // the next write that begins with a status line.
-                        self.resp = RespState::UntilNextHead;
+                        self.resp = RespState::UntilNextHead { ex: None };
                         break;
                     }
                     if !b"HTTP/".starts_with(&captured[..captured.len().min(5)]) {
                         stats.parse_errors += 1;
-                        self.resp = RespState::UntilNextHead;
+                        self.resp = RespState::UntilNextHead { ex: None };
                         break;
                     }
                     self.resp = RespState::Head {
@@ -285,6 +307,7 @@ impl Conn {
                     let before = buf.len();
                     let take = captured.len().min(MAX_HEAD.saturating_sub(before));
                     buf.extend_from_slice(&captured[..take]);
+                    let head_bytes = buf.len() as u64;
                     let parsed = parse_response_head(buf);
                     let (used_here, head_info) = match parsed {
                         RespParse::Complete { used, head } => ((used - before) as u64, head),
@@ -297,13 +320,13 @@ impl Conn {
                             Some(head) => (rest, head),
                             None => {
                                 stats.parse_errors += 1;
-                                self.resp = RespState::UntilNextHead;
+                                self.resp = RespState::UntilNextHead { ex: None };
                                 break;
                             }
                         },
                         RespParse::Invalid => {
                             stats.parse_errors += 1;
-                            self.resp = RespState::UntilNextHead;
+                            self.resp = RespState::UntilNextHead { ex: None };
                             break;
                         }
                     };
@@ -324,56 +347,101 @@ impl Conn {
                         || head_info.status < 200
                         || head_info.status == 204
                         || head_info.status == 304;
-                    self.resp = match head_info.framing {
-                        _ if no_body => RespState::Idle,
-                        Framing::Length(0) => RespState::Idle,
-                        Framing::Length(n) => RespState::Body { remaining: n },
-                        Framing::UntilOther | Framing::None => {
-                            // Chunked or close-delimited: if this write ends with the last chunk, the
-                            // response is over; otherwise wait for the next status line.
-                            let whole_write_seen = (head.len() as u64) == len;
-                            if head_info.framing == Framing::UntilOther
-                                && whole_write_seen
-                                && head.ends_with(b"0\r\n\r\n")
-                            {
-                                off = len;
-                                RespState::Idle
-                            } else {
-                                off = len;
-                                RespState::UntilNextHead
-                            }
-                        }
-                    };
-                    out.push(Exchange {
+                    let ex = Exchange {
                         tgid: self.tgid,
                         conn_id: self.conn_id,
+                        peer: self.peer,
                         request,
                         response: Response {
                             status: head_info.status,
                             reason: head_info.reason,
-                            has_request_id: head_info.has_request_id,
+                            request_id: head_info.request_id,
                             start_ns,
+                            end_ns: None,
+                            bytes: head_bytes.min(used_here + before as u64),
                         },
-                    });
-                }
-                RespState::Body { remaining } => {
-                    let n = rest.min(*remaining);
-                    *remaining -= n;
-                    off += n;
-                    if *remaining == 0 {
-                        self.resp = RespState::Idle;
+                    };
+                    let body_rest = len - off;
+                    match head_info.framing {
+                        _ if no_body => finish(&mut out, ex, ts_ns, &mut self.resp),
+                        Framing::Length(n) if n <= body_rest => {
+                            off += n;
+                            let mut ex = ex;
+                            ex.response.bytes += n;
+                            finish(&mut out, ex, ts_ns, &mut self.resp);
+                        }
+                        Framing::Length(n) => {
+                            let mut ex = ex;
+                            ex.response.bytes += body_rest;
+                            self.resp = RespState::Body {
+                                remaining: n - body_rest,
+                                ex,
+                            };
+                            off = len;
+                        }
+                        Framing::UntilOther | Framing::None => {
+                            // Chunked or close-delimited: over if this write ends with the last chunk;
+                            // otherwise at the next status line or the close.
+                            let mut ex = ex;
+                            ex.response.bytes += body_rest;
+                            off = len;
+                            let whole_write_seen = head.len() as u64 == len;
+                            if head_info.framing == Framing::UntilOther
+                                && whole_write_seen
+                                && head.ends_with(b"0\r\n\r\n")
+                            {
+                                finish(&mut out, ex, ts_ns, &mut self.resp);
+                            } else {
+                                self.last_write_ns = ts_ns;
+                                self.resp = RespState::UntilNextHead { ex: Some(ex) };
+                            }
+                        }
                     }
                 }
-                RespState::UntilNextHead => {
+                RespState::Body { remaining, ex } => {
+                    let n = rest.min(*remaining);
+                    *remaining -= n;
+                    ex.response.bytes += n;
+                    off += n;
+                    if *remaining == 0
+                        && let RespState::Body { ex, .. } =
+                            std::mem::replace(&mut self.resp, RespState::Idle)
+                    {
+                        finish(&mut out, ex, ts_ns, &mut self.resp);
+                    }
+                }
+                RespState::UntilNextHead { ex } => {
                     if off == 0 && captured.starts_with(b"HTTP/1.") {
+                        if let Some(ex) = ex.take() {
+                            let end = self.last_write_ns;
+                            finish(&mut out, ex, end, &mut self.resp);
+                        }
                         self.resp = RespState::Idle;
                     } else {
+                        if let Some(ex) = ex {
+                            ex.response.bytes += rest;
+                        }
+                        self.last_write_ns = ts_ns;
                         break;
                     }
                 }
             }
         }
         out
+    }
+
+    /// The connection closed: a response still being written ends here. Returns it, if any: a response
+    /// cut short (client reset) still counts, as the server sent its status; `end_ns` stays `None`
+    /// unless the response was close-delimited.
+    pub fn on_close(&mut self) -> Option<Exchange> {
+        match std::mem::replace(&mut self.resp, RespState::Idle) {
+            RespState::Body { ex, .. } => Some(ex),
+            RespState::UntilNextHead { ex: Some(mut ex) } => {
+                ex.response.end_ns = Some(self.last_write_ns);
+                Some(ex)
+            }
+            _ => None,
+        }
     }
 
     /// The request a final response answers: the oldest complete one, else the one still arriving
@@ -518,7 +586,7 @@ fn parse_request_line(buf: &[u8]) -> Option<Request> {
 struct RespHead {
     status: u16,
     reason: String,
-    has_request_id: bool,
+    request_id: Option<String>,
     framing: Framing,
 }
 
@@ -536,10 +604,11 @@ fn parse_response_head(buf: &[u8]) -> RespParse {
             let Some(status) = resp.code else {
                 return RespParse::Invalid;
             };
-            let has_request_id = resp
+            let request_id = resp
                 .headers
                 .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("x-request-id"));
+                .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
+                .map(|h| request_id(h.value));
             let framing = match body_framing(resp.headers) {
                 Some(Framing::None) => Framing::UntilOther,
                 Some(f) => f,
@@ -550,7 +619,7 @@ fn parse_response_head(buf: &[u8]) -> RespParse {
                 head: RespHead {
                     status,
                     reason: resp.reason.unwrap_or("").to_owned(),
-                    has_request_id,
+                    request_id,
                     framing,
                 },
             }
@@ -560,6 +629,19 @@ fn parse_response_head(buf: &[u8]) -> RespParse {
     }
 }
 
+/// Longest `x-request-id` value kept; TorchServe's are 36-character UUIDs.
+const MAX_REQUEST_ID: usize = 128;
+
+/// An `x-request-id` value as it may be logged: trimmed, printable ASCII only, bounded in length.
+fn request_id(raw: &[u8]) -> String {
+    raw.iter()
+        .copied()
+        .filter(|b| b.is_ascii_graphic())
+        .take(MAX_REQUEST_ID)
+        .map(char::from)
+        .collect()
+}
+
 /// Status and reason from a status line alone (the rest of the head was not copied).
 fn parse_status_line(buf: &[u8]) -> Option<RespHead> {
     let end = buf.windows(2).position(|w| w == b"\r\n")?;
@@ -567,13 +649,14 @@ fn parse_status_line(buf: &[u8]) -> Option<RespHead> {
     let rest = line.strip_prefix("HTTP/1.")?.get(2..)?;
     let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
     let status: u16 = code.parse().ok().filter(|c| (100..1000).contains(c))?;
-    let has_request_id = buf
+    let request_id = buf
         .split(|b| *b == b'\n')
-        .any(|l| l.len() > 13 && l[..13].eq_ignore_ascii_case(b"x-request-id:"));
+        .find(|l| l.len() > 13 && l[..13].eq_ignore_ascii_case(b"x-request-id:"))
+        .map(|l| request_id(&l[13..]));
     Some(RespHead {
         status,
         reason: reason.to_owned(),
-        has_request_id,
+        request_id,
         framing: Framing::UntilOther,
     })
 }
@@ -661,7 +744,9 @@ mod tests {
             assert_eq!(req.complete_ns, done);
             assert_eq!(ex.response.start_ns, start);
             assert_eq!(req.bytes, post("/predictions/echo", b"hello").len() as u64);
-            assert!(ex.response.has_request_id);
+            assert_eq!(ex.response.request_id.as_deref(), Some("abc"));
+            assert_eq!(ex.response.end_ns, Some(start));
+            assert_eq!(ex.response.bytes, ok(b"hello").len() as u64);
         }
         assert_eq!(w.stats, ParseStats::default());
     }
@@ -757,7 +842,7 @@ mod tests {
         w.read(b"POST /predictions/e HTTP/1.1\r\nContent-Length: 7000000\r\n\r\n");
         w.write(b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-length: 0\r\n\r\n");
         assert_eq!(w.statuses(), vec![(Some("/predictions/e".into()), 413)]);
-        assert!(!w.out[0].response.has_request_id);
+        assert!(w.out[0].response.request_id.is_none());
         assert_eq!(w.out[0].response.reason, "Request Entity Too Large");
     }
 
@@ -866,6 +951,28 @@ mod tests {
         w.read(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab");
         assert_eq!(w.stats.parse_errors, 1);
         assert_eq!(w.conn.pending(), 0);
+    }
+
+    #[test]
+    fn close_ends_a_close_delimited_or_cut_response() {
+        // HTTP/1.0-style response without Content-Length: ends at close, at its last write.
+        let mut w = Wire::new(true);
+        w.read(b"GET /old HTTP/1.0\r\n\r\n");
+        w.write(b"HTTP/1.0 200 OK\r\n\r\n");
+        let last = w.write(b"body bytes");
+        assert!(w.out.is_empty(), "not over until the close");
+        let ex = w.conn.on_close().expect("flushed at close");
+        assert_eq!(ex.response.end_ns, Some(last));
+        assert_eq!(ex.response.bytes, 19 + 10);
+
+        // A response cut short by a reset still counts (its status was sent), with no end time.
+        let mut w = Wire::new(true);
+        w.read(&post("/predictions/big", b""));
+        w.write(b"HTTP/1.1 200 \r\ncontent-length: 1000000\r\n\r\npartial");
+        let ex = w.conn.on_close().expect("flushed at close");
+        assert_eq!(ex.response.status, 200);
+        assert_eq!(ex.response.end_ns, None);
+        assert!(w.conn.on_close().is_none(), "reported once");
     }
 
     #[test]
