@@ -1,0 +1,383 @@
+//! servescope watching a real TorchServe 0.12.0 reports what TorchServe itself reports.
+//!
+//! Needs root (the agent loads BPF) and TorchServe's fixed ports (8080-8082, 7070-7071), so `cargo xtask
+//! test` runs these one at a time. Logs and both scrapes of each test are kept in
+//! `target/integration/<test>/`.
+
+use std::{
+    collections::BTreeMap, fmt::Write as _, fs, net::SocketAddr, path::PathBuf, time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use servescope_integration::{
+    Agent, Metrics, Series, TorchServeHome, ensure_kernel_prereqs, http, log_dir, require_root,
+    torchserve::loopback,
+};
+
+/// The agent serves on 9082 so that TorchServe keeps its own metrics API on 8082 to compare with.
+const AGENT_LISTEN: u16 = 9082;
+/// From start to "TorchServe is traced": load and attach the BPF programs, one discovery scan.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// The agent counts from its ring buffer asynchronously: how long a count may lag the traffic.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests TorchServe answered before the agent was started: run.sh's single `GET /ping` (200).
+const PINGS_BEFORE_AGENT: f64 = 1.0;
+
+/// Root, kernel file systems, TorchServe installed; a fresh log directory for the test.
+fn prepare(test: &str) -> Result<(PathBuf, TorchServeHome)> {
+    require_root()?;
+    ensure_kernel_prereqs()?;
+    Agent::binary()?; // fail before starting TorchServe if there is nothing to test
+    let logs = log_dir(test)?;
+    let home = TorchServeHome::default();
+    home.setup(&logs.join("torchserve-setup.log"))?;
+    Ok((logs, home))
+}
+
+fn agent_addr() -> SocketAddr {
+    loopback(AGENT_LISTEN)
+}
+
+/// The Done-when test of issue 3: a fixed traffic mix through a real TorchServe; afterwards the agent's
+/// TorchServe families equal TorchServe's own /metrics (latency within 10%).
+#[test]
+fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
+    let (logs, home) = prepare("counters_equal_torchserve_after_traffic_mix")?;
+    let ts = home.start(&logs)?;
+    eprintln!(
+        "TorchServe pid {} ready in {:.1?}",
+        ts.pid(),
+        ts.startup_time()
+    );
+
+    // Discovery on (the default): the agent must find the Java frontend by itself.
+    let agent = Agent::start(&logs, agent_addr(), &[])?;
+    let ready = agent.wait_ready(READY_TIMEOUT)?;
+    eprintln!(
+        "servescope ready, servescope_targets = {}",
+        ready.sum("servescope_targets")
+    );
+
+    let traffic = home.traffic(&logs, &[])?;
+    eprintln!(
+        "traffic.py: {} responses in {:.1?}",
+        traffic.total_requests()?,
+        traffic.duration
+    );
+
+    // Order matters: TorchServe first. TorchServe renders the body and then counts this scrape's 200; the
+    // agent sees that 200 leave TorchServe's socket and counts it too, before we scrape the agent.
+    let ts_text = ts.scrape_text("")?;
+    fs::write(logs.join("torchserve_metrics.txt"), &ts_text)
+        .context("saving TorchServe's scrape")?;
+    let ts_m = Metrics::parse(&ts_text).context("parsing TorchServe's /metrics")?;
+
+    // TorchServe's Requests2XX = run.sh's /ping + traffic's 2xx (no earlier scrape, and not this one).
+    // The agent missed the /ping (it started later) but saw this scrape's 200:
+    //   agent = TorchServe's scraped value - PINGS_BEFORE_AGENT + 1.
+    let ts_2xx = ts_m.sum("Requests2XX");
+    let want_2xx = ts_2xx - PINGS_BEFORE_AGENT + 1.0;
+    let agent_m = settle(&agent, "Requests2XX", want_2xx)?;
+    fs::write(logs.join("servescope_metrics.txt"), agent.scrape_text("")?)
+        .context("saving the agent's scrape")?;
+
+    let mut report = String::new();
+    let mut failures = Vec::new();
+
+    // Requests2XX: same series (Level, Hostname) with the value shifted as explained above.
+    let mut want = ts_m.family("Requests2XX");
+    for v in want.values_mut() {
+        *v += 1.0 - PINGS_BEFORE_AGENT;
+    }
+    compare_exact(
+        &mut report,
+        &mut failures,
+        "Requests2XX (TorchServe + this scrape - run.sh's /ping)",
+        &want,
+        &agent_m.family("Requests2XX"),
+    );
+    for family in ["Requests4XX", "Requests5XX", "ts_inference_requests_total"] {
+        compare_exact(
+            &mut report,
+            &mut failures,
+            family,
+            &ts_m.family(family),
+            &agent_m.family(family),
+        );
+    }
+    compare_latency(&mut report, &mut failures, &ts_m, &agent_m);
+    // Exact counts are only possible if the kernel delivered every record; this light load must not lose
+    // any. The other health counters are printed for the record.
+    let lost = agent_m.sum("servescope_kernel_lost_events_total");
+    let _ = writeln!(
+        report,
+        "{} servescope_kernel_lost_events_total {lost} (must be 0); servescope_http_parse_errors_total {}, \
+         servescope_unmatched_responses_total {}",
+        mark(lost == 0.0),
+        agent_m.sum("servescope_http_parse_errors_total"),
+        agent_m.sum("servescope_unmatched_responses_total"),
+    );
+    if lost != 0.0 {
+        failures.push(format!(
+            "servescope_kernel_lost_events_total = {lost}: records were lost"
+        ));
+    }
+
+    // The reference itself: TorchServe counted what traffic.py's rules (FACTS.md §3) predict. If this
+    // fails, TorchServe or the mix changed, not the agent.
+    let mut reference = Vec::new();
+    let expect = |family: &str, extra: f64| -> Result<(String, f64, f64)> {
+        Ok((
+            family.to_owned(),
+            traffic.expected_requests(family)? + extra,
+            ts_m.sum(family),
+        ))
+    };
+    for (family, want, got) in [
+        expect("Requests2XX", PINGS_BEFORE_AGENT)?,
+        expect("Requests4XX", 0.0)?,
+        expect("Requests5XX", 0.0)?,
+    ] {
+        if want != got {
+            reference.push(format!(
+                "TorchServe {family} = {got}, traffic.py expected {want}"
+            ));
+        }
+    }
+    for ((model, version), want) in traffic.expected_inference_requests()? {
+        let got = ts_m
+            .series("ts_inference_requests_total")
+            .filter(|(s, _)| {
+                s.label("model_name") == Some(&model) && s.label("model_version") == Some(&version)
+            })
+            .map(|(_, v)| v)
+            .sum::<f64>();
+        if want != got {
+            reference.push(format!("TorchServe ts_inference_requests_total {model}/{version} = {got}, traffic.py expected {want}"));
+        }
+    }
+
+    eprintln!("{report}");
+    if !failures.is_empty() || !reference.is_empty() {
+        bail!(
+            "servescope differs from TorchServe:\n  {}\nreference problems (TorchServe vs traffic.py):\n  {}\n(logs and both scrapes: {})",
+            if failures.is_empty() {
+                "none".to_owned()
+            } else {
+                failures.join("\n  ")
+            },
+            if reference.is_empty() {
+                "none".to_owned()
+            } else {
+                reference.join("\n  ")
+            },
+            logs.display()
+        );
+    }
+    let status = agent.stop()?;
+    if !status.success() {
+        bail!("servescope exited with {status} on SIGTERM (expected a clean exit)");
+    }
+    ts.stop();
+    Ok(())
+}
+
+/// The `Hostname` / `hostname` labels are TorchServe's own (its frontend's UTS hostname), and every
+/// TorchServe family is announced with TorchServe's HELP and TYPE lines.
+#[test]
+fn hostname_and_families_match_torchserve() -> Result<()> {
+    let (logs, home) = prepare("hostname_and_families_match_torchserve")?;
+    let ts = home.start(&logs)?;
+    let agent = Agent::start(&logs, agent_addr(), &[])?;
+    agent.wait_ready(READY_TIMEOUT)?;
+
+    // One inference so that the per-model families have a series in both expositions.
+    let r = http::post(
+        ts.inference_addr(),
+        "/predictions/echo",
+        b"hostname-check",
+        Duration::from_secs(10),
+    )?;
+    if r.status != 200 || r.body != b"hostname-check" {
+        bail!("echo answered {} {:?}", r.status, r.text());
+    }
+    let ts_text = ts.scrape_text("")?;
+    fs::write(logs.join("torchserve_metrics.txt"), &ts_text)
+        .context("saving TorchServe's scrape")?;
+    let ts_m = Metrics::parse(&ts_text)?;
+    // The echo (200) and the scrape (200): two responses the agent must have counted.
+    let agent_m = agent.wait_until(
+        SETTLE_TIMEOUT,
+        "Requests2XX >= 2 and one inference counted",
+        |m| m.sum("Requests2XX") >= 2.0 && m.sum("ts_inference_requests_total") >= 1.0,
+    )?;
+    fs::write(logs.join("servescope_metrics.txt"), agent.scrape_text("")?)
+        .context("saving the agent's scrape")?;
+
+    let hostnames = |m: &Metrics| -> std::collections::BTreeSet<String> {
+        let torchserve_only = Metrics {
+            samples: m
+                .samples
+                .iter()
+                .filter(|(s, _)| !s.name.starts_with("servescope_"))
+                .map(|(s, v)| (s.clone(), *v))
+                .collect(),
+            ..Metrics::default()
+        };
+        let mut all = torchserve_only.label_values("Hostname");
+        all.extend(torchserve_only.label_values("hostname"));
+        all
+    };
+    let ts_hosts = hostnames(&ts_m);
+    let agent_hosts = hostnames(&agent_m);
+    eprintln!(
+        "hostname labels: TorchServe {ts_hosts:?}, servescope {agent_hosts:?}, uname {:?}",
+        uname_nodename()
+    );
+    if ts_hosts.len() != 1 {
+        bail!("TorchServe should print exactly one hostname, printed {ts_hosts:?}");
+    }
+    if agent_hosts != ts_hosts {
+        bail!("servescope's hostname labels {agent_hosts:?} differ from TorchServe's {ts_hosts:?}");
+    }
+
+    // Every family TorchServe announces, the agent announces with the same TYPE and HELP text.
+    let mut problems = Vec::new();
+    for (family, kind) in &ts_m.types {
+        match agent_m.types.get(family) {
+            None => problems.push(format!("{family}: no # TYPE line")),
+            Some(k) if k != kind => {
+                problems.push(format!("{family}: TYPE {k}, TorchServe says {kind}"))
+            }
+            Some(_) => {}
+        }
+        if agent_m.helps.get(family) != ts_m.helps.get(family) {
+            problems.push(format!(
+                "{family}: HELP {:?}, TorchServe says {:?}",
+                agent_m.helps.get(family),
+                ts_m.helps.get(family)
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "servescope's TorchServe families differ from TorchServe's:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    drop(agent);
+    ts.stop();
+    Ok(())
+}
+
+/// Polls the agent until `family`'s sum reaches `want` (bounded), then returns that scrape; on timeout
+/// returns a last scrape anyway so the comparison below reports every difference, not just this one.
+fn settle(agent: &Agent, family: &str, want: f64) -> Result<Metrics> {
+    match agent.wait_until(SETTLE_TIMEOUT, &format!("{family} >= {want}"), |m| {
+        m.sum(family) >= want
+    }) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            eprintln!("{e:#}");
+            agent.scrape()
+        }
+    }
+}
+
+/// Same series, same values.
+fn compare_exact(
+    report: &mut String,
+    failures: &mut Vec<String>,
+    what: &str,
+    want: &BTreeMap<Series, f64>,
+    got: &BTreeMap<Series, f64>,
+) {
+    let _ = writeln!(report, "{what}:");
+    for series in want
+        .keys()
+        .chain(got.keys().filter(|s| !want.contains_key(s)))
+    {
+        let (w, g) = (want.get(series), got.get(series));
+        let ok = w == g;
+        let _ = writeln!(
+            report,
+            "  {} {series}: TorchServe-derived {} servescope {}",
+            mark(ok),
+            show(w),
+            show(g)
+        );
+        if !ok {
+            failures.push(format!(
+                "{series}: servescope {}, expected {}",
+                show(g),
+                show(w)
+            ));
+        }
+    }
+    if want.is_empty() && got.is_empty() {
+        let _ = writeln!(report, "  (no series in either)");
+    }
+}
+
+/// ts_inference_latency_microseconds: the agent has exactly TorchServe's series (none for `fail`, whose
+/// replies never update the counter), and the sum over all series is within 10% of TorchServe's.
+fn compare_latency(report: &mut String, failures: &mut Vec<String>, ts: &Metrics, agent: &Metrics) {
+    const FAMILY: &str = "ts_inference_latency_microseconds";
+    let (want, got) = (ts.family(FAMILY), agent.family(FAMILY));
+    let _ = writeln!(report, "{FAMILY} (µs; ratio = servescope / TorchServe):");
+    for series in want
+        .keys()
+        .chain(got.keys().filter(|s| !want.contains_key(s)))
+    {
+        let (w, g) = (want.get(series), got.get(series));
+        let ratio = match (w, g) {
+            (Some(w), Some(g)) if *w > 0.0 => format!("{:.3}", g / w),
+            _ => "-".to_owned(),
+        };
+        let present = w.is_some() == g.is_some();
+        let _ = writeln!(
+            report,
+            "  {} {series}: TorchServe {} servescope {} ratio {ratio}",
+            mark(present),
+            show(w),
+            show(g)
+        );
+        if !present {
+            failures.push(format!(
+                "{series}: {}",
+                if w.is_some() {
+                    "missing from servescope"
+                } else {
+                    "servescope has it, TorchServe does not"
+                }
+            ));
+        }
+    }
+    let (w, g) = (ts.sum(FAMILY), agent.sum(FAMILY));
+    let within = w > 0.0 && (g - w).abs() <= 0.10 * w;
+    let _ = writeln!(
+        report,
+        "  {} sum: TorchServe {w} servescope {g} ratio {:.3} (must be within 10%)",
+        mark(within),
+        if w > 0.0 { g / w } else { f64::NAN }
+    );
+    if !within {
+        failures.push(format!(
+            "{FAMILY} sum: servescope {g}, TorchServe {w} (not within 10%)"
+        ));
+    }
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "ok  " } else { "FAIL" }
+}
+
+fn show(v: Option<&f64>) -> String {
+    v.map_or_else(|| "absent".to_owned(), |v| v.to_string())
+}
+
+fn uname_nodename() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,90 @@
+//! Project tasks for servescope, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! Written in Rust rather than shell so the same code runs on a laptop, in CI and in the demo, and so
+//! the demo can share the integration tests' harness (`tests/src/lib.rs`) for starting and stopping
+//! TorchServe and the agent.
+
+mod demo;
+mod tasks;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "servescope project tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the agent (`target/debug/servescope`, or `target/release/servescope` with --release).
+    Build {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Regenerate ebpf/vmlinux.h from this machine's kernel BTF (needs bpftool).
+    Vmlinux {
+        /// Write here instead of ebpf/vmlinux.h.
+        #[arg(long, value_name = "PATH")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Everything CI checks: rustfmt, clippy, unit tests, root integration tests
+    ///
+    /// The integration tests run the agent against real servers, among them a real TorchServe 0.12
+    /// installed under target/torchserve (cached). They need root and fail without it: they never skip.
+    Test {
+        /// Only formatting, clippy and unit tests (no root needed).
+        #[arg(long, conflicts_with = "integration")]
+        unit: bool,
+        /// Only the root integration tests.
+        #[arg(long)]
+        integration: bool,
+        /// Extra arguments for the integration test binaries, e.g. a test name filter.
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        test_args: Vec<String>,
+    },
+    /// TorchServe + servescope + traffic; both /metrics side by side (root)
+    ///
+    /// Installs what is missing (apt packages, TorchServe under target/torchserve), starts TorchServe
+    /// and the agent (on 127.0.0.1:9082), sends traffic, and prints the agent's /metrics next to
+    /// TorchServe's own. Stops everything it started, also on Ctrl-C.
+    Demo {
+        /// Use an optimised agent build.
+        #[arg(long)]
+        release: bool,
+        /// Plain echo predictions in the traffic mix (traffic.py --n).
+        #[arg(long, default_value_t = 10)]
+        n: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build { release } => {
+            tasks::build(release).map(|bin| println!("built {}", bin.display()))
+        }
+        Command::Vmlinux { out } => tasks::vmlinux(out),
+        Command::Test {
+            unit,
+            integration,
+            test_args,
+        } => tasks::test(!integration, !unit, &test_args),
+        Command::Demo { release, n } => demo::run(release, n),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
