@@ -4,6 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 
+use crate::sink::config::{SinkArgs, SinksConfig};
+
 /// servescope — TorchServe's metrics, from the kernel.
 ///
 /// Traces the socket syscalls of running TorchServe frontends with eBPF and serves TorchServe's own
@@ -18,6 +20,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "servescope", version, verbatim_doc_comment)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to serve /metrics on. TorchServe's own metrics API defaults to 127.0.0.1:8082: move it
     /// (metrics_address in config.properties) or pick another port here.
     #[arg(
@@ -62,6 +67,33 @@ pub struct Cli {
     /// Kernel ring-buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, env = "SERVESCOPE_RINGBUF_BYTES", default_value_t = 8 * 1024 * 1024, value_name = "BYTES")]
     pub ringbuf_bytes: u32,
+
+    /// How often to sample the system (CPU, memory, disk) and GPU families, in seconds. CPUUtilization
+    /// is the busy share over this interval. TorchServe's own collector runs every 60 s.
+    #[arg(
+        long,
+        env = "SERVESCOPE_SAMPLE_INTERVAL_SECS",
+        default_value_t = 10,
+        value_name = "SECS"
+    )]
+    pub sample_interval_secs: u64,
+
+    /// Request logs: JSON lines, syslog, latency CSV (sink/config.rs).
+    #[command(flatten)]
+    pub sinks: SinkArgs,
+}
+
+/// Subcommands besides running the agent.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Check that this machine can run servescope (kernel, BTF, tracefs, capabilities, lockdown), load
+    /// and attach every program in a dry run, and list the TorchServe instances that would be traced.
+    /// Exits 1 when something must be fixed.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What the agent runs with.
@@ -73,6 +105,8 @@ pub struct Config {
     pub discover_torchserve: bool,
     pub discovery_interval: Duration,
     pub ringbuf_bytes: u32,
+    pub sample_interval: Duration,
+    pub sinks: SinksConfig,
 }
 
 impl Cli {
@@ -90,6 +124,11 @@ impl Cli {
             self.discovery_interval_ms
         );
         anyhow::ensure!(
+            (1..=3600).contains(&self.sample_interval_secs),
+            "--sample-interval-secs {} is out of range (1 to 3600)",
+            self.sample_interval_secs
+        );
+        anyhow::ensure!(
             !self.no_discovery || !self.pids.is_empty() || !self.ports.is_empty(),
             "--no-discovery leaves nothing to trace: add --pid or --port"
         );
@@ -100,6 +139,8 @@ impl Cli {
             discover_torchserve: !self.no_discovery,
             discovery_interval: Duration::from_millis(self.discovery_interval_ms),
             ringbuf_bytes: self.ringbuf_bytes,
+            sample_interval: Duration::from_secs(self.sample_interval_secs),
+            sinks: self.sinks.resolve()?,
         })
     }
 }
@@ -119,6 +160,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8082");
         assert!(c.discover_torchserve);
         assert!(c.pids.is_empty() && c.ports.is_empty());
+        assert_eq!(c.sample_interval, Duration::from_secs(10));
         Ok(())
     }
 
@@ -141,11 +183,19 @@ mod tests {
     }
 
     #[test]
+    fn sample_interval() -> anyhow::Result<()> {
+        let c = parse(&["--sample-interval-secs", "60"])?;
+        assert_eq!(c.sample_interval, Duration::from_secs(60));
+        Ok(())
+    }
+
+    #[test]
     fn bad_values_are_clear_errors() {
         let err = |a: &[&str]| parse(a).map(|_| ()).expect_err("must fail").to_string();
         assert!(err(&["--no-discovery"]).contains("nothing to trace"));
         assert!(err(&["--ringbuf-bytes", "1000"]).contains("power of two"));
         assert!(err(&["--listen", "nonsense"]).contains("invalid"));
         assert!(err(&["--pid", "abc"]).contains("invalid"));
+        assert!(err(&["--sample-interval-secs", "0"]).contains("out of range"));
     }
 }

@@ -107,6 +107,21 @@ impl ProcFs {
         .collect()
     }
 
+    /// TCP ports `pid` itself listens on (its own sockets, in its own network namespace), sorted.
+    pub fn listening_ports(&self, pid: u32) -> Vec<u16> {
+        let own = self.socket_inodes(pid);
+        let mut ports: Vec<u16> = ["net/tcp", "net/tcp6"]
+            .iter()
+            .filter_map(|t| fs::read_to_string(self.path(pid, t)).ok())
+            .flat_map(|text| listen_table(&text).collect::<Vec<_>>())
+            .filter(|(_, inode)| own.contains(inode))
+            .map(|(port, _)| port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     fn net_ns(&self, pid: u32) -> Option<PathBuf> {
         fs::read_link(self.path(pid, "ns/net")).ok()
     }
@@ -169,18 +184,23 @@ impl ProcFs {
 
 /// Inodes of LISTEN (state 0A) sockets on `ports` in a /proc/net/tcp{,6} table.
 fn parse_listeners(text: &str, ports: &[u16]) -> Vec<u64> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
-            if *state != "0A" {
-                return None;
-            }
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            ports.contains(&port).then(|| inode.parse().ok())?
-        })
+    listen_table(text)
+        .filter(|(port, _)| ports.contains(port))
+        .map(|(_, inode)| inode)
         .collect()
+}
+
+/// (port, inode) of every LISTEN (state 0A) socket in a /proc/net/tcp{,6} table.
+fn listen_table(text: &str) -> impl Iterator<Item = (u16, u64)> + '_ {
+    text.lines().skip(1).filter_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+        if *state != "0A" {
+            return None;
+        }
+        let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+        Some((port, inode.parse().ok()?))
+    })
 }
 
 /// Hostnames by UTS namespace, so a DaemonSet labels each pod's TorchServe with the pod's name.

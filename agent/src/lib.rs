@@ -4,10 +4,13 @@
 //! [`probes`] (load/attach the eBPF programs, read the ring buffer) → [`events`] (the kernel/user ABI)
 //! → [`http`] (per-connection HTTP/1.x reconstruction) → [`routing`] (URL → model/version) →
 //! [`registry`] (TorchServe's counting rules) → [`exposition`] (the :8082 endpoint).
-//! [`discovery`] finds the processes to trace; [`config`] holds the command line.
+//! [`discovery`] finds the processes to trace; [`sampler`] adds system and GPU metrics; [`config`] holds
+//! the command line.
+//! [`sink`] writes per-request logs (JSON lines, syslog, latency CSV) from the same exchanges.
 
 pub mod config;
 pub mod discovery;
+pub mod doctor;
 pub mod events;
 pub mod exposition;
 pub mod http;
@@ -15,3 +18,5 @@ pub mod pipeline;
 pub mod probes;
 pub mod registry;
 pub mod routing;
+pub mod sampler;
+pub mod sink;

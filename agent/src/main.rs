@@ -6,11 +6,12 @@ use std::{io::IsTerminal, process::ExitCode};
 use anyhow::Context;
 use clap::Parser;
 use servescope::{
-    config::{Cli, Config},
+    config::{Cli, Command, Config},
     exposition::server,
     pipeline,
     probes::Probes,
     registry::Registry,
+    sampler, sink,
 };
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
@@ -24,6 +25,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(Command::Doctor { json }) = cli.command {
+        return doctor(json);
+    }
     let cfg = match cli.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -42,7 +46,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cfg)) {
+    let result = rt.block_on(run(cfg));
+    // A sampler's statvfs of a hung network mount cannot be interrupted: do not wait for it on exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -50,6 +57,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `servescope doctor`: the report on stdout, exit 1 when something must be fixed.
+fn doctor(json: bool) -> ExitCode {
+    let report = servescope::doctor::run(&servescope::doctor::Env::default(), || {
+        Probes::load(8 * 1024 * 1024).map(drop)
+    });
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("servescope doctor: cannot render JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.to_text());
+    }
+    ExitCode::from(report.exit_code())
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -62,9 +88,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (upd_tx, upd_rx) = mpsc::unbounded_channel();
+    // Discovery → samplers: the current targets (pid, hostname).
+    let (targets_tx, targets_rx) = watch::channel(Vec::new());
+    // Request-log files are opened here: a bad path stops the agent with a clear error.
+    let (sinks, sink_workers) = sink::start(&cfg.sinks, &registry)?;
     let reader = tokio::spawn(pipeline::read_events(
         ring,
         registry.clone(),
+        sinks,
         upd_rx,
         stop_rx.clone(),
     ));
@@ -73,8 +104,33 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         probes,
         registry.clone(),
         upd_tx,
+        targets_tx,
         stop_rx.clone(),
     ));
+    // Samplers log and retry failed readings themselves and end on shutdown (awaited below). One that
+    // ends early says so and leaves its families as they were; it does not stop the agent, whose main
+    // job is the request metrics.
+    let samplers = [
+        tokio::spawn(log_failure(
+            "system sampler",
+            sampler::run_system(
+                cfg.sample_interval,
+                registry.clone(),
+                targets_rx.clone(),
+                stop_rx.clone(),
+            ),
+        )),
+        tokio::spawn(log_failure(
+            "GPU sampler",
+            sampler::run_gpu(
+                sampler::nvml::open_nvml,
+                cfg.sample_interval,
+                registry.clone(),
+                targets_rx,
+                stop_rx.clone(),
+            ),
+        )),
+    ];
     let mut serve_stop = stop_rx.clone();
     let serve = tokio::spawn(server::serve(listener, registry, async move {
         let _ = serve_stop.changed().await;
@@ -90,7 +146,21 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         r = serve => task_ended("metrics server", r),
     };
     let _ = stop_tx.send(true);
+    for task in samplers {
+        if let Err(e) = task.await {
+            tracing::error!("sampler crashed: {e}");
+        }
+    }
+    // The stopping reader drops its ends of the sink queues; the sinks write what is queued, then exit.
+    sink_workers.finish(std::time::Duration::from_secs(5)).await;
     outcome
+}
+
+/// Runs a task that is not vital and logs why it ended, when it failed.
+async fn log_failure(name: &str, task: impl Future<Output = anyhow::Result<()>>) {
+    if let Err(e) = task.await {
+        tracing::error!("{name} stopped; its metric families are no longer updated: {e:#}");
+    }
 }
 
 /// A task that should run forever ended: say which and why.

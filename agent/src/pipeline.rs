@@ -16,6 +16,8 @@ use crate::{
     http::ConnTable,
     probes::Probes,
     registry::{Flavor, Registry},
+    sampler::SampleTarget,
+    sink::Sinks,
 };
 
 /// How the reader labels and counts a traced process.
@@ -33,10 +35,12 @@ pub enum Update {
     Removed(u32),
 }
 
-/// Drains the ring buffer until `shutdown` flips, turning records into counted exchanges.
+/// Drains the ring buffer until `shutdown` flips, turning records into counted exchanges, each also
+/// offered to the request-log `sinks`.
 pub async fn read_events(
     ring: RingBuf<MapData>,
     registry: Registry,
+    mut sinks: Sinks,
     mut updates: mpsc::UnboundedReceiver<Update>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -68,7 +72,11 @@ pub async fn read_events(
                         Ok(ev) => {
                             for ex in table.apply(&ev) {
                                 match targets.get(&ex.tgid) {
-                                    Some(t) => registry.record(&ex, &t.hostname, t.flavor),
+                                    Some(t) => {
+                                        registry.record(&ex, &t.hostname, t.flavor);
+                                        // Never waits: a full sink queue drops the record, counted.
+                                        sinks.offer(&ex, &t.hostname);
+                                    }
                                     // Records still in flight from a process just removed.
                                     None => tracing::debug!(tgid = ex.tgid, "exchange of an untracked process"),
                                 }
@@ -90,13 +98,15 @@ pub async fn read_events(
     }
 }
 
-/// Every `cfg.discovery_interval`: finds targets, updates the kernel map and the reader, exports the
-/// kernel's loss counters. Runs until `shutdown` flips.
+/// Every `cfg.discovery_interval`: finds targets, updates the kernel map and the reader, publishes the
+/// target set to the samplers (`sampled`), exports the kernel's loss counters. Runs until `shutdown`
+/// flips.
 pub async fn discover(
     cfg: Config,
     mut probes: Probes,
     registry: Registry,
     updates: mpsc::UnboundedSender<Update>,
+    sampled: watch::Sender<Vec<SampleTarget>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let proc = ProcFs::default();
@@ -164,6 +174,23 @@ pub async fn discover(
         registry
             .targets
             .set(i64::try_from(current.len()).unwrap_or(i64::MAX));
+        // The samplers label system/GPU families per target hostname and need the whole current set,
+        // not a stream of changes: a watch holds the latest set and wakes them only when it changed.
+        // `hostnames` caches by UTS namespace, so this costs a readlink per target.
+        let now: Vec<SampleTarget> = current
+            .keys()
+            .map(|&pid| SampleTarget {
+                pid,
+                hostname: hostnames.of(pid),
+            })
+            .collect();
+        sampled.send_if_modified(|prev| {
+            let changed = *prev != now;
+            if changed {
+                *prev = now;
+            }
+            changed
+        });
         for (reason, total) in probes.losses() {
             let prev = lost_exported.insert(reason, total).unwrap_or(0);
             if total > prev {

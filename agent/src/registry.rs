@@ -4,9 +4,11 @@
 //! the exposition encoder prints them from this catalogue. servescope's own families use the
 //! `servescope_` prefix.
 
+use std::collections::{BTreeMap, HashSet};
+
 use prometheus::{
-    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, core::Collector,
+    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, core::Collector,
 };
 
 use crate::{
@@ -225,6 +227,13 @@ pub struct Registry {
     pub unmatched_responses: IntCounter,
     pub targets: IntGauge,
     pub build_info: IntGaugeVec,
+    // Request-log sinks (sink/), labelled by `sink`: request_log, syslog, latency_csv.
+    pub log_written: IntCounterVec,
+    pub log_dropped: IntCounterVec,
+    pub log_errors: IntCounterVec,
+    // Sampler families (sampler/): replaced whole by each sample, see `set_system` / `set_gpu`.
+    system: SystemGauges,
+    gpu: GpuGauges,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -292,6 +301,30 @@ impl Registry {
                 Opts::new("servescope_build_info", "servescope version; always 1."),
                 &["version"],
             )),
+            log_written: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_log_written_total",
+                    "Request records written by each request-log sink.",
+                ),
+                &["sink"],
+            )),
+            log_dropped: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_log_dropped_total",
+                    "Request records a request-log sink lost: its queue was full, or the write failed \
+                     (disk full, syslog server gone at shutdown).",
+                ),
+                &["sink"],
+            )),
+            log_errors: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_log_errors_total",
+                    "Failed writes, opens, rotations and connects of each request-log sink.",
+                ),
+                &["sink"],
+            )),
+            system: SystemGauges::new(),
+            gpu: GpuGauges::new(),
             registry,
         };
         r.build_info
@@ -317,6 +350,12 @@ impl Registry {
         ];
         for c in collectors {
             must(r.registry.register(c));
+        }
+        for g in r.system.all().into_iter().chain(r.gpu.all()) {
+            must(r.registry.register(Box::new(g.vec.clone())));
+        }
+        for c in [&r.log_written, &r.log_dropped, &r.log_errors] {
+            must(r.registry.register(Box::new(c.clone())));
         }
         r
     }
@@ -379,6 +418,249 @@ impl Registry {
             self.request_duration
                 .with_label_values(&[model.as_str(), version.as_str(), class, hostname])
                 .observe(us / 1e6);
+        }
+    }
+}
+
+/// One hostname's values for TorchServe's system families (FACTS.md §2; meaning in `sampler::procfs`).
+/// `None` leaves that family without a sample for the hostname.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SystemValues {
+    /// CPUUtilization, percent.
+    pub cpu_utilization: Option<f64>,
+    /// MemoryUsed, MiB.
+    pub memory_used: Option<f64>,
+    /// MemoryAvailable, MiB.
+    pub memory_available: Option<f64>,
+    /// MemoryUtilization, percent.
+    pub memory_utilization: Option<f64>,
+    /// DiskUsage, GiB.
+    pub disk_usage: Option<f64>,
+    /// DiskAvailable, GiB.
+    pub disk_available: Option<f64>,
+    /// DiskUtilization, percent.
+    pub disk_utilization: Option<f64>,
+}
+
+/// One GPU's values: TorchServe's GPU families (meaning in `sampler::nvml`) and servescope's own.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuValues {
+    /// NVML index, TorchServe's `DeviceId`.
+    pub device_id: u32,
+    /// GPUUtilization, percent.
+    pub utilization: Option<f64>,
+    /// GPUMemoryUtilization, percent of memory allocated.
+    pub memory_utilization: Option<f64>,
+    /// GPUMemoryUsed, whole MiB.
+    pub memory_used_mb: Option<f64>,
+    pub memory_used_bytes: Option<f64>,
+    pub memory_total_bytes: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+}
+
+/// A gauge family whose whole sample set a sampler replaces at once, so series of hostnames or
+/// devices that went away disappear instead of keeping their last value.
+#[derive(Clone)]
+struct SampledGauge {
+    vec: GaugeVec,
+    /// Label names in the order `with_label_values` takes them.
+    labels: &'static [&'static str],
+}
+
+impl SampledGauge {
+    /// A TorchServe family from the catalogue.
+    fn torchserve(name: &str) -> Self {
+        let spec =
+            torchserve_family(name).unwrap_or_else(|| unreachable!("{name} is in the catalogue"));
+        SampledGauge {
+            vec: must(GaugeVec::new(
+                Opts::new(spec.name, spec.help()),
+                spec.labels,
+            )),
+            labels: spec.labels,
+        }
+    }
+
+    fn own(name: &str, help: &str, labels: &'static [&'static str]) -> Self {
+        SampledGauge {
+            vec: must(GaugeVec::new(Opts::new(name, help), labels)),
+            labels,
+        }
+    }
+
+    /// Sets every series of `series` (label values in `labels` order) and removes all others.
+    fn replace(&self, series: &[(Vec<String>, f64)]) {
+        for (values, v) in series {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            self.vec.with_label_values(&values).set(*v);
+        }
+        let keep: HashSet<&[String]> = series.iter().map(|(l, _)| l.as_slice()).collect();
+        for family in self.vec.collect() {
+            for metric in family.get_metric() {
+                // The prometheus crate keeps label pairs sorted by name; put them back in our order.
+                let values: Vec<String> = self
+                    .labels
+                    .iter()
+                    .map(|name| {
+                        metric
+                            .get_label()
+                            .iter()
+                            .find(|l| l.name() == *name)
+                            .map_or_else(String::new, |l| l.value().to_owned())
+                    })
+                    .collect();
+                if !keep.contains(values.as_slice()) {
+                    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                    // Only fails for a series that is already gone.
+                    let _ = self.vec.remove_label_values(&values);
+                }
+            }
+        }
+    }
+}
+
+/// Reads one family's value out of a [`SystemValues`].
+type SystemField = fn(&SystemValues) -> Option<f64>;
+
+#[derive(Clone)]
+struct SystemGauges {
+    cpu_utilization: SampledGauge,
+    memory_used: SampledGauge,
+    memory_available: SampledGauge,
+    memory_utilization: SampledGauge,
+    disk_usage: SampledGauge,
+    disk_available: SampledGauge,
+    disk_utilization: SampledGauge,
+}
+
+impl SystemGauges {
+    fn new() -> Self {
+        SystemGauges {
+            cpu_utilization: SampledGauge::torchserve("CPUUtilization"),
+            memory_used: SampledGauge::torchserve("MemoryUsed"),
+            memory_available: SampledGauge::torchserve("MemoryAvailable"),
+            memory_utilization: SampledGauge::torchserve("MemoryUtilization"),
+            disk_usage: SampledGauge::torchserve("DiskUsage"),
+            disk_available: SampledGauge::torchserve("DiskAvailable"),
+            disk_utilization: SampledGauge::torchserve("DiskUtilization"),
+        }
+    }
+
+    fn all(&self) -> Vec<&SampledGauge> {
+        self.fields().into_iter().map(|(g, _)| g).collect()
+    }
+
+    /// Each family with the accessor of its value.
+    fn fields(&self) -> [(&SampledGauge, SystemField); 7] {
+        [
+            (&self.cpu_utilization, |v| v.cpu_utilization),
+            (&self.memory_used, |v| v.memory_used),
+            (&self.memory_available, |v| v.memory_available),
+            (&self.memory_utilization, |v| v.memory_utilization),
+            (&self.disk_usage, |v| v.disk_usage),
+            (&self.disk_available, |v| v.disk_available),
+            (&self.disk_utilization, |v| v.disk_utilization),
+        ]
+    }
+}
+
+/// Reads one family's value out of a [`GpuValues`].
+type GpuField = fn(&GpuValues) -> Option<f64>;
+
+/// Labels of servescope's own GPU families.
+const OWN_GPU: &[&str] = &["device_id", "hostname"];
+
+#[derive(Clone)]
+struct GpuGauges {
+    utilization: SampledGauge,
+    memory_utilization: SampledGauge,
+    memory_used: SampledGauge,
+    memory_used_bytes: SampledGauge,
+    memory_total_bytes: SampledGauge,
+    temperature: SampledGauge,
+    power: SampledGauge,
+}
+
+impl GpuGauges {
+    fn new() -> Self {
+        GpuGauges {
+            utilization: SampledGauge::torchserve("GPUUtilization"),
+            memory_utilization: SampledGauge::torchserve("GPUMemoryUtilization"),
+            memory_used: SampledGauge::torchserve("GPUMemoryUsed"),
+            memory_used_bytes: SampledGauge::own(
+                "servescope_gpu_memory_used_bytes",
+                "GPU memory allocated on the device (NVML), in bytes.",
+                OWN_GPU,
+            ),
+            memory_total_bytes: SampledGauge::own(
+                "servescope_gpu_memory_total_bytes",
+                "GPU memory installed on the device (NVML), in bytes.",
+                OWN_GPU,
+            ),
+            temperature: SampledGauge::own(
+                "servescope_gpu_temperature_celsius",
+                "GPU die temperature (NVML), in degrees Celsius.",
+                OWN_GPU,
+            ),
+            power: SampledGauge::own(
+                "servescope_gpu_power_watts",
+                "Power drawn by the GPU and its memory (NVML), in watts.",
+                OWN_GPU,
+            ),
+        }
+    }
+
+    fn all(&self) -> Vec<&SampledGauge> {
+        self.fields().into_iter().map(|(g, _, _)| g).collect()
+    }
+
+    /// Each family, whether it uses TorchServe's labels, and the accessor of its value.
+    fn fields(&self) -> [(&SampledGauge, bool, GpuField); 7] {
+        [
+            (&self.utilization, true, |v| v.utilization),
+            (&self.memory_utilization, true, |v| v.memory_utilization),
+            (&self.memory_used, true, |v| v.memory_used_mb),
+            (&self.memory_used_bytes, false, |v| v.memory_used_bytes),
+            (&self.memory_total_bytes, false, |v| v.memory_total_bytes),
+            (&self.temperature, false, |v| v.temperature_celsius),
+            (&self.power, false, |v| v.power_watts),
+        ]
+    }
+}
+
+impl Registry {
+    /// Replaces the samples of TorchServe's system families: one series per hostname of `by_host`
+    /// (`Level="Host"`), none for hostnames not in it.
+    pub fn set_system(&self, by_host: &BTreeMap<String, SystemValues>) {
+        for (gauge, value) in self.system.fields() {
+            let series: Vec<(Vec<String>, f64)> = by_host
+                .iter()
+                .filter_map(|(host, v)| Some((vec!["Host".to_owned(), host.clone()], value(v)?)))
+                .collect();
+            gauge.replace(&series);
+        }
+    }
+
+    /// Replaces the samples of the GPU families: every device of `devices` for every hostname of
+    /// `hostnames` (the devices are the node's; each traced server's hostname gets them, as
+    /// TorchServe's own collector on that host would print them).
+    pub fn set_gpu(&self, hostnames: &[String], devices: &[GpuValues]) {
+        for (gauge, torchserve, value) in self.gpu.fields() {
+            let mut series = Vec::new();
+            for host in hostnames {
+                for d in devices {
+                    let Some(v) = value(d) else { continue };
+                    let id = d.device_id.to_string();
+                    let labels = if torchserve {
+                        vec!["Host".to_owned(), id, host.clone()]
+                    } else {
+                        vec![id, host.clone()]
+                    };
+                    series.push((labels, v));
+                }
+            }
+            gauge.replace(&series);
         }
     }
 }

@@ -1,0 +1,513 @@
+//! `servescope doctor`: checks everything the agent needs from the machine and says plainly what is
+//! wrong and how to fix it, then does a dry run: loads and attaches every program and lists the
+//! TorchServe instances it would trace.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+use crate::discovery::{Hostnames, ProcFs, Selection};
+
+/// Outcome of one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    /// Works, but something is worth knowing (e.g. a fallback will be used).
+    Warn,
+    /// The agent cannot run (or cannot do part of its job) until this is fixed.
+    Fail,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to do about it, when not Ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+        Check {
+            name,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            name,
+            status: Status::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            name,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// A TorchServe frontend the agent would trace.
+#[derive(Clone, Debug, Serialize)]
+pub struct Instance {
+    pub pid: u32,
+    pub hostname: String,
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    pub torchserve: Vec<Instance>,
+}
+
+impl Report {
+    /// Exit code: 0 when nothing failed, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        u8::from(self.checks.iter().any(|c| c.status == Status::Fail))
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        for c in &self.checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            let _ = writeln!(s, "[{tag}] {:<14} {}", c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                let _ = writeln!(s, "       {:<14} fix: {fix}", "");
+            }
+        }
+        if self.torchserve.is_empty() {
+            let _ = writeln!(
+                s,
+                "TorchServe instances: none running now (they are picked up when they start)"
+            );
+        } else {
+            let _ = writeln!(s, "TorchServe instances:");
+            for i in &self.torchserve {
+                let ports: Vec<String> = i.ports.iter().map(u16::to_string).collect();
+                let _ = writeln!(
+                    s,
+                    "  pid {:<8} hostname {:<24} listening on {}",
+                    i.pid,
+                    i.hostname,
+                    if ports.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        ports.join(", ")
+                    }
+                );
+            }
+        }
+        let verdict = if self.exit_code() == 0 {
+            "servescope can run here."
+        } else {
+            "servescope cannot run here until the FAIL lines are fixed."
+        };
+        let _ = writeln!(s, "{verdict}");
+        s
+    }
+}
+
+/// Where the checks look; tests point these at fixture trees.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub osrelease: PathBuf,
+    pub btf: PathBuf,
+    pub tracefs: Vec<PathBuf>,
+    pub bpffs: PathBuf,
+    pub mounts: PathBuf,
+    pub lockdown: PathBuf,
+    pub self_status: PathBuf,
+    pub proc: PathBuf,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Env {
+            osrelease: "/proc/sys/kernel/osrelease".into(),
+            btf: "/sys/kernel/btf/vmlinux".into(),
+            tracefs: vec![
+                "/sys/kernel/tracing".into(),
+                "/sys/kernel/debug/tracing".into(),
+            ],
+            bpffs: "/sys/fs/bpf".into(),
+            mounts: "/proc/self/mounts".into(),
+            lockdown: "/sys/kernel/security/lockdown".into(),
+            self_status: "/proc/self/status".into(),
+            proc: "/proc".into(),
+        }
+    }
+}
+
+/// Capabilities the agent uses, by bit number (linux/capability.h).
+const CAPS: [(u32, &str, &str); 4] = [
+    (39, "CAP_BPF", "load programs and create maps"),
+    (
+        38,
+        "CAP_PERFMON",
+        "attach tracepoints and read kernel memory from programs",
+    ),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        "read other processes' /proc entries (fds, sockets)",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "read the hostname of TorchServe in other UTS namespaces (pods)",
+    ),
+];
+
+/// Runs every static check; `dry_run` loads and attaches the programs (the real thing, needs
+/// privileges).
+pub fn run(env: &Env, dry_run: impl FnOnce() -> anyhow::Result<()>) -> Report {
+    let mut checks = vec![
+        kernel_version(env),
+        btf(env),
+        tracefs(env),
+        bpffs(env),
+        capabilities(env),
+        lockdown(env),
+    ];
+    // Loading needs BTF and tracefs; without them the dry run would only repeat those failures.
+    let prereqs_ok = checks
+        .iter()
+        .all(|c| c.status != Status::Fail || c.name == "capabilities");
+    checks.push(if prereqs_ok {
+        match dry_run() {
+            Ok(()) => Check::ok(
+                "load+attach",
+                "every program loaded, passed the verifier and attached; ring buffer created",
+            ),
+            Err(e) => Check::fail(
+                "load+attach",
+                format!("{e:#}"),
+                "run as root (or with the capabilities above); see the checks above",
+            ),
+        }
+    } else {
+        Check::fail(
+            "load+attach",
+            "skipped: fix the failures above first",
+            "see the checks above",
+        )
+    });
+    Report {
+        checks,
+        torchserve: instances(&env.proc),
+    }
+}
+
+fn kernel_version(env: &Env) -> Check {
+    const NAME: &str = "kernel";
+    let Ok(release) = fs::read_to_string(&env.osrelease) else {
+        return Check::warn(
+            NAME,
+            "cannot read the kernel release",
+            "check that /proc is mounted",
+        );
+    };
+    let release = release.trim();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) >= (5, 8) {
+        Check::ok(
+            NAME,
+            format!("Linux {release} (5.8+ has BPF ring buffers and CAP_BPF)"),
+        )
+    } else {
+        Check::fail(
+            NAME,
+            format!("Linux {release} is older than 5.8"),
+            "servescope needs Linux 5.8 or newer (BPF ring buffer)",
+        )
+    }
+}
+
+fn btf(env: &Env) -> Check {
+    const NAME: &str = "btf";
+    if env.btf.exists() {
+        Check::ok(
+            NAME,
+            format!("{} present (CO-RE relocations)", env.btf.display()),
+        )
+    } else {
+        Check::fail(
+            NAME,
+            format!("{} is missing", env.btf.display()),
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (standard on current distributions)",
+        )
+    }
+}
+
+fn tracefs(env: &Env) -> Check {
+    const NAME: &str = "tracefs";
+    match env
+        .tracefs
+        .iter()
+        .find(|t| t.join("events/syscalls").is_dir())
+    {
+        Some(t) => Check::ok(
+            NAME,
+            format!(
+                "syscall tracepoints at {}",
+                t.join("events/syscalls").display()
+            ),
+        ),
+        None => {
+            let first = env
+                .tracefs
+                .first()
+                .map_or_else(|| "/sys/kernel/tracing".into(), |p| p.display().to_string());
+            Check::fail(
+                NAME,
+                "tracefs is not mounted: syscall tracepoints cannot be attached",
+                format!(
+                    "mount -t tracefs tracefs {first}  (in Kubernetes, mount the host's /sys/kernel/tracing)"
+                ),
+            )
+        }
+    }
+}
+
+fn bpffs(env: &Env) -> Check {
+    const NAME: &str = "bpffs";
+    let mounts = fs::read_to_string(&env.mounts).unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&env.bpffs.to_string_lossy().as_ref()) && f.get(2) == Some(&"bpf")
+    });
+    if mounted {
+        Check::ok(NAME, format!("mounted at {}", env.bpffs.display()))
+    } else {
+        Check::warn(
+            NAME,
+            format!(
+                "not mounted at {} (not needed today: nothing is pinned)",
+                env.bpffs.display()
+            ),
+            format!("mount -t bpf bpf {}", env.bpffs.display()),
+        )
+    }
+}
+
+fn capabilities(env: &Env) -> Check {
+    const NAME: &str = "capabilities";
+    let status = fs::read_to_string(&env.self_status).unwrap_or_default();
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return Check::warn(
+            NAME,
+            "cannot read CapEff from /proc/self/status",
+            "run as root",
+        );
+    };
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    // CAP_SYS_ADMIN implies what CAP_BPF and CAP_PERFMON grant (kernels before 5.8 only know it).
+    let missing: Vec<String> = CAPS
+        .iter()
+        .filter(|(bit, name, _)| !(has(*bit) || (*name != "CAP_SYS_PTRACE" && has(21))))
+        .map(|(_, name, why)| format!("{name} ({why})"))
+        .collect();
+    if missing.is_empty() {
+        Check::ok(
+            NAME,
+            "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and CAP_SYS_ADMIN effective",
+        )
+    } else if missing.iter().all(|m| m.starts_with("CAP_SYS_ADMIN")) {
+        Check::warn(
+            NAME,
+            format!("missing {}", missing.join(", ")),
+            "grant CAP_SYS_ADMIN to label TorchServe in other pods with their own hostnames; otherwise the agent's hostname is used",
+        )
+    } else {
+        Check::fail(
+            NAME,
+            format!("missing {}", missing.join(", ")),
+            "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (e.g. setcap or the DaemonSet's securityContext)",
+        )
+    }
+}
+
+fn lockdown(env: &Env) -> Check {
+    const NAME: &str = "lockdown";
+    let Ok(text) = fs::read_to_string(&env.lockdown) else {
+        return Check::ok(NAME, "no lockdown LSM");
+    };
+    // Format: "none [integrity] confidentiality": the bracketed mode is active.
+    let active = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+        .unwrap_or("none");
+    match active {
+        "confidentiality" => Check::fail(
+            NAME,
+            "kernel lockdown is in confidentiality mode: BPF programs cannot read kernel or user memory",
+            "boot with lockdown=integrity or none (or disable Secure Boot's lockdown) on hosts that run servescope",
+        ),
+        mode => Check::ok(NAME, format!("lockdown mode {mode}")),
+    }
+}
+
+/// Running TorchServe frontends with their listening ports and hostnames.
+fn instances(proc: &Path) -> Vec<Instance> {
+    let procfs = ProcFs::new(proc);
+    let found = procfs.scan(&Selection {
+        torchserve: true,
+        ..Selection::default()
+    });
+    let mut hostnames = Hostnames::default();
+    found
+        .keys()
+        .map(|&pid| Instance {
+            pid,
+            hostname: hostnames.of(pid),
+            ports: procfs.listening_ports(pid),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fixture machine: everything present and fine unless a test breaks it.
+    fn good_env(root: &Path) -> Env {
+        let w = |p: &str, body: &str| {
+            let path = root.join(p);
+            fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
+            fs::write(&path, body).expect("write");
+            path
+        };
+        let tracing = root.join("tracing");
+        fs::create_dir_all(tracing.join("events/syscalls")).expect("mkdir");
+        Env {
+            osrelease: w("osrelease", "6.18.44-generic\n"),
+            btf: w("btf/vmlinux", "btf"),
+            tracefs: vec![tracing],
+            bpffs: "/sys/fs/bpf".into(),
+            mounts: w("mounts", "bpf /sys/fs/bpf bpf rw 0 0\n"),
+            lockdown: w("lockdown", "[none] integrity confidentiality\n"),
+            self_status: w("status", "Name:\tservescope\nCapEff:\t000001ffffffffff\n"),
+            proc: root.join("proc"),
+        }
+    }
+
+    fn check<'a>(r: &'a Report, name: &str) -> &'a Check {
+        r.checks
+            .iter()
+            .find(|c| c.name == name)
+            .expect("check present")
+    }
+
+    #[test]
+    fn all_good() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = run(&good_env(d.path()), || Ok(()));
+        assert_eq!(r.exit_code(), 0, "{}", r.to_text());
+        assert!(
+            r.checks.iter().all(|c| c.status == Status::Ok),
+            "{}",
+            r.to_text()
+        );
+        assert!(r.to_text().contains("servescope can run here"));
+    }
+
+    #[test]
+    fn missing_tracefs_offers_the_mount_command() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut env = good_env(d.path());
+        env.tracefs = vec![d.path().join("not-mounted")];
+        let mut dry_run_called = false;
+        let r = run(&env, || {
+            dry_run_called = true;
+            Ok(())
+        });
+        assert_eq!(r.exit_code(), 1);
+        let c = check(&r, "tracefs");
+        assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.starts_with("mount -t tracefs tracefs"))
+        );
+        assert!(!dry_run_called, "no dry run without tracefs");
+    }
+
+    #[test]
+    fn missing_btf_old_kernel_lockdown_and_caps_fail() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut env = good_env(d.path());
+        env.btf = d.path().join("nope");
+        fs::write(&env.osrelease, "4.19.0-old\n").expect("write");
+        fs::write(&env.lockdown, "none integrity [confidentiality]\n").expect("write");
+        fs::write(&env.self_status, "CapEff:\t0000000000000000\n").expect("write");
+        let r = run(&env, || Ok(()));
+        for name in ["btf", "kernel", "lockdown", "capabilities", "load+attach"] {
+            assert_eq!(
+                check(&r, name).status,
+                Status::Fail,
+                "{name}: {}",
+                r.to_text()
+            );
+        }
+        assert!(check(&r, "capabilities").detail.contains("CAP_BPF"));
+    }
+
+    #[test]
+    fn dry_run_failure_is_reported_with_its_cause() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = run(&good_env(d.path()), || {
+            anyhow::bail!("the kernel rejected program `ss_exit_read`")
+        });
+        let c = check(&r, "load+attach");
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("ss_exit_read"));
+        assert_eq!(r.exit_code(), 1);
+    }
+
+    #[test]
+    fn without_sys_admin_only_warns() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let env = good_env(d.path());
+        // CAP_BPF (39), CAP_PERFMON (38), CAP_SYS_PTRACE (19) only.
+        let caps: u64 = (1 << 39) | (1 << 38) | (1 << 19);
+        fs::write(&env.self_status, format!("CapEff:\t{caps:016x}\n")).expect("write");
+        let r = run(&env, || Ok(()));
+        assert_eq!(check(&r, "capabilities").status, Status::Warn);
+        assert_eq!(r.exit_code(), 0);
+    }
+
+    #[test]
+    fn json_report_is_machine_readable() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = run(&good_env(d.path()), || Ok(()));
+        let v: serde_json::Value = serde_json::to_value(&r).expect("serialises");
+        assert_eq!(v["checks"][0]["status"], "ok");
+        assert!(v["torchserve"].is_array());
+    }
+}

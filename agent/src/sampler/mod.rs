@@ -1,0 +1,687 @@
+//! Userspace samplers (DESIGN.md §9): TorchServe's system families from procfs and statvfs
+//! ([`procfs`]) and its GPU families from NVML ([`nvml`]), written into the [`Registry`] every sample
+//! interval, so a scrape always reads the last sample.
+//!
+//! TorchServe labels these families with its own hostname; one servescope serves many TorchServes
+//! (pods), so each sample has one series per distinct hostname among the current targets, and none
+//! while nothing is traced. Both samplers do their blocking work (file reads, statvfs of a possibly
+//! remote model store, NVML calls) on the blocking pool, never on the threads that answer scrapes.
+
+pub mod nvml;
+pub mod procfs;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::{sync::watch, time::Instant};
+
+use self::{
+    nvml::{GpuError, GpuReading, GpuSource},
+    procfs::{CpuTimes, DiskStats, ProcRoot},
+};
+use crate::registry::{GpuValues, Registry, SystemValues};
+
+/// A traced process as the samplers need it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SampleTarget {
+    pub pid: u32,
+    /// The hostname TorchServe prints (its UTS namespace's), the `Hostname` label.
+    pub hostname: String,
+}
+
+/// The current targets, published by the discovery loop (`pipeline::discover`) whenever they change.
+pub type TargetsRx = watch::Receiver<Vec<SampleTarget>>;
+
+/// Delay of the first CPU figure after start: long enough for a meaningful delta, short enough that
+/// CPUUtilization does not stay empty for a whole interval.
+const FIRST_CPU_DELTA: Duration = Duration::from_secs(1);
+
+/// Logs a failing reading once when it starts failing and once when it recovers, never per sample.
+#[derive(Debug, Default)]
+struct Complaints {
+    failing: BTreeSet<&'static str>,
+}
+
+impl Complaints {
+    fn check<T>(&mut self, what: &'static str, r: anyhow::Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => {
+                if self.failing.remove(what) {
+                    tracing::info!(what, "system metric readable again");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                if self.failing.insert(what) {
+                    tracing::warn!(
+                        what,
+                        error = format!("{e:#}"),
+                        "system metric not readable; its family stays empty until it is"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// TorchServe's system families for the current targets.
+#[derive(Debug)]
+pub struct SystemSampler {
+    proc: ProcRoot,
+    prev_cpu: Option<CpuTimes>,
+    cpu: Option<f64>,
+    complaints: Complaints,
+}
+
+impl SystemSampler {
+    pub fn new(proc: ProcRoot) -> Self {
+        SystemSampler {
+            proc,
+            prev_cpu: None,
+            cpu: None,
+            complaints: Complaints::default(),
+        }
+    }
+
+    /// Takes a CPU reading; CPUUtilization becomes the busy share since the previous one (none after
+    /// the first).
+    pub fn measure_cpu(&mut self) {
+        let now = self.complaints.check("cpu", self.proc.cpu_times());
+        self.cpu = match (&self.prev_cpu, &now) {
+            (Some(before), Some(after)) => Some(procfs::cpu_percent(before, after)),
+            _ => None,
+        };
+        self.prev_cpu = now;
+    }
+
+    /// The values for every hostname among `targets`: the last CPU figure, memory now, and the disk
+    /// of that hostname's model store (of its lowest PID when several servers share a hostname).
+    pub fn values(&mut self, targets: &[SampleTarget]) -> BTreeMap<String, SystemValues> {
+        if targets.is_empty() {
+            return BTreeMap::new();
+        }
+        let memory = self.complaints.check("memory", self.proc.memory());
+        let mut out = BTreeMap::new();
+        for (hostname, pid) in first_pid_by_hostname(targets) {
+            let disk = self.disk_of(pid);
+            out.insert(
+                hostname,
+                SystemValues {
+                    cpu_utilization: self.cpu,
+                    memory_used: memory.map(|m| m.used_mb()),
+                    memory_available: memory.map(|m| m.available_mb()),
+                    memory_utilization: memory.map(|m| m.utilization()),
+                    disk_usage: disk.map(|d| d.usage_gb()),
+                    disk_available: disk.map(|d| d.available_gb()),
+                    disk_utilization: disk.map(|d| d.utilization()),
+                },
+            );
+        }
+        out
+    }
+
+    /// statvfs of `pid`'s model store; its root when the store is not reachable (deleted, or an
+    /// unreadable mount); the agent's `/` when the process is gone.
+    fn disk_of(&mut self, pid: u32) -> Option<DiskStats> {
+        let store = self.proc.disk_path(pid);
+        let r = DiskStats::of(&store).or_else(|e| {
+            tracing::debug!(
+                pid,
+                error = format!("{e:#}"),
+                "model store not measurable; using the process's root"
+            );
+            DiskStats::of(&self.proc.root_of(pid))
+        });
+        let r = r.or_else(|_| DiskStats::of(std::path::Path::new("/")));
+        self.complaints.check("disk", r)
+    }
+}
+
+/// The lowest PID of each hostname.
+fn first_pid_by_hostname(targets: &[SampleTarget]) -> BTreeMap<String, u32> {
+    let mut out: BTreeMap<String, u32> = BTreeMap::new();
+    for t in targets {
+        out.entry(t.hostname.clone())
+            .and_modify(|p| *p = (*p).min(t.pid))
+            .or_insert(t.pid);
+    }
+    out
+}
+
+fn hostnames(targets: &[SampleTarget]) -> Vec<String> {
+    let set: BTreeSet<&str> = targets.iter().map(|t| t.hostname.as_str()).collect();
+    set.into_iter().map(str::to_owned).collect()
+}
+
+/// Why a sampler loop resumes.
+enum Wake {
+    Tick,
+    TargetsChanged,
+    Shutdown,
+}
+
+/// Waits for the next tick, a change of the target set (so new targets get their series at once),
+/// or shutdown.
+async fn next(
+    tick: &mut tokio::time::Interval,
+    targets: &mut TargetsRx,
+    watching: &mut bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Wake {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return Wake::Shutdown,
+            _ = tick.tick() => return Wake::Tick,
+            r = targets.changed(), if *watching => {
+                if r.is_ok() {
+                    return Wake::TargetsChanged;
+                }
+                // Discovery ended (the agent is stopping): keep the last set.
+                *watching = false;
+            }
+        }
+    }
+}
+
+/// Runs `job` on the blocking pool unless shutdown comes first (`None`).
+async fn blocking<T: Send + 'static>(
+    shutdown: &mut watch::Receiver<bool>,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<Option<T>> {
+    tokio::select! {
+        _ = shutdown.changed() => Ok(None),
+        r = tokio::task::spawn_blocking(job) => Ok(Some(r.context("sampler task crashed")?)),
+    }
+}
+
+fn interval_after_first_delta(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(Instant::now() + FIRST_CPU_DELTA.min(every), every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// The system sampler over the host's `/proc`, until `shutdown` flips.
+pub async fn run_system(
+    every: Duration,
+    registry: Registry,
+    targets: TargetsRx,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    run_system_on(ProcRoot::default(), every, registry, targets, shutdown).await
+}
+
+/// The system sampler over the procfs tree `proc`: samples at once (memory and disk; CPU needs two
+/// readings), after [`FIRST_CPU_DELTA`], then every `every`; and when the targets change, without a
+/// new CPU reading so CPUUtilization always spans a whole interval.
+pub async fn run_system_on(
+    proc: ProcRoot,
+    every: Duration,
+    registry: Registry,
+    mut targets: TargetsRx,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut sampler = SystemSampler::new(proc);
+    let mut tick = interval_after_first_delta(every);
+    let mut watching = true;
+    let mut measure_cpu = true;
+    loop {
+        let current = targets.borrow_and_update().clone();
+        let Some((s, values)) = blocking(&mut shutdown, move || {
+            if measure_cpu {
+                sampler.measure_cpu();
+            }
+            let values = sampler.values(&current);
+            (sampler, values)
+        })
+        .await?
+        else {
+            return Ok(());
+        };
+        sampler = s;
+        registry.set_system(&values);
+        measure_cpu = match next(&mut tick, &mut targets, &mut watching, &mut shutdown).await {
+            Wake::Tick => true,
+            Wake::TargetsChanged => false,
+            Wake::Shutdown => return Ok(()),
+        };
+    }
+}
+
+/// The GPU sampler: opens its source with `open` (NVML in the agent: [`nvml::open_nvml`]), then
+/// samples every `every` and when the targets change, until `shutdown` flips.
+///
+/// Without a source (no NVIDIA library or driver) it logs that once and idles: the GPU families print
+/// HELP/TYPE only, as TorchServe's do on a host without GPU. A source that fails later is logged when
+/// it starts and stops failing; its families are empty meanwhile.
+pub async fn run_gpu<F>(
+    open: F,
+    every: Duration,
+    registry: Registry,
+    mut targets: TargetsRx,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()>
+where
+    F: FnOnce() -> Result<Box<dyn GpuSource>, GpuError> + Send + 'static,
+{
+    let Some(opened) = blocking(&mut shutdown, open).await? else {
+        return Ok(());
+    };
+    let mut source = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!("GPU metrics off: {e}");
+            let _ = shutdown.changed().await;
+            return Ok(());
+        }
+    };
+    let mut tick = interval_after_first_delta(every);
+    let mut watching = true;
+    let mut announced = false;
+    let mut failing = false;
+    loop {
+        let current = targets.borrow_and_update().clone();
+        let Some((s, readings)) = blocking(&mut shutdown, move || {
+            let r = source.devices();
+            (source, r)
+        })
+        .await?
+        else {
+            return Ok(());
+        };
+        source = s;
+        match readings {
+            Ok(devices) => {
+                if !announced {
+                    announced = true;
+                    if devices.is_empty() {
+                        tracing::info!(
+                            "GPU metrics: NVML loaded but reports no GPU; GPU families stay empty"
+                        );
+                    } else {
+                        tracing::info!(devices = devices.len(), "GPU metrics from NVML");
+                    }
+                }
+                if failing {
+                    failing = false;
+                    tracing::info!("GPU readings available again");
+                }
+                let values: Vec<GpuValues> = devices.iter().map(GpuReading::values).collect();
+                registry.set_gpu(&hostnames(&current), &values);
+            }
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    tracing::warn!(error = %e, "GPU readings failed; GPU families empty until they work again");
+                }
+                registry.set_gpu(&[], &[]);
+            }
+        }
+        if let Wake::Shutdown = next(&mut tick, &mut targets, &mut watching, &mut shutdown).await {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use super::{nvml::FakeSource, *};
+    use crate::exposition::torchserve::{Filter, encode};
+
+    fn target(pid: u32, hostname: &str) -> SampleTarget {
+        SampleTarget {
+            pid,
+            hostname: hostname.to_owned(),
+        }
+    }
+
+    /// The lines of `family` (HELP, TYPE, samples) in the TorchServe exposition of `r`.
+    fn family_text(r: &Registry, family: &str) -> Vec<String> {
+        let text = encode(&r.gather(), &Filter::all());
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix("# HELP ")
+                    .or_else(|| l.strip_prefix("# TYPE "))
+                    .unwrap_or(l)
+                    .split([' ', '{'])
+                    .next()
+                    == Some(family)
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn samples(r: &Registry, family: &str) -> Vec<String> {
+        family_text(r, family)
+            .into_iter()
+            .filter(|l| !l.starts_with('#'))
+            .collect()
+    }
+
+    const MEMINFO: &str = "MemTotal:       24682416 kB\nMemFree:        21000000 kB\nMemAvailable:   24109556 kB\n\
+Buffers:            1024 kB\nCached:          2000000 kB\nSwapCached:            0 kB\nActive:          1000000 kB\n\
+Inactive:         900000 kB\nSwapTotal:             0 kB\nSwapFree:              0 kB\nDirty:                12 kB\n\
+Writeback:             0 kB\nMapped:           200000 kB\nShmem:              8000 kB\nSlab:             150000 kB\n\
+SReclaimable:     100000 kB\nCommitted_AS:    3000000 kB\nVmallocTotal:   34359738367 kB\nVmallocUsed:       40000 kB\n\
+VmallocChunk:          0 kB\n";
+
+    fn stat(user: u64, idle: u64) -> String {
+        format!("cpu  {user} 0 0 {idle} 0 0 0 0 0 0\nctxt 1\nbtime 1\nprocesses 1\n")
+    }
+
+    /// A fixture /proc with stat, meminfo and two TorchServe-less processes.
+    fn fixture() -> (tempfile::TempDir, ProcRoot) {
+        let d = tempfile::tempdir().expect("temp dir");
+        let p = d.path();
+        fs::write(p.join("stat"), stat(100, 900)).expect("write");
+        fs::write(p.join("meminfo"), MEMINFO).expect("write");
+        for pid in [10, 20] {
+            fs::create_dir_all(p.join(format!("{pid}/root"))).expect("mkdir");
+            fs::write(p.join(format!("{pid}/cmdline")), "python3\0").expect("write");
+        }
+        let root = ProcRoot::new(p);
+        (d, root)
+    }
+
+    #[test]
+    fn system_families_in_torchserve_format() {
+        let (d, proc) = fixture();
+        let mut s = SystemSampler::new(proc);
+        let r = Registry::new();
+
+        // Nothing traced: HELP/TYPE only, like TorchServe before its first collector run.
+        s.measure_cpu();
+        r.set_system(&s.values(&[]));
+        assert_eq!(
+            family_text(&r, "MemoryUsed"),
+            [
+                "# HELP MemoryUsed Torchserve prometheus gauge metric with unit: Megabytes",
+                "# TYPE MemoryUsed gauge"
+            ]
+        );
+
+        // 300 of 1000 ticks busy since the first reading.
+        fs::write(d.path().join("stat"), stat(400, 1600)).expect("write");
+        s.measure_cpu();
+        let targets = [target(20, "pod-b"), target(10, "vm"), target(11, "vm")];
+        r.set_system(&s.values(&targets));
+        assert_eq!(
+            samples(&r, "CPUUtilization"),
+            [
+                "CPUUtilization{Level=\"Host\",Hostname=\"pod-b\",} 30.0",
+                "CPUUtilization{Level=\"Host\",Hostname=\"vm\",} 30.0"
+            ]
+        );
+        // The golden capture's values for the same meminfo.
+        assert_eq!(
+            samples(&r, "MemoryUsed"),
+            [
+                "MemoryUsed{Level=\"Host\",Hostname=\"pod-b\",} 559.43359375",
+                "MemoryUsed{Level=\"Host\",Hostname=\"vm\",} 559.43359375"
+            ]
+        );
+        assert_eq!(
+            samples(&r, "MemoryAvailable")[1],
+            "MemoryAvailable{Level=\"Host\",Hostname=\"vm\",} 23544.48828125"
+        );
+        assert_eq!(
+            samples(&r, "MemoryUtilization")[1],
+            "MemoryUtilization{Level=\"Host\",Hostname=\"vm\",} 2.3"
+        );
+        // Disk: the fixture's process roots are on the temp dir's filesystem.
+        let expected = DiskStats::of(d.path()).expect("statvfs");
+        assert_eq!(
+            samples(&r, "DiskUtilization")[1],
+            format!(
+                "DiskUtilization{{Level=\"Host\",Hostname=\"vm\",}} {}",
+                crate::exposition::torchserve::java_double(expected.utilization())
+            )
+        );
+        for family in ["DiskUsage", "DiskAvailable"] {
+            assert_eq!(samples(&r, family).len(), 2, "{family}");
+        }
+
+        // pod-b's server exits: its series go; no target left: every family is empty again.
+        r.set_system(&s.values(&[target(10, "vm")]));
+        assert_eq!(samples(&r, "CPUUtilization").len(), 1);
+        assert!(samples(&r, "CPUUtilization")[0].contains("\"vm\""));
+        r.set_system(&s.values(&[]));
+        for family in [
+            "CPUUtilization",
+            "MemoryUsed",
+            "MemoryAvailable",
+            "MemoryUtilization",
+            "DiskUsage",
+            "DiskAvailable",
+            "DiskUtilization",
+        ] {
+            assert!(samples(&r, family).is_empty(), "{family}");
+            assert_eq!(family_text(&r, family).len(), 2, "{family} keeps HELP/TYPE");
+        }
+    }
+
+    #[test]
+    fn unreadable_proc_leaves_families_empty() {
+        let d = tempfile::tempdir().expect("temp dir");
+        let mut s = SystemSampler::new(ProcRoot::new(d.path()));
+        s.measure_cpu();
+        s.measure_cpu();
+        let values = s.values(&[target(1, "vm")]);
+        let v = &values["vm"];
+        assert_eq!(v.cpu_utilization, None);
+        assert_eq!(v.memory_used, None);
+        // The process is gone too: disk falls back to the agent's `/`, which always exists.
+        assert!(v.disk_usage.is_some());
+    }
+
+    fn gpu(index: u32, util: u32, used_mib: u64) -> GpuReading {
+        GpuReading {
+            index,
+            utilization_percent: Some(util),
+            memory_used_bytes: Some(used_mib * 1024 * 1024),
+            memory_total_bytes: Some(16_384 * 1024 * 1024),
+            temperature_celsius: Some(50 + index),
+            power_milliwatts: Some(70_500),
+        }
+    }
+
+    #[test]
+    fn gpu_families_from_a_fake_source() {
+        let r = Registry::new();
+        let devices: Vec<GpuValues> = [gpu(0, 35, 4096), gpu(1, 0, 0)]
+            .iter()
+            .map(GpuReading::values)
+            .collect();
+        r.set_gpu(&["vm".to_owned()], &devices);
+        assert_eq!(
+            family_text(&r, "GPUUtilization"),
+            [
+                "# HELP GPUUtilization Torchserve prometheus gauge metric with unit: Percent",
+                "# TYPE GPUUtilization gauge",
+                "GPUUtilization{Level=\"Host\",DeviceId=\"0\",Hostname=\"vm\",} 35.0",
+                "GPUUtilization{Level=\"Host\",DeviceId=\"1\",Hostname=\"vm\",} 0.0",
+            ]
+        );
+        assert_eq!(
+            samples(&r, "GPUMemoryUtilization"),
+            [
+                "GPUMemoryUtilization{Level=\"Host\",DeviceId=\"0\",Hostname=\"vm\",} 25.0",
+                "GPUMemoryUtilization{Level=\"Host\",DeviceId=\"1\",Hostname=\"vm\",} 0.0",
+            ]
+        );
+        assert_eq!(
+            family_text(&r, "GPUMemoryUsed"),
+            [
+                "# HELP GPUMemoryUsed Torchserve prometheus gauge metric with unit: Megabytes",
+                "# TYPE GPUMemoryUsed gauge",
+                "GPUMemoryUsed{Level=\"Host\",DeviceId=\"0\",Hostname=\"vm\",} 4096.0",
+                "GPUMemoryUsed{Level=\"Host\",DeviceId=\"1\",Hostname=\"vm\",} 0.0",
+            ]
+        );
+        // servescope's own GPU families, in standard Prometheus text.
+        let text = encode(&r.gather(), &Filter::all());
+        for line in [
+            "servescope_gpu_memory_used_bytes{device_id=\"0\",hostname=\"vm\"} 4294967296",
+            "servescope_gpu_memory_total_bytes{device_id=\"1\",hostname=\"vm\"} 17179869184",
+            "servescope_gpu_temperature_celsius{device_id=\"1\",hostname=\"vm\"} 51",
+            "servescope_gpu_power_watts{device_id=\"0\",hostname=\"vm\"} 70.5",
+            "# TYPE servescope_gpu_power_watts gauge",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+
+        // Two hostnames get every device; none gets nothing.
+        r.set_gpu(&["a".to_owned(), "b".to_owned()], &devices);
+        assert_eq!(samples(&r, "GPUUtilization").len(), 4);
+        r.set_gpu(&[], &devices);
+        assert!(samples(&r, "GPUUtilization").is_empty());
+        assert!(!encode(&r.gather(), &Filter::all()).contains("servescope_gpu_"));
+    }
+
+    async fn settle() {
+        // Lets spawned tasks and the blocking pool make progress under a paused clock.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn gpu_sampler_follows_targets_and_stops_on_shutdown() {
+        let r = Registry::new();
+        let (targets_tx, targets_rx) = watch::channel(Vec::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let source = FakeSource {
+            readings: Some(vec![gpu(0, 90, 1024)]),
+            calls: calls.clone(),
+        };
+        let task = tokio::spawn(run_gpu(
+            move || Ok(Box::new(source) as Box<dyn GpuSource>),
+            Duration::from_secs(3600),
+            r.clone(),
+            targets_rx,
+            stop_rx,
+        ));
+        settle().await;
+        assert!(calls.load(Ordering::SeqCst) >= 1);
+        assert!(samples(&r, "GPUUtilization").is_empty(), "no target yet");
+
+        // A target appears: its series come without waiting for the (hour-long) interval.
+        targets_tx.send_replace(vec![target(5, "pod-a")]);
+        settle().await;
+        assert_eq!(
+            samples(&r, "GPUUtilization"),
+            ["GPUUtilization{Level=\"Host\",DeviceId=\"0\",Hostname=\"pod-a\",} 90.0"]
+        );
+
+        stop_tx.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn failing_gpu_source_empties_families_without_ending() {
+        let r = Registry::new();
+        let (_targets_tx, targets_rx) = watch::channel(vec![target(5, "vm")]);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let source = FakeSource {
+            readings: None,
+            calls: calls.clone(),
+        };
+        let task = tokio::spawn(run_gpu(
+            move || Ok(Box::new(source) as Box<dyn GpuSource>),
+            Duration::from_millis(20),
+            r.clone(),
+            targets_rx,
+            stop_rx,
+        ));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            calls.load(Ordering::SeqCst) >= 3,
+            "keeps retrying each interval"
+        );
+        assert!(samples(&r, "GPUUtilization").is_empty());
+        assert!(!task.is_finished());
+        stop_tx.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    /// The agent's path on this machine (no NVIDIA driver): NVML does not open, GPU families keep
+    /// HELP/TYPE only, and the task idles until shutdown.
+    #[tokio::test]
+    async fn absent_nvml_leaves_gpu_families_empty_until_shutdown() {
+        if std::path::Path::new("/dev/nvidiactl").exists() {
+            return; // a GPU host: covered by nvml::tests::absent_library_is_an_error_value
+        }
+        let r = Registry::new();
+        let (_targets_tx, targets_rx) = watch::channel(vec![target(5, "vm")]);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_gpu(
+            nvml::open_nvml,
+            Duration::from_millis(10),
+            r.clone(),
+            targets_rx,
+            stop_rx,
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!task.is_finished(), "idles instead of ending");
+        for family in ["GPUUtilization", "GPUMemoryUtilization", "GPUMemoryUsed"] {
+            assert_eq!(family_text(&r, family).len(), 2, "{family}: HELP/TYPE only");
+        }
+        stop_tx.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn system_sampler_task_publishes_and_stops() {
+        let (d, proc) = fixture();
+        let r = Registry::new();
+        let (targets_tx, targets_rx) = watch::channel(Vec::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_system_on(
+            proc,
+            Duration::from_millis(300),
+            r.clone(),
+            targets_rx,
+            stop_rx,
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(samples(&r, "MemoryUsed").is_empty(), "no target yet");
+        targets_tx.send_replace(vec![target(10, "vm")]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Memory at once; CPU only after a full interval since the baseline.
+        assert_eq!(samples(&r, "MemoryUsed").len(), 1);
+        assert!(samples(&r, "CPUUtilization").is_empty());
+        fs::write(d.path().join("stat"), stat(600, 1400)).expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while samples(&r, "CPUUtilization").is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The first CPU figure spans baseline → first tick, which saw the rewritten stat.
+        assert_eq!(
+            samples(&r, "CPUUtilization"),
+            ["CPUUtilization{Level=\"Host\",Hostname=\"vm\",} 50.0"]
+        );
+        targets_tx.send_replace(Vec::new());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(samples(&r, "CPUUtilization").is_empty());
+        stop_tx.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+}
