@@ -13,7 +13,7 @@ use crate::{
     config::Config,
     discovery::{Hostnames, ProcFs, Selection, Target},
     events::Event,
-    http::ConnTable,
+    http::{ConnTable, ParseStats},
     probes::Probes,
     registry::{Flavor, Registry},
     sampler::SampleTarget,
@@ -50,7 +50,7 @@ pub async fn read_events(
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
     let mut table = ConnTable::new();
     let mut targets: HashMap<u32, TargetInfo> = HashMap::new();
-    let mut exported = (0u64, 0u64);
+    let mut exported = ParseStats::default();
     loop {
         tokio::select! {
             biased;
@@ -90,9 +90,10 @@ pub async fn read_events(
                 }
                 guard.clear_ready();
                 let s = table.stats;
-                registry.parse_errors.inc_by(s.parse_errors - exported.0);
-                registry.unmatched_responses.inc_by(s.unmatched_responses - exported.1);
-                exported = (s.parse_errors, s.unmatched_responses);
+                registry.parse_errors.inc_by(s.parse_errors - exported.parse_errors);
+                registry.unmatched_responses.inc_by(s.unmatched_responses - exported.unmatched_responses);
+                registry.dropped_requests.inc_by(s.dropped_requests - exported.dropped_requests);
+                exported = s;
             }
         }
     }

@@ -210,6 +210,10 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     60.0,
 ];
 
+/// Most distinct (model, version, hostname) label sets given per-model series. Far above any real
+/// deployment (hundreds of models per node), low enough that junk model names cannot exhaust memory.
+pub const MAX_MODEL_SERIES: usize = 2000;
+
 /// All families servescope serves. Cheap to clone (handles to shared metrics).
 #[derive(Clone)]
 pub struct Registry {
@@ -218,6 +222,11 @@ pub struct Registry {
     requests_4xx: CounterVec,
     requests_5xx: CounterVec,
     inference_requests: CounterVec,
+    /// (model, version, hostname) label sets that have series; bounded by `max_model_series`.
+    model_series:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, String, String)>>>,
+    max_model_series: usize,
+    pub model_series_overflow: IntCounter,
     inference_latency: CounterVec,
     // servescope's own families.
     request_duration: HistogramVec,
@@ -225,6 +234,7 @@ pub struct Registry {
     pub decode_errors: IntCounter,
     pub parse_errors: IntCounter,
     pub unmatched_responses: IntCounter,
+    pub dropped_requests: IntCounter,
     pub targets: IntGauge,
     pub build_info: IntGaugeVec,
     // Request-log sinks (sink/), labelled by `sink`: request_log, syslog, latency_csv.
@@ -267,6 +277,13 @@ impl Registry {
             requests_4xx: ts_counter("Requests4XX"),
             requests_5xx: ts_counter("Requests5XX"),
             inference_requests: ts_counter("ts_inference_requests_total"),
+            model_series: std::sync::Arc::default(),
+            max_model_series: MAX_MODEL_SERIES,
+            model_series_overflow: must(IntCounter::new(
+                "servescope_model_series_overflow_total",
+                "Inference requests not given a per-model series because MAX_MODEL_SERIES distinct \
+                 (model, version, hostname) label sets already exist (cardinality bound).",
+            )),
             inference_latency: ts_counter("ts_inference_latency_microseconds"),
             request_duration: must(HistogramVec::new(
                 HistogramOpts::new(
@@ -295,6 +312,11 @@ impl Registry {
             unmatched_responses: must(IntCounter::new(
                 "servescope_unmatched_responses_total",
                 "Responses written without a request the agent could pair them with.",
+            )),
+            dropped_requests: must(IntCounter::new(
+                "servescope_http_requests_dropped_total",
+                "Requests dropped unanswered because their connection already had too many waiting \
+                 (a client pipelining without reading replies).",
             )),
             targets: must(IntGauge::new("servescope_targets", "Processes being traced.")),
             build_info: must(IntGaugeVec::new(
@@ -334,17 +356,19 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 12] = [
+        let collectors: [Box<dyn Collector>; 14] = [
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
             Box::new(r.requests_5xx.clone()),
             Box::new(r.inference_requests.clone()),
+            Box::new(r.model_series_overflow.clone()),
             Box::new(r.inference_latency.clone()),
             Box::new(r.request_duration.clone()),
             Box::new(r.kernel_lost.clone()),
             Box::new(r.decode_errors.clone()),
             Box::new(r.parse_errors.clone()),
             Box::new(r.unmatched_responses.clone()),
+            Box::new(r.dropped_requests.clone()),
             Box::new(r.targets.clone()),
             Box::new(r.build_info.clone()),
         ];
@@ -363,6 +387,27 @@ impl Registry {
     /// The families with samples, as the `prometheus` crate gathers them.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.registry.gather()
+    }
+
+    /// Whether (model, version, hostname) may have series: known ones always; new ones while fewer than
+    /// [`MAX_MODEL_SERIES`] exist. Model names come from URLs, so a client spraying random names (which a
+    /// generic server answers, or TorchServe with a model API) must not grow the agent without bound;
+    /// what is turned away is counted in `servescope_model_series_overflow_total`.
+    fn admit_model_series(&self, model: &str, version: &str, hostname: &str) -> bool {
+        let mut seen = self
+            .model_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (model.to_owned(), version.to_owned(), hostname.to_owned());
+        if seen.contains(&key) {
+            return true;
+        }
+        if seen.len() >= self.max_model_series {
+            self.model_series_overflow.inc();
+            return false;
+        }
+        seen.insert(key);
+        true
     }
 
     /// Counts one exchange of a traced server with TorchServe's rules (FACTS.md §3).
@@ -396,6 +441,9 @@ impl Registry {
         // worker replies carry the handler's phrase or none.
         let frontend_error = is_standard_phrase(status, &ex.response.reason);
         if torchserve && frontend_error && matches!(status, 400 | 404 | 413) {
+            return;
+        }
+        if !self.admit_model_series(&model, &version, hostname) {
             return;
         }
         let labels = [model.as_str(), version.as_str(), hostname];
@@ -836,6 +884,39 @@ mod tests {
                 &["fail", "default", "vm"]
             ),
             None
+        );
+    }
+
+    #[test]
+    fn model_series_are_bounded() {
+        let r = Registry::new();
+        for i in 0..MAX_MODEL_SERIES + 50 {
+            r.record(
+                &ex("POST", &format!("/predictions/m{i}"), 404, "", false),
+                "h",
+                Flavor::Generic,
+            );
+        }
+        // Known series keep counting past the bound.
+        r.record(
+            &ex("POST", "/predictions/m0", 200, "", false),
+            "h",
+            Flavor::Generic,
+        );
+        let fam = r
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "ts_inference_requests_total");
+        assert_eq!(fam.map(|f| f.get_metric().len()), Some(MAX_MODEL_SERIES));
+        assert_eq!(r.model_series_overflow.get(), 50);
+        assert_eq!(
+            value(&r, "ts_inference_requests_total", &["m0", "default", "h"]),
+            Some(2.0)
+        );
+        // Status counters are not per model: all counted.
+        assert_eq!(
+            value(&r, "Requests4XX", &["Host", "h"]),
+            Some((MAX_MODEL_SERIES + 50) as f64)
         );
     }
 

@@ -44,7 +44,13 @@ pub struct ParseStats {
     pub parse_errors: u64,
     /// Final responses with no request to pair with.
     pub unmatched_responses: u64,
+    /// Requests dropped unanswered because a connection had [`MAX_PENDING`] waiting already.
+    pub dropped_requests: u64,
 }
+
+/// Most requests kept waiting for their responses on one connection. A client may pipeline without
+/// reading replies; past this the oldest is dropped (counted) so one connection cannot grow the agent.
+pub const MAX_PENDING: usize = 1024;
 
 #[derive(Debug)]
 enum ReqState {
@@ -195,11 +201,11 @@ impl Conn {
                             req.complete_ns = ts_ns;
                             self.req = match framing {
                                 Framing::None => {
-                                    self.pending.push_back(req);
+                                    self.queue(req, stats);
                                     ReqState::Idle
                                 }
                                 Framing::Length(0) => {
-                                    self.pending.push_back(req);
+                                    self.queue(req, stats);
                                     ReqState::Idle
                                 }
                                 Framing::Length(n) => ReqState::Body { req, remaining: n },
@@ -244,7 +250,7 @@ impl Conn {
                             _ => unreachable!("matched Body above"),
                         };
                         req.complete_ns = ts_ns;
-                        self.pending.push_back(req);
+                        self.queue(req, stats);
                     }
                 }
                 ReqState::UntilResponse { req } => {
@@ -476,6 +482,15 @@ impl Conn {
                 None
             }
         }
+    }
+
+    /// Queues a complete request for its response, within [`MAX_PENDING`].
+    fn queue(&mut self, req: Request, stats: &mut ParseStats) {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+            stats.dropped_requests += 1;
+        }
+        self.pending.push_back(req);
     }
 
     /// Lose track of message boundaries (bytes that are not HTTP): wait for the next request line.
@@ -973,6 +988,17 @@ mod tests {
         assert_eq!(ex.response.status, 200);
         assert_eq!(ex.response.end_ns, None);
         assert!(w.conn.on_close().is_none(), "reported once");
+    }
+
+    #[test]
+    fn pipelining_without_reading_is_bounded() {
+        let mut w = Wire::new(true);
+        let one = b"GET /p HTTP/1.1\r\n\r\n";
+        for _ in 0..MAX_PENDING + 10 {
+            w.read(one);
+        }
+        assert_eq!(w.conn.pending(), MAX_PENDING);
+        assert_eq!(w.stats.dropped_requests, 10);
     }
 
     #[test]
