@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod events;
 pub mod exposition;
 pub mod http;
+pub mod otf;
 pub mod pipeline;
 pub mod probes;
 pub mod registry;

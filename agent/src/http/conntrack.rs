@@ -35,14 +35,21 @@ impl ConnTable {
         match ev.kind {
             Kind::Open => {
                 self.make_room();
-                self.conns
-                    .insert(ev.conn_id, Conn::new(ev.tgid, ev.conn_id, true));
+                // `accepted`: seen at accept(), so the stream starts at a message boundary; otherwise
+                // picked up mid-stream (open before the agent started, or evicted from the kernel map).
+                let mut conn = Conn::new(ev.tgid, ev.conn_id, ev.accepted);
+                conn.set_peer(ev.peer());
+                self.conns.insert(ev.conn_id, conn);
                 Vec::new()
             }
-            Kind::Close => {
-                self.conns.remove(&ev.conn_id);
-                Vec::new()
-            }
+            // A response still being written when the connection closes (close-delimited, or cut
+            // short by a client's reset) ends here: the server sent its status, so it counts.
+            Kind::Close => self
+                .conns
+                .remove(&ev.conn_id)
+                .and_then(|mut conn| conn.on_close())
+                .into_iter()
+                .collect(),
             Kind::Data => {
                 if !self.conns.contains_key(&ev.conn_id) {
                     self.make_room();
@@ -128,6 +135,64 @@ mod tests {
             Some("/ping")
         );
         assert_eq!(t.stats, ParseStats::default());
+    }
+
+    #[test]
+    fn connection_picked_up_mid_stream_waits_for_a_request_boundary() {
+        let mut t = ConnTable::new();
+        // The kernel adopts a connection at its first traced syscall (accepted = 0): here the response
+        // to a request the agent never saw, then the tail of an upload it never saw the head of.
+        apply(&mut t, &rec(2, 1, 1, 0, b""));
+        let ex = apply(
+            &mut t,
+            &rec(1, 1, 1, 0, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        );
+        assert!(
+            ex.is_empty(),
+            "a response to an unseen request is not counted"
+        );
+        apply(&mut t, &rec(1, 0, 1, 0, b"uuuuuuuu tail of a body"));
+        apply(
+            &mut t,
+            &rec(1, 0, 1, 0, b"GET /predictions/next HTTP/1.1\r\n\r\n"),
+        );
+        let ex = apply(
+            &mut t,
+            &rec(1, 1, 1, 0, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        );
+        assert_eq!(ex.len(), 1);
+        assert_eq!(
+            ex[0].request.as_ref().map(|r| r.target.as_str()),
+            Some("/predictions/next")
+        );
+        assert_eq!(t.stats, ParseStats::default());
+    }
+
+    #[test]
+    fn close_reports_the_response_it_ends() {
+        let mut t = ConnTable::new();
+        apply(&mut t, &rec(2, 0, 1, 1, b""));
+        apply(
+            &mut t,
+            &rec(1, 0, 1, 1, b"GET /predictions/cut HTTP/1.1\r\n\r\n"),
+        );
+        // The client reset after the first bytes of a large response.
+        let ex = apply(
+            &mut t,
+            &rec(
+                1,
+                1,
+                1,
+                1,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 8388608\r\n\r\nxxxx",
+            ),
+        );
+        assert!(ex.is_empty(), "not over until the close");
+        let ex = apply(&mut t, &rec(3, 0, 1, 1, b""));
+        assert_eq!(ex.len(), 1);
+        assert_eq!(ex[0].response.status, 200);
+        assert_eq!(ex[0].response.end_ns, None, "cut short");
+        assert!(t.is_empty());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! a TOML file (`--config`) for what flags cannot say (filters, sampling, per-sink rotation).
 //!
 //! Precedence, highest first: flags/environment, the sink's own table in the file, the file's
-//! `[rotation]` table, built-in defaults. The file format, with every key:
+//! `[rotation]` table, built-in defaults. Relative paths are taken from the agent's working
+//! directory. The file format, with every key:
 //!
 //! ```toml
 //! [rotation]                # defaults for request_log and latency_csv

@@ -222,14 +222,20 @@ mod tests {
         // The externally renamed file holds lines from between rotations: put it where it belongs
         // in the sequence by reading all files and sorting by the sequence number, then check
         // that the sequence is exactly 0..N.
-        let mut seqs: Vec<u64> = Vec::new();
+        let seq = |line: &str| -> anyhow::Result<u64> {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            Ok(v["response_bytes"].as_u64().unwrap_or(u64::MAX))
+        };
         let mut all = read_all(&path, 10_000)?;
+        // The rotated set alone is in strictly increasing order (the renamed-away block is missing).
+        let ordered: Vec<u64> = all.iter().map(|l| seq(l)).collect::<anyhow::Result<_>>()?;
+        assert!(ordered.windows(2).all(|w| w[0] < w[1]), "out of order");
+        let mut seqs: Vec<u64> = Vec::new();
         if let Some(moved) = external {
             all.extend(fs::read_to_string(moved)?.lines().map(str::to_owned));
         }
         for line in &all {
-            let v: serde_json::Value = serde_json::from_str(line)?;
-            seqs.push(v["response_bytes"].as_u64().unwrap_or(u64::MAX));
+            seqs.push(seq(line)?);
         }
         assert_eq!(seqs.len() as u64, N, "line count");
         seqs.sort_unstable();

@@ -193,13 +193,24 @@ pub(crate) struct SinkMetrics {
 }
 
 impl SinkMetrics {
-    fn new(registry: &Registry, name: SinkName) -> Self {
+    pub(crate) fn new(registry: &Registry, name: SinkName) -> Self {
         let label = [name.as_str()];
         SinkMetrics {
             written: registry.log_written.with_label_values(&label),
             dropped: registry.log_dropped.with_label_values(&label),
             errors: registry.log_errors.with_label_values(&label),
         }
+    }
+
+    /// Adds what `now` has beyond `exported` and remembers it.
+    pub(crate) fn export(&self, now: Tally, exported: &mut Tally) {
+        self.written
+            .inc_by(now.written.saturating_sub(exported.written));
+        self.dropped
+            .inc_by(now.dropped.saturating_sub(exported.dropped));
+        self.errors
+            .inc_by(now.errors.saturating_sub(exported.errors));
+        *exported = now;
     }
 }
 
@@ -212,19 +223,6 @@ pub struct Tally {
     pub dropped: u64,
     /// Failed writes, opens, renames and connects.
     pub errors: u64,
-}
-
-impl SinkMetrics {
-    /// Adds what `now` has beyond `exported` and remembers it.
-    pub(crate) fn export(&self, now: Tally, exported: &mut Tally) {
-        self.written
-            .inc_by(now.written.saturating_sub(exported.written));
-        self.dropped
-            .inc_by(now.dropped.saturating_sub(exported.dropped));
-        self.errors
-            .inc_by(now.errors.saturating_sub(exported.errors));
-        *exported = now;
-    }
 }
 
 /// One sink as the reader sees it.

@@ -112,7 +112,9 @@ impl RotatingFile {
         self.rotate_if_due(now);
         if let Some(max) = self.rotation.max_bytes {
             let pending = self.batch.len() as u64;
-            if (self.has_lines || !self.line_ends.is_empty())
+            // Without an open file (opening failed) there is nothing to rotate yet.
+            if self.file.is_some()
+                && (self.has_lines || !self.line_ends.is_empty())
                 && self.len + pending + self.pending_header() + line.len() as u64 > max
                 && self.confirm_len() + pending + line.len() as u64 > max
             {
@@ -266,7 +268,7 @@ impl RotatingFile {
         if now < at {
             return;
         }
-        if self.has_lines || !self.line_ends.is_empty() {
+        if self.file.is_some() && (self.has_lines || !self.line_ends.is_empty()) {
             self.flush();
             self.rotate(now);
         } else {

@@ -488,6 +488,17 @@ pub(crate) fn run(mut rx: mpsc::Receiver<Msg>, cfg: &SyslogConfig, metrics: &Sin
                     }
                     break;
                 }
+                // Too big for a datagram: retrying cannot help. (Records are a few hundred bytes;
+                // this guards the loop, it is not expected.)
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    tally.errors += 1;
+                    tally.dropped += 1;
+                    tracing::warn!(
+                        bytes = msg.len(),
+                        "syslog message too large for the transport; dropped"
+                    );
+                    break;
+                }
                 Err(e) => {
                     conn = None;
                     tally.errors += 1;
@@ -689,17 +700,7 @@ mod tests {
 
     fn start(c: SyslogConfig) -> (mpsc::Sender<Msg>, std::thread::JoinHandle<()>, SinkMetrics) {
         let registry = Registry::new();
-        let metrics = SinkMetrics {
-            written: registry
-                .log_written
-                .with_label_values(&[SinkName::Syslog.as_str()]),
-            dropped: registry
-                .log_dropped
-                .with_label_values(&[SinkName::Syslog.as_str()]),
-            errors: registry
-                .log_errors
-                .with_label_values(&[SinkName::Syslog.as_str()]),
-        };
+        let metrics = SinkMetrics::new(&registry, SinkName::Syslog);
         let (tx, rx) = mpsc::channel(64);
         let m = metrics.clone();
         let h = std::thread::spawn(move || run(rx, &c, &m));
