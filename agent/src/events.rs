@@ -123,7 +123,12 @@ pub struct Event<'a> {
     pub head: &'a [u8],
     /// The connection was seen at accept(): its stream starts at a message boundary.
     pub accepted: bool,
+    /// Socket family: [`FAMILY_UNIX`] for TorchServe's frontend↔worker sockets, else IPv4/IPv6.
+    pub family: u8,
 }
+
+/// `AF_UNIX`: the family of TorchServe's frontend↔worker sockets.
+pub const FAMILY_UNIX: u8 = 1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -176,6 +181,7 @@ impl<'a> Event<'a> {
             len: h.len,
             head: &data[..head_len],
             accepted: h.accepted != 0,
+            family: h.family,
         })
     }
 }

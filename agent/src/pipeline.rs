@@ -73,7 +73,12 @@ pub async fn read_events(
                             for ex in table.apply(&ev) {
                                 match targets.get(&ex.tgid) {
                                     Some(t) => {
-                                        registry.record(&ex, &t.hostname, t.flavor);
+                                        let dispatched = ex
+                                            .response
+                                            .request_id
+                                            .as_deref()
+                                            .and_then(|id| table.take_dispatch(id));
+                                        registry.record_with_dispatch(&ex, &t.hostname, t.flavor, dispatched);
                                         // Never waits: a full sink queue drops the record, counted.
                                         sinks.offer(&ex, &t.hostname);
                                     }

@@ -79,6 +79,9 @@ impl Probes {
         preflight()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("events", ringbuf_bytes)
+            // TorchServe's frontend writes each job to its worker over a Unix socket: the frame's
+            // request ids time the end of the queue (otf.rs).
+            .override_global("trace_unix", &1u8, true)
             .load(OBJECT)
             .context(
                 "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \

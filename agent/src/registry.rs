@@ -228,6 +228,8 @@ pub struct Registry {
     max_model_series: usize,
     pub model_series_overflow: IntCounter,
     inference_latency: CounterVec,
+    queue_latency: CounterVec,
+    queue_time: prometheus::GaugeVec,
     // servescope's own families.
     request_duration: HistogramVec,
     pub kernel_lost: IntCounterVec,
@@ -285,6 +287,11 @@ impl Registry {
                  (model, version, hostname) label sets already exist (cardinality bound).",
             )),
             inference_latency: ts_counter("ts_inference_latency_microseconds"),
+            queue_latency: ts_counter("ts_queue_latency_microseconds"),
+            queue_time: {
+                let spec = torchserve_family("QueueTime").unwrap_or_else(|| unreachable!("in the catalogue"));
+                must(prometheus::GaugeVec::new(Opts::new(spec.name, spec.help()), spec.labels))
+            },
             request_duration: must(HistogramVec::new(
                 HistogramOpts::new(
                     "servescope_request_duration_seconds",
@@ -356,13 +363,15 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 14] = [
+        let collectors: [Box<dyn Collector>; 16] = [
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
             Box::new(r.requests_5xx.clone()),
             Box::new(r.inference_requests.clone()),
             Box::new(r.model_series_overflow.clone()),
             Box::new(r.inference_latency.clone()),
+            Box::new(r.queue_latency.clone()),
+            Box::new(r.queue_time.clone()),
             Box::new(r.request_duration.clone()),
             Box::new(r.kernel_lost.clone()),
             Box::new(r.decode_errors.clone()),
@@ -412,6 +421,19 @@ impl Registry {
 
     /// Counts one exchange of a traced server with TorchServe's rules (FACTS.md §3).
     pub fn record(&self, ex: &Exchange, hostname: &str, flavor: Flavor) {
+        self.record_with_dispatch(ex, hostname, flavor, None);
+    }
+
+    /// As [`Registry::record`], with the kernel time at which the TorchServe frontend wrote the
+    /// request's inference frame to its worker (`otf`), when it was seen: that ends TorchServe's queue
+    /// time, which `ts_queue_latency_microseconds` sums and `QueueTime` shows for the last job.
+    pub fn record_with_dispatch(
+        &self,
+        ex: &Exchange,
+        hostname: &str,
+        flavor: Flavor,
+        dispatched_ns: Option<u64>,
+    ) {
         let status = ex.response.status;
         let torchserve = flavor == Flavor::TorchServe;
         // Netty's own 413 (body over max_request_size) never reaches TorchServe's counters; it is the
@@ -453,6 +475,22 @@ impl Registry {
         // "no worker" are frontend-made 5xx with the standard phrase and add nothing.
         if torchserve && frontend_error && status >= 500 {
             return;
+        }
+        // Queue time, timed from the same start as the latency: the read that completed the request.
+        if let Some(queue_ns) = dispatched_ns
+            .zip(ex.request.as_ref())
+            .and_then(|(d, r)| d.checked_sub(r.complete_ns))
+        {
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "nanosecond spans fit f64's 52-bit mantissa"
+            )]
+            let us = queue_ns as f64 / 1000.0;
+            self.queue_latency.with_label_values(&labels).inc_by(us);
+            // QueueTime is whole milliseconds of the last job (TorchServe's gauge).
+            self.queue_time
+                .with_label_values(&["Host", hostname])
+                .set((us / 1000.0).floor());
         }
         if let Some(us) = ex.latency_us() {
             self.inference_latency.with_label_values(&labels).inc_by(us);
@@ -881,6 +919,54 @@ mod tests {
             value(
                 &r,
                 "ts_inference_latency_microseconds",
+                &["fail", "default", "vm"]
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn queue_latency_from_the_worker_dispatch() {
+        let r = Registry::new();
+        let ts = Flavor::TorchServe;
+        // Request complete at 2 µs; frame to the worker at 302 µs → 300 µs of queue.
+        r.record_with_dispatch(
+            &ex("POST", "/predictions/echo", 200, "", true),
+            "vm",
+            ts,
+            Some(302_000),
+        );
+        r.record_with_dispatch(
+            &ex("POST", "/predictions/echo", 200, "", true),
+            "vm",
+            ts,
+            None,
+        );
+        // Handler exception: no queue latency either (TorchServe updates both only on a 200 batch).
+        r.record_with_dispatch(
+            &ex(
+                "POST",
+                "/predictions/fail",
+                503,
+                "Service Unavailable",
+                true,
+            ),
+            "vm",
+            ts,
+            Some(5_000_000),
+        );
+        assert_eq!(
+            value(
+                &r,
+                "ts_queue_latency_microseconds",
+                &["echo", "default", "vm"]
+            ),
+            Some(300.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "ts_queue_latency_microseconds",
                 &["fail", "default", "vm"]
             ),
             None

@@ -105,7 +105,14 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
             &agent_m.family(family),
         );
     }
-    compare_latency(&mut report, &mut failures, &ts_m, &agent_m);
+    // Latency sums, and queue-latency sums (timed from the frontend's frame write to the worker's
+    // Unix socket, matched to the HTTP exchange by x-request-id).
+    for family in [
+        "ts_inference_latency_microseconds",
+        "ts_queue_latency_microseconds",
+    ] {
+        compare_latency(&mut report, &mut failures, family, &ts_m, &agent_m);
+    }
     // Exact counts are only possible if the kernel delivered every record; this light load must not lose
     // any. The other health counters are printed for the record.
     let lost = agent_m.sum("servescope_kernel_lost_events_total");
@@ -319,12 +326,18 @@ fn compare_exact(
     }
 }
 
-/// ts_inference_latency_microseconds: the agent has exactly TorchServe's series (none for `fail`, whose
-/// replies never update the counter), and the sum over all series is within 10% of TorchServe's.
-fn compare_latency(report: &mut String, failures: &mut Vec<String>, ts: &Metrics, agent: &Metrics) {
-    const FAMILY: &str = "ts_inference_latency_microseconds";
-    let (want, got) = (ts.family(FAMILY), agent.family(FAMILY));
-    let _ = writeln!(report, "{FAMILY} (µs; ratio = servescope / TorchServe):");
+/// A latency-sum family (ts_inference_latency_microseconds, ts_queue_latency_microseconds): the agent has
+/// exactly TorchServe's series (none for `fail`, whose replies never update them), and the sum over all
+/// series is within 10% of TorchServe's.
+fn compare_latency(
+    report: &mut String,
+    failures: &mut Vec<String>,
+    family: &str,
+    ts: &Metrics,
+    agent: &Metrics,
+) {
+    let (want, got) = (ts.family(family), agent.family(family));
+    let _ = writeln!(report, "{family} (µs; ratio = servescope / TorchServe):");
     for series in want
         .keys()
         .chain(got.keys().filter(|s| !want.contains_key(s)))
@@ -353,7 +366,7 @@ fn compare_latency(report: &mut String, failures: &mut Vec<String>, ts: &Metrics
             ));
         }
     }
-    let (w, g) = (ts.sum(FAMILY), agent.sum(FAMILY));
+    let (w, g) = (ts.sum(family), agent.sum(family));
     let within = w > 0.0 && (g - w).abs() <= 0.10 * w;
     let _ = writeln!(
         report,
@@ -363,7 +376,7 @@ fn compare_latency(report: &mut String, failures: &mut Vec<String>, ts: &Metrics
     );
     if !within {
         failures.push(format!(
-            "{FAMILY} sum: servescope {g}, TorchServe {w} (not within 10%)"
+            "{family} sum: servescope {g}, TorchServe {w} (not within 10%)"
         ));
     }
 }

@@ -3,7 +3,13 @@
 use std::collections::HashMap;
 
 use super::{Conn, Exchange, ParseStats};
-use crate::events::{Direction, Event, Kind};
+use crate::{
+    events::{Direction, Event, FAMILY_UNIX, Kind},
+    otf,
+};
+
+/// Most worker dispatches remembered while their HTTP responses are pending.
+pub const MAX_DISPATCHED: usize = 65_536;
 
 /// Most connections tracked at once; past it the oldest-id connection is evicted (and counted), so a
 /// flood of connections cannot grow the agent without bound.
@@ -12,6 +18,11 @@ pub const MAX_CONNS: usize = 65_536;
 #[derive(Debug, Default)]
 pub struct ConnTable {
     conns: HashMap<u64, Conn>,
+    /// Request id → kernel time its inference frame was written to a TorchServe worker, oldest first
+    /// in `dispatch_order`; bounded by [`MAX_DISPATCHED`] (ids whose HTTP response is never seen —
+    /// e.g. the connection was adopted mid-stream — age out).
+    dispatched: HashMap<String, u64>,
+    dispatch_order: std::collections::VecDeque<String>,
     pub stats: ParseStats,
     /// Connections dropped to stay under [`MAX_CONNS`].
     pub evicted: u64,
@@ -32,6 +43,18 @@ impl ConnTable {
 
     /// Applies one kernel record; returns the exchanges it completed.
     pub fn apply(&mut self, ev: &Event<'_>) -> Vec<Exchange> {
+        if ev.family == FAMILY_UNIX {
+            // Frontend→worker socket: not HTTP. Only the inference frames the frontend writes matter.
+            if ev.kind == Kind::Data
+                && ev.dir == Direction::Egress
+                && let Some(ids) = otf::inference_request_ids(ev.head)
+            {
+                for id in ids {
+                    self.note_dispatch(id, ev.ts_ns);
+                }
+            }
+            return Vec::new();
+        }
         match ev.kind {
             Kind::Open => {
                 self.make_room();
@@ -67,6 +90,23 @@ impl ConnTable {
                 }
             }
         }
+    }
+
+    fn note_dispatch(&mut self, id: String, ts_ns: u64) {
+        if self.dispatch_order.len() >= MAX_DISPATCHED
+            && let Some(old) = self.dispatch_order.pop_front()
+        {
+            self.dispatched.remove(&old);
+        }
+        if self.dispatched.insert(id.clone(), ts_ns).is_none() {
+            self.dispatch_order.push_back(id);
+        }
+    }
+
+    /// When the inference frame of request `id` went to its worker (once: the entry is consumed).
+    pub fn take_dispatch(&mut self, id: &str) -> Option<u64> {
+        // The order queue keeps the id until it ages out; removing it there is O(n) and not needed.
+        self.dispatched.remove(id)
     }
 
     /// Forgets every connection of a process that is no longer traced.
