@@ -190,6 +190,21 @@ pub const TORCHSERVE_FAMILIES: [FamilySpec; 21] = [
     },
 ];
 
+/// A sample's label values in the order of `names` (missing labels as ""). The prometheus crate keeps
+/// label pairs sorted by name; TorchServe's print order is the catalogue's.
+pub fn labels_in_order<'a>(metric: &'a prometheus::proto::Metric, names: &[&str]) -> Vec<&'a str> {
+    names
+        .iter()
+        .map(|name| {
+            metric
+                .get_label()
+                .iter()
+                .find(|l| l.name() == *name)
+                .map_or("", |l| l.value())
+        })
+        .collect()
+}
+
 /// The catalogue entry of a TorchServe family.
 pub fn torchserve_family(name: &str) -> Option<&'static FamilySpec> {
     TORCHSERVE_FAMILIES.iter().find(|f| f.name == name)
@@ -584,17 +599,9 @@ impl SampledGauge {
         let keep: HashSet<&[String]> = series.iter().map(|(l, _)| l.as_slice()).collect();
         for family in self.vec.collect() {
             for metric in family.get_metric() {
-                // The prometheus crate keeps label pairs sorted by name; put them back in our order.
-                let values: Vec<String> = self
-                    .labels
-                    .iter()
-                    .map(|name| {
-                        metric
-                            .get_label()
-                            .iter()
-                            .find(|l| l.name() == *name)
-                            .map_or_else(String::new, |l| l.value().to_owned())
-                    })
+                let values: Vec<String> = labels_in_order(metric, self.labels)
+                    .into_iter()
+                    .map(str::to_owned)
                     .collect();
                 if !keep.contains(values.as_slice()) {
                     let values: Vec<&str> = values.iter().map(String::as_str).collect();

@@ -234,18 +234,7 @@ fn encode_torchserve_family(
                     continue;
                 }
             };
-            // The prometheus crate stores label pairs sorted by name; the catalogue has the print order.
-            let labels = spec
-                .labels
-                .iter()
-                .map(|name| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .find(|l| l.name() == *name)
-                        .map_or("", |l| l.value())
-                })
-                .collect();
+            let labels = crate::registry::labels_in_order(metric, spec.labels);
             samples.push((labels, value));
         }
     }
