@@ -16,6 +16,7 @@ pub mod exposition;
 pub mod http;
 pub mod otf;
 pub mod pipeline;
+pub mod privileges;
 pub mod probes;
 pub mod registry;
 pub mod routing;

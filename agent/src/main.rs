@@ -8,7 +8,7 @@ use clap::Parser;
 use servescope::{
     config::{Cli, Command, Config},
     exposition::server,
-    pipeline,
+    pipeline, privileges,
     probes::Probes,
     registry::Registry,
     sampler, sink,
@@ -35,6 +35,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // In order, while the agent is one thread: bind (a taken port is the most common start-up mistake),
+    // load and attach, then drop the capabilities only loading needed — every thread created later
+    // inherits the reduced set.
+    let (listener, probes) = match start(&cfg) {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("servescope: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match privileges::drop_after_load() {
+        Ok(left) => tracing::info!(kept = ?left, "dropped the capabilities only loading needed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not drop capabilities; running with those granted")
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -46,7 +63,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(run(cfg));
+    let result = rt.block_on(run(cfg, listener, probes));
     // A sampler's statvfs of a hung network mount cannot be interrupted: do not wait for it on exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
@@ -78,10 +95,20 @@ fn doctor(json: bool) -> ExitCode {
     ExitCode::from(report.exit_code())
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    // Bind first: a taken port is the most common start-up mistake and needs no privileges to report.
-    let listener = server::bind(cfg.listen).await?;
-    let mut probes = Probes::load(cfg.ringbuf_bytes)?;
+/// Binds the metrics port, then loads and attaches the programs.
+fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Probes)> {
+    let listener = server::bind_std(cfg.listen)?;
+    let probes = Probes::load(cfg.ringbuf_bytes)?;
+    Ok((listener, probes))
+}
+
+async fn run(
+    cfg: Config,
+    listener: std::net::TcpListener,
+    mut probes: Probes,
+) -> anyhow::Result<()> {
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("registering the metrics listener")?;
     let ring = probes.take_ring().context("ring buffer already taken")?;
     let registry = Registry::new();
     tracing::info!(listen = %cfg.listen, "serving metrics at http://{}/metrics", cfg.listen);

@@ -286,3 +286,52 @@ fn vanished_target_is_logged_not_fatal() -> Result<()> {
     );
     Ok(())
 }
+
+/// After loading, the agent keeps only what it needs at run time (CAP_BPF and CAP_PERFMON are gone
+/// from every thread and from the bounding set), and still picks up a server started afterwards.
+#[test]
+fn capabilities_are_dropped_after_load_and_tracing_goes_on() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server_caps")?;
+    let port = SERVER_PORT + 2;
+    let agent = Agent::start(
+        &logs,
+        "127.0.0.1:19084".parse()?,
+        &["--no-discovery", "--port", &port.to_string()],
+    )?;
+    agent.wait_until(Duration::from_secs(10), "metrics served", |_| true)?;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))?;
+    let mut checked = 0;
+    for task in tasks {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            let bits = status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{set}:")))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .with_context(|| format!("{set} missing"))?;
+            ensure!(bits & (1 << 39) == 0, "{set} still has CAP_BPF: {bits:x}");
+            ensure!(
+                bits & (1 << 38) == 0,
+                "{set} still has CAP_PERFMON: {bits:x}"
+            );
+            if set == "CapEff" {
+                ensure!(
+                    bits & (1 << 19) != 0,
+                    "CAP_SYS_PTRACE was dropped: discovery needs it"
+                );
+            }
+        }
+        checked += 1;
+    }
+    ensure!(checked >= 2, "expected the agent's threads, saw {checked}");
+    // The kernel map is updated with the fds the agent already holds: no CAP_BPF needed.
+    let _server = start_server(port)?;
+    agent.wait_ready(Duration::from_secs(15))?;
+    let mut c = Client::connect(port)?;
+    ensure!(c.send("POST", "/predictions/late", b"x", false)? == 200);
+    agent.wait_until(Duration::from_secs(10), "late request counted", |m| {
+        inference(m, "late", "default") == 1.0
+    })?;
+    Ok(())
+}

@@ -85,23 +85,33 @@ pub enum BindError {
 
 /// Binds the metrics port.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AddrInUse => BindError::InUse {
-                addr,
-                alternative: alternative(addr),
-            },
-            io::ErrorKind::PermissionDenied => BindError::PermissionDenied {
-                addr,
-                alternative: alternative(addr),
-            },
-            io::ErrorKind::AddrNotAvailable => BindError::AddrNotAvailable {
-                addr,
-                alternative: SocketAddr::from(([127, 0, 0, 1], alternative(addr).port())),
-            },
-            _ => BindError::Other { addr, source },
-        })
+    let std = bind_std(addr)?;
+    TcpListener::from_std(std).map_err(|source| BindError::Other { addr, source })
+}
+
+/// As [`bind`], before any async runtime exists (the agent binds, loads its programs and drops its
+/// privileges while it still has one thread). The socket is non-blocking, ready for
+/// `TcpListener::from_std`.
+pub fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, BindError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| match source.kind() {
+        io::ErrorKind::AddrInUse => BindError::InUse {
+            addr,
+            alternative: alternative(addr),
+        },
+        io::ErrorKind::PermissionDenied => BindError::PermissionDenied {
+            addr,
+            alternative: alternative(addr),
+        },
+        io::ErrorKind::AddrNotAvailable => BindError::AddrNotAvailable {
+            addr,
+            alternative: SocketAddr::from(([127, 0, 0, 1], alternative(addr).port())),
+        },
+        _ => BindError::Other { addr, source },
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| BindError::Other { addr, source })?;
+    Ok(listener)
 }
 
 /// An address to suggest instead of `addr`: same IP, TorchServe's metrics port moved up by 1000
