@@ -156,8 +156,8 @@ impl Default for Env {
     }
 }
 
-/// Capabilities the agent uses, by bit number (linux/capability.h).
-const CAPS: [(u32, &str, &str); 4] = [
+/// Capabilities the agent cannot run without, by bit number (linux/capability.h).
+const REQUIRED: [(u32, &str, &str); 3] = [
     (39, "CAP_BPF", "load programs and create maps"),
     (
         38,
@@ -167,12 +167,21 @@ const CAPS: [(u32, &str, &str); 4] = [
     (
         19,
         "CAP_SYS_PTRACE",
-        "read other processes' /proc entries (fds, sockets)",
+        "read other processes' /proc entries (fds, sockets, namespaces)",
+    ),
+];
+
+/// Capabilities without which part of the job is not done.
+const RECOMMENDED: [(u32, &str, &str); 2] = [
+    (
+        2,
+        "CAP_DAC_READ_SEARCH",
+        "find TorchServe running as another user (the official image's model-server)",
     ),
     (
         21,
         "CAP_SYS_ADMIN",
-        "read the hostname of TorchServe in other UTS namespaces (pods)",
+        "label TorchServe in other UTS namespaces (pods) with their own hostnames",
     ),
 ];
 
@@ -327,28 +336,39 @@ fn capabilities(env: &Env) -> Check {
         );
     };
     let has = |bit: u32| eff & (1u64 << bit) != 0;
-    // CAP_SYS_ADMIN implies what CAP_BPF and CAP_PERFMON grant (kernels before 5.8 only know it).
-    let missing: Vec<String> = CAPS
-        .iter()
-        .filter(|(bit, name, _)| !(has(*bit) || (*name != "CAP_SYS_PTRACE" && has(21))))
-        .map(|(_, name, why)| format!("{name} ({why})"))
-        .collect();
-    if missing.is_empty() {
-        Check::ok(
-            NAME,
-            "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and CAP_SYS_ADMIN effective",
-        )
-    } else if missing.iter().all(|m| m.starts_with("CAP_SYS_ADMIN")) {
-        Check::warn(
-            NAME,
-            format!("missing {}", missing.join(", ")),
-            "grant CAP_SYS_ADMIN to label TorchServe in other pods with their own hostnames; otherwise the agent's hostname is used",
-        )
-    } else {
+    let missing = |caps: &[(u32, &str, &str)]| -> Vec<String> {
+        caps.iter()
+            // CAP_SYS_ADMIN implies what CAP_BPF and CAP_PERFMON grant (kernels before 5.8 only know it).
+            .filter(|(bit, _, _)| !(has(*bit) || (matches!(*bit, 38 | 39) && has(21))))
+            .map(|(_, name, why)| format!("{name} ({why})"))
+            .collect()
+    };
+    let (required, recommended) = (missing(&REQUIRED), missing(&RECOMMENDED));
+    if !required.is_empty() {
         Check::fail(
             NAME,
-            format!("missing {}", missing.join(", ")),
-            "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (e.g. setcap or the DaemonSet's securityContext)",
+            format!(
+                "missing {}",
+                required
+                    .iter()
+                    .chain(&recommended)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (+ CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN) \
+             (e.g. the DaemonSet's securityContext or the systemd unit in deploy/)",
+        )
+    } else if !recommended.is_empty() {
+        Check::warn(
+            NAME,
+            format!("missing {}", recommended.join(", ")),
+            "grant them for the full job; without them the agent runs with the limits named",
+        )
+    } else {
+        Check::ok(
+            NAME,
+            "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_SYS_ADMIN effective",
         )
     }
 }

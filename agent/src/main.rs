@@ -41,8 +41,8 @@ fn main() -> ExitCode {
     let (listener, probes) = match start(&cfg) {
         Ok(started) => started,
         Err(e) => {
+            // Logged once (stderr, with the rest of the log), not printed again.
             tracing::error!("{e:#}");
-            eprintln!("servescope: {e:#}");
             return ExitCode::FAILURE;
         }
     };
@@ -69,8 +69,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Logged once (stderr, with the rest of the log), not printed again.
             tracing::error!("{e:#}");
-            eprintln!("servescope: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -28,10 +28,15 @@ pub const KEPT: [Capability; 4] = [
 /// caller to log: running with more privileges than needed is not a reason to stop.
 pub fn drop_after_load() -> Result<CapsHashSet, caps::errors::CapsError> {
     let kept: HashSet<Capability> = KEPT.into_iter().collect();
-    // The bounding set first: shrinking it needs CAP_SETPCAP, which the next steps remove.
-    for cap in caps::read(None, CapSet::Bounding)? {
-        if !kept.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap)?;
+    // The bounding set first: shrinking it needs CAP_SETPCAP, which the next steps remove. The confined
+    // deployments (deploy/: the DaemonSet, the systemd unit) do not grant CAP_SETPCAP, and there the
+    // bounding set already holds only what was granted: skip it rather than fail, so that the steps
+    // below still take CAP_BPF and CAP_PERFMON away.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)? {
+        for cap in caps::read(None, CapSet::Bounding)? {
+            if !kept.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap)?;
+            }
         }
     }
     caps::clear(None, CapSet::Ambient)?;

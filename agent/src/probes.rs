@@ -60,10 +60,21 @@ pub fn preflight() -> anyhow::Result<()> {
              standard on current Debian, Ubuntu, RHEL and GKE/EKS/AKS node images)"
         );
     }
-    if !TRACEFS
+    let tracefs: Vec<std::io::Result<std::fs::Metadata>> = TRACEFS
         .iter()
-        .any(|t| Path::new(t).join("events/syscalls").exists())
-    {
+        .map(|t| std::fs::metadata(Path::new(t).join("events/syscalls")))
+        .collect();
+    if !tracefs.iter().any(Result::is_ok) {
+        // tracefs is often mounted but unreadable to a confined, non-root agent: say which it is.
+        if tracefs.iter().any(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        }) {
+            bail!(
+                "tracefs is mounted but not readable (permission denied): run as root, or grant \
+                 CAP_DAC_READ_SEARCH (see deploy/ for the DaemonSet and systemd settings)"
+            );
+        }
         bail!(
             "tracefs is not mounted, so syscall tracepoints cannot be attached: run \
              `mount -t tracefs tracefs /sys/kernel/tracing` (in Kubernetes, mount the host's \
