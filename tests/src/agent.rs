@@ -105,6 +105,14 @@ impl Agent {
         })
     }
 
+    /// The agent's PID (to read its kernel maps, see [`crate::kernel`]).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .id()
+    }
+
     /// The address the agent serves /metrics on.
     pub fn listen(&self) -> SocketAddr {
         self.listen
