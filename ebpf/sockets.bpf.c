@@ -13,6 +13,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
 
 #include "events.h"
 
@@ -27,6 +28,8 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Set by the agent before load (EbpfLoader::override_global); the verifier prunes what is off. */
 const volatile __u8 trace_unix = 0;
+/* Unread bytes in the ring buffer at which a record wakes the agent (see submit()). */
+const volatile __u64 wakeup_bytes = 0;
 
 /* TGIDs to trace, maintained by the agent's discovery. Value: unused flags. */
 struct {
@@ -56,8 +59,9 @@ struct {
 } conns SEC(".maps");
 
 struct data_args {
-	__u64 buf;    /* buffer, iovec array or msghdr, per `sys` */
-	__u64 iovcnt; /* iovec count for readv/writev */
+	__u64 buf;      /* buffer, iovec array or msghdr, per `sys` */
+	__u64 iovcnt;   /* iovec count for readv/writev */
+	__u64 enter_ns; /* when the syscall entered (0: not seen) */
 	__s32 fd;
 	__u8 sys;     /* enum ss_syscall */
 	__u8 _pad[3];
@@ -216,7 +220,14 @@ static __always_inline void submit(struct ss_event *ev)
 	__u32 head = ev->head_len;
 	if (head > SS_HEAD_MAX)
 		head = SS_HEAD_MAX;
-	if (bpf_ringbuf_output(&events, ev, offsetof(struct ss_event, data) + head, 0))
+	/*
+	 * Waking the reader for every record costs a self-interrupt per syscall (irq_work; in a VM a trap
+	 * to the hypervisor) and a context switch: the largest share of the agent's overhead. Wake it only
+	 * once wakeup_bytes are waiting; below that the agent drains on its own timer (every few ms).
+	 */
+	__u64 flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP
+										   : BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&events, ev, offsetof(struct ss_event, data) + head, flags))
 		count_loss(SS_LOSS_RINGBUF_FULL);
 }
 
@@ -280,22 +291,54 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (fd < 0 || !is_target(id >> 32))
 		return 0;
-	struct data_args a = { .buf = buf, .iovcnt = iovcnt, .fd = fd, .sys = sys };
+	struct data_args a = {
+		.buf = buf, .iovcnt = iovcnt, .enter_ns = bpf_ktime_get_ns(), .fd = fd, .sys = sys
+	};
 	if (bpf_map_update_elem(&args, &id, &a, BPF_ANY))
 		count_loss(SS_LOSS_ARGS_FULL);
 	return 0;
 }
 
-static __always_inline int exit_data(long ret, __u8 dir)
+/*
+ * The arguments of a traced process's data syscall whose sys_enter was not seen: it entered before the
+ * process was traced (a thread-per-connection server blocked in read() on an idle keep-alive connection
+ * when the agent starts or discovery adds the process). The task's saved user registers still hold
+ * them at sys_exit. Without this the first request on each such connection would be lost, and the
+ * connection picked up one request later than its next request boundary.
+ */
+static __always_inline int args_from_regs(struct data_args *a, __u64 id, __u8 sys)
+{
+	if (!is_target(id >> 32))
+		return 0;
+	/* bpf_task_pt_regs is 5.15+; on older kernels the verifier prunes this branch. */
+	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_task_pt_regs))
+		return 0;
+	/* The helper wants a trusted task pointer: the BTF one, not bpf_get_current_task()'s scalar. */
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	if (!regs)
+		return 0;
+	a->fd = (__s32)PT_REGS_PARM1_CORE_SYSCALL(regs);
+	/* sendfile's second argument is a file descriptor, not a buffer. */
+	a->buf = sys == SS_SYS_SENDFILE ? 0 : PT_REGS_PARM2_CORE_SYSCALL(regs);
+	a->iovcnt = (sys == SS_SYS_READV || sys == SS_SYS_WRITEV) ? PT_REGS_PARM3_CORE_SYSCALL(regs) : 0;
+	a->sys = sys;
+	a->enter_ns = 0;
+	return a->fd >= 0;
+}
+
+static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 {
 	__u64 id = bpf_get_current_pid_tgid();
+	struct data_args a;
 	struct data_args *saved = bpf_map_lookup_elem(&args, &id);
-	if (!saved)
+	if (saved) {
+		a = *saved;
+		bpf_map_delete_elem(&args, &id);
+		if (ret <= 0)
+			return 0;
+	} else if (ret <= 0 || !args_from_regs(&a, id, sys)) {
 		return 0;
-	struct data_args a = *saved;
-	bpf_map_delete_elem(&args, &id);
-	if (ret <= 0)
-		return 0;
+	}
 
 	struct conn_info *c = get_conn(id, a.fd);
 	if (!c)
@@ -304,6 +347,13 @@ static __always_inline int exit_data(long ret, __u8 dir)
 	if (!s)
 		return 0;
 	fill_header(&s->ev, id, a.fd, c, SS_EV_DATA, dir, a.sys, (__u64)ret);
+	/*
+	 * Sent bytes are stamped when the write began: a blocking write of a large response to a slow
+	 * client returns only once the kernel has queued all of it, but its first bytes (the status line)
+	 * left at entry. Stamping at exit would turn time-to-first-byte into time-to-last-byte.
+	 */
+	if (dir == SS_DIR_EGRESS && a.enter_ns)
+		s->ev.ts_ns = a.enter_ns;
 
 	switch (a.sys) {
 	case SS_SYS_READ:
@@ -339,7 +389,7 @@ int ss_enter_read(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_read")
 int ss_exit_read(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_INGRESS);
+	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_READ);
 }
 
 SEC("tracepoint/syscalls/sys_enter_readv")
@@ -351,7 +401,7 @@ int ss_enter_readv(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_readv")
 int ss_exit_readv(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_INGRESS);
+	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_READV);
 }
 
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
@@ -363,7 +413,7 @@ int ss_enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_recvfrom")
 int ss_exit_recvfrom(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_INGRESS);
+	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_RECVFROM);
 }
 
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
@@ -375,7 +425,7 @@ int ss_enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_recvmsg")
 int ss_exit_recvmsg(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_INGRESS);
+	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_RECVMSG);
 }
 
 SEC("tracepoint/syscalls/sys_enter_write")
@@ -387,7 +437,7 @@ int ss_enter_write(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_write")
 int ss_exit_write(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_EGRESS);
+	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_WRITE);
 }
 
 SEC("tracepoint/syscalls/sys_enter_writev")
@@ -399,7 +449,7 @@ int ss_enter_writev(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_writev")
 int ss_exit_writev(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_EGRESS);
+	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_WRITEV);
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendto")
@@ -411,7 +461,7 @@ int ss_enter_sendto(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_sendto")
 int ss_exit_sendto(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_EGRESS);
+	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_SENDTO);
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendmsg")
@@ -423,7 +473,7 @@ int ss_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_sendmsg")
 int ss_exit_sendmsg(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_EGRESS);
+	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_SENDMSG);
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendfile64")
@@ -436,7 +486,7 @@ int ss_enter_sendfile(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_sendfile64")
 int ss_exit_sendfile(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_data(ctx->ret, SS_DIR_EGRESS);
+	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
 }
 
 /* accept/accept4: the returned fd starts a fresh stream, so the agent may parse it from byte 0. */

@@ -112,6 +112,8 @@ pub const LOSS_REASONS: [(u32, &str); 3] = [
 /// One decoded record, borrowing the ring buffer's bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Event<'a> {
+    /// Kernel time: when received bytes arrived (syscall exit), when sent bytes left (syscall entry:
+    /// a blocking write of a large response returns much later), when close began.
     pub ts_ns: u64,
     pub conn_id: u64,
     pub tgid: u32,

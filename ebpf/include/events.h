@@ -75,7 +75,9 @@ struct ss_peer {
 
 /* One ring-buffer record. Records are variable-length: only `data[0..head_len]` is sent. */
 struct ss_event {
-	__u64 ts_ns;    /* bpf_ktime_get_ns() at syscall exit (close: at entry) */
+	__u64 ts_ns;    /* bpf_ktime_get_ns(): received bytes at syscall exit (when they arrived), sent
+			 * bytes at syscall entry (when they left: a blocking write returns later), close at
+			 * entry */
 	__u64 conn_id;  /* unique per connection for the life of the loaded programs; survives fd reuse */
 	__u64 len;      /* bytes the syscall moved (its return value); may exceed head_len */
 	__u32 tgid;

@@ -9,7 +9,9 @@
 
 pub mod agent;
 pub mod cleanup;
+pub mod h1;
 pub mod http;
+pub mod kernel;
 pub mod metrics;
 pub mod process;
 pub mod server;

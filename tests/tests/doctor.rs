@@ -21,7 +21,11 @@ fn doctor(prefix: &[&str], json: bool) -> Result<(i32, String)> {
         cmd.arg("--json");
     }
     let out = cmd.output().context("running servescope doctor")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok((out.status.code().unwrap_or(-1), text))
 }
 
@@ -30,11 +34,19 @@ fn healthy_machine_passes_with_a_real_dry_run() -> Result<()> {
     require_root()?;
     let (code, text) = doctor(&[], false)?;
     ensure!(code == 0, "doctor failed on the CI machine:\n{text}");
-    ensure!(text.contains("load+attach") && text.contains("every program loaded"), "{text}");
+    ensure!(
+        text.contains("load+attach") && text.contains("every program loaded"),
+        "{text}"
+    );
     let (code, json) = doctor(&[], true)?;
     ensure!(code == 0);
     let v: serde_json::Value = serde_json::from_str(&json).context("doctor --json is JSON")?;
-    ensure!(v["checks"].as_array().is_some_and(|a| a.iter().all(|c| c["status"] != "fail")), "{json}");
+    ensure!(
+        v["checks"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|c| c["status"] != "fail")),
+        "{json}"
+    );
     Ok(())
 }
 
@@ -51,18 +63,40 @@ fn missing_tracefs_in_a_mount_namespace_is_a_failure_with_the_mount_command() ->
         .output()
         .context("running doctor in a mount namespace")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.code() == Some(1), "expected exit 1, got {:?}:\n{text}", out.status);
+    ensure!(
+        out.status.code() == Some(1),
+        "expected exit 1, got {:?}:\n{text}",
+        out.status
+    );
     ensure!(text.contains("[FAIL] tracefs"), "{text}");
-    ensure!(text.contains("mount -t tracefs tracefs /sys/kernel/tracing"), "no fix offered:\n{text}");
+    ensure!(
+        text.contains("mount -t tracefs tracefs /sys/kernel/tracing"),
+        "no fix offered:\n{text}"
+    );
     Ok(())
 }
 
 #[test]
 fn unprivileged_user_is_told_which_capabilities_are_missing() -> Result<()> {
     require_root()?;
-    let (code, text) = doctor(&["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"], false)?;
-    ensure!(code == 1, "expected exit 1 without privileges, got {code}:\n{text}");
-    ensure!(text.contains("[FAIL] capabilities") && text.contains("CAP_BPF"), "{text}");
+    let (code, text) = doctor(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ],
+        false,
+    )?;
+    ensure!(
+        code == 1,
+        "expected exit 1 without privileges, got {code}:\n{text}"
+    );
+    ensure!(
+        text.contains("[FAIL] capabilities") && text.contains("CAP_BPF"),
+        "{text}"
+    );
     ensure!(text.contains("[FAIL] load+attach"), "{text}");
     ensure!(!text.contains("panicked"), "{text}");
     Ok(())

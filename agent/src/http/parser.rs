@@ -12,6 +12,10 @@
 //! - Responses are paired with requests in arrival order (FIFO). TorchServe may answer pipelined
 //!   requests out of order; then status classes stay exact but a pair's model attribution and latency
 //!   may be swapped between the pipelined requests (README "How it counts").
+//! - Only the first `events::HEAD_MAX` bytes of each read are copied. Pipelined requests whose heads
+//!   begin beyond them (a burst sent in one write and read in one syscall) cannot be seen: their
+//!   responses count in their status class and in `unmatched_responses`, not under a model; the next
+//!   read that starts at a request boundary restores exact attribution.
 //! - `100 Continue` is interim: it neither pairs nor counts.
 //! - A connection first seen mid-stream (open before the agent started, or evicted from the kernel map)
 //!   is picked up at the first read that begins with a request line; bytes before it are ignored.
@@ -68,6 +72,10 @@ enum ReqState {
     UntilResponse { req: Request },
     /// The rest of a body the server already answered (e.g. after an early 413).
     Discard { remaining: u64 },
+    /// A request whose head lies beyond the bytes the kernel copied of a read (a burst of pipelined
+    /// requests): it exists, but cannot be seen. Like `UntilResponse`, ends when a response starts;
+    /// that response, and any other with nothing left to pair with, counts as unmatched.
+    Unseen,
 }
 
 #[derive(Debug)]
@@ -83,9 +91,11 @@ enum RespState {
         ex: Exchange,
     },
     /// Chunked or close-delimited body (or bytes of a response we never saw the head of): writes are
-    /// body until one begins with a status line, or the connection closes.
+    /// body until one begins with a status line, or the connection closes, or — `chunked` — a write
+    /// seen whole ends with the last chunk.
     UntilNextHead {
         ex: Option<Exchange>,
+        chunked: bool,
     },
 }
 
@@ -161,7 +171,10 @@ impl Conn {
                 // First request boundary of a connection picked up mid-stream: whatever response is
                 // still being written belongs to a request we never saw.
                 self.resp_synced = true;
-                self.resp = RespState::UntilNextHead { ex: None };
+                self.resp = RespState::UntilNextHead {
+                    ex: None,
+                    chunked: false,
+                };
             }
         }
         let mut off: u64 = 0;
@@ -227,9 +240,11 @@ impl Conn {
                                 self.req = ReqState::UntilResponse { req };
                                 off = len;
                             } else {
-                                stats.parse_errors += 1;
-                                self.desync();
-                                return;
+                                // A valid beginning (httparse said Partial, possibly of nothing at
+                                // all) cut off by the copy limit: a real request we cannot read, not a
+                                // parse error.
+                                self.req = ReqState::Unseen;
+                                off = len;
                             }
                         }
                         HeadParse::Invalid => {
@@ -258,6 +273,7 @@ impl Conn {
                     req.complete_ns = ts_ns;
                     off = len;
                 }
+                ReqState::Unseen => off = len,
                 ReqState::Discard { remaining } => {
                     let n = rest.min(*remaining);
                     *remaining -= n;
@@ -295,12 +311,18 @@ impl Conn {
                     if captured.is_empty() {
                         // A response starting beyond the copied bytes: invisible; resynchronise on
                         // the next write that begins with a status line.
-                        self.resp = RespState::UntilNextHead { ex: None };
+                        self.resp = RespState::UntilNextHead {
+                            ex: None,
+                            chunked: false,
+                        };
                         break;
                     }
                     if !b"HTTP/".starts_with(&captured[..captured.len().min(5)]) {
                         stats.parse_errors += 1;
-                        self.resp = RespState::UntilNextHead { ex: None };
+                        self.resp = RespState::UntilNextHead {
+                            ex: None,
+                            chunked: false,
+                        };
                         break;
                     }
                     self.resp = RespState::Head {
@@ -326,13 +348,19 @@ impl Conn {
                             Some(head) => (rest, head),
                             None => {
                                 stats.parse_errors += 1;
-                                self.resp = RespState::UntilNextHead { ex: None };
+                                self.resp = RespState::UntilNextHead {
+                                    ex: None,
+                                    chunked: false,
+                                };
                                 break;
                             }
                         },
                         RespParse::Invalid => {
                             stats.parse_errors += 1;
-                            self.resp = RespState::UntilNextHead { ex: None };
+                            self.resp = RespState::UntilNextHead {
+                                ex: None,
+                                chunked: false,
+                            };
                             break;
                         }
                     };
@@ -399,7 +427,10 @@ impl Conn {
                                 finish(&mut out, ex, ts_ns, &mut self.resp);
                             } else {
                                 self.last_write_ns = ts_ns;
-                                self.resp = RespState::UntilNextHead { ex: Some(ex) };
+                                self.resp = RespState::UntilNextHead {
+                                    ex: Some(ex),
+                                    chunked: head_info.framing == Framing::UntilOther,
+                                };
                             }
                         }
                     }
@@ -416,7 +447,7 @@ impl Conn {
                         finish(&mut out, ex, ts_ns, &mut self.resp);
                     }
                 }
-                RespState::UntilNextHead { ex } => {
+                RespState::UntilNextHead { ex, chunked } => {
                     if off == 0 && captured.starts_with(b"HTTP/1.") {
                         if let Some(ex) = ex.take() {
                             let end = self.last_write_ns;
@@ -428,6 +459,17 @@ impl Conn {
                             ex.response.bytes += rest;
                         }
                         self.last_write_ns = ts_ns;
+                        // Servers that stream chunks write the terminating `0\r\n\r\n` on its own (or
+                        // with the last chunk): the response ends there, not at the next response,
+                        // which on an idle keep-alive connection may never come.
+                        let last_chunk =
+                            off == 0 && head.len() as u64 == len && head.ends_with(b"0\r\n\r\n");
+                        if *chunked
+                            && last_chunk
+                            && let Some(ex) = ex.take()
+                        {
+                            finish(&mut out, ex, ts_ns, &mut self.resp);
+                        }
                         break;
                     }
                 }
@@ -442,7 +484,9 @@ impl Conn {
     pub fn on_close(&mut self) -> Option<Exchange> {
         match std::mem::replace(&mut self.resp, RespState::Idle) {
             RespState::Body { ex, .. } => Some(ex),
-            RespState::UntilNextHead { ex: Some(mut ex) } => {
+            RespState::UntilNextHead {
+                ex: Some(mut ex), ..
+            } => {
                 ex.response.end_ns = Some(self.last_write_ns);
                 Some(ex)
             }
@@ -463,6 +507,7 @@ impl Conn {
                 Some(req)
             }
             ReqState::UntilResponse { req } => Some(req),
+            ReqState::Unseen => None,
             ReqState::Head {
                 buf,
                 first_ns,
@@ -624,10 +669,9 @@ fn parse_response_head(buf: &[u8]) -> RespParse {
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
                 .map(|h| request_id(h.value));
-            let framing = match body_framing(resp.headers) {
-                Some(Framing::None) => Framing::UntilOther,
-                Some(f) => f,
-                None => return RespParse::Invalid,
+            // Framing::None: close-delimited (HTTP/1.0 style); UntilOther: chunked.
+            let Some(framing) = body_framing(resp.headers) else {
+                return RespParse::Invalid;
             };
             RespParse::Complete {
                 used,
@@ -999,6 +1043,76 @@ mod tests {
         }
         assert_eq!(w.conn.pending(), MAX_PENDING);
         assert_eq!(w.stats.dropped_requests, 10);
+    }
+
+    #[test]
+    fn pipelined_burst_beyond_the_copy_counts_unseen_requests_as_unmatched() {
+        // Wherever the copy limit cuts the burst (in a request line, in a header, between requests),
+        // every response counts once: attributed if its request was seen, else unmatched.
+        for pad in 0..64 {
+            let mut w = Wire::new(true);
+            let path = format!("/predictions/burst?pad={}", "p".repeat(pad));
+            let burst: Vec<u8> = (0..40)
+                .flat_map(|_| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes())
+                .collect();
+            w.read(&burst);
+            for _ in 0..40 {
+                w.write(&ok(b""));
+            }
+            let seen = w.out.iter().filter(|e| e.request.is_some()).count();
+            assert_eq!(w.out.len(), 40, "pad {pad}: every response counts");
+            assert!(
+                seen >= 3,
+                "pad {pad}: the heads within the copy are attributed"
+            );
+            assert_eq!(
+                w.stats,
+                ParseStats {
+                    unmatched_responses: 40 - seen as u64,
+                    ..ParseStats::default()
+                },
+                "pad {pad}"
+            );
+            // The next request, read on its own, is attributed again.
+            w.read(&post("/predictions/after", b""));
+            w.write(&ok(b""));
+            assert_eq!(
+                w.out
+                    .last()
+                    .and_then(|e| e.request.as_ref())
+                    .map(|r| r.target.as_str()),
+                Some("/predictions/after")
+            );
+        }
+    }
+
+    #[test]
+    fn streamed_chunks_end_at_the_terminating_write() {
+        let mut w = Wire::new(true);
+        w.read(&post("/predictions/stream", b""));
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        w.write(&[b"10000\r\n".as_slice(), &[b'x'; 0x10000], b"\r\n"].concat());
+        w.write(b"5\r\nhello\r\n");
+        assert!(w.out.is_empty(), "chunks still coming");
+        let last = w.write(b"0\r\n\r\n");
+        // Reported at once, on an idle keep-alive connection, with its end time.
+        assert_eq!(
+            w.statuses(),
+            vec![(Some("/predictions/stream".into()), 200)]
+        );
+        assert_eq!(w.out[0].response.end_ns, Some(last));
+        w.read(&post("/predictions/next", b""));
+        w.write(&ok(b""));
+        assert_eq!(w.out.len(), 2);
+        assert_eq!(w.stats, ParseStats::default());
+
+        // A close-delimited body that happens to end like a last chunk is not cut short.
+        let mut w = Wire::new(true);
+        w.read(b"GET /old HTTP/1.0\r\n\r\n");
+        w.write(b"HTTP/1.0 200 OK\r\n\r\n");
+        w.write(b"text 0\r\n\r\n");
+        assert!(w.out.is_empty());
+        assert!(w.conn.on_close().is_some());
     }
 
     #[test]

@@ -1,0 +1,870 @@
+//! Every traffic shape production throws at a server is counted exactly: per model and version, per
+//! status class (TorchServe's Requests2XX/4XX/5XX and servescope's histogram), with no parse error, no
+//! unmatched response and no lost record — and with latency right where a delay is injected.
+//!
+//! The server is h1server (tests/src/bin/h1server.rs), which shapes each response from its query string
+//! (`?status=&delay_ms=&size=&mode=write|writev|multi|sendfile|send&chunked=1&gap_ms=&close=fin|rst`);
+//! the client is the harness's raw client, which sends bytes exactly as told: split, pipelined, reset,
+//! half-closed. Each test runs its own server and agent on free ports, so tests are independent.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Barrier},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use servescope_integration::{
+    Agent, ensure_kernel_prereqs,
+    h1::{
+        Client, Expected, Family, H1Server, chunked_bytes, eventually, get_bytes, latency_sum_us,
+        request_bytes,
+    },
+    kernel, log_dir, require_root,
+};
+
+const H1SERVER: &str = env!("CARGO_BIN_EXE_h1server");
+/// Agent start to "target traced": BPF load, attach, first discovery scan.
+const READY: Duration = Duration::from_secs(15);
+/// How long the agent's counts may lag the traffic.
+const SETTLE: Duration = Duration::from_secs(10);
+/// Per-request allowance above an injected delay: h1server's and the kernel's own work on loopback,
+/// generously, for a debug build on a busy 2-core machine.
+const SLACK_US: f64 = 15_000.0;
+
+/// The hostname the agent labels a process in the host's UTS namespace with.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A free loopback address for the agent's /metrics.
+fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Starts the agent tracing whatever listens on `ports` (and nothing else), and waits until it does.
+fn start_agent(logs: &Path, ports: &[u16], extra: &[&str]) -> Result<Agent> {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut args = vec!["--no-discovery", "--discovery-interval-ms", "100"];
+    for p in &ports {
+        args.extend(["--port", p.as_str()]);
+    }
+    args.extend(extra);
+    let agent = Agent::start(logs, free_addr()?, &args)?;
+    agent.wait_ready(READY)?;
+    Ok(agent)
+}
+
+/// One h1server traced by one agent.
+struct Traced {
+    logs: PathBuf,
+    server: H1Server,
+    agent: Agent,
+}
+
+fn traced(test: &str, family: Family, ports: &[u16], extra: &[&str]) -> Result<Traced> {
+    require_root()?;
+    ensure_kernel_prereqs()?;
+    let logs = log_dir(&format!("traffic_shapes/{test}"))?;
+    let server = H1Server::start(Path::new(H1SERVER), &logs, family, ports)?;
+    let agent = start_agent(&logs, &[server.port()], extra)?;
+    Ok(Traced {
+        logs,
+        server,
+        agent,
+    })
+}
+
+/// [`traced`], with the agent also writing its request log (`--request-log`) to `requests.jsonl`.
+fn traced_with_request_log(test: &str, family: Family) -> Result<Traced> {
+    require_root()?;
+    ensure_kernel_prereqs()?;
+    let logs = log_dir(&format!("traffic_shapes/{test}"))?;
+    let server = H1Server::start(Path::new(H1SERVER), &logs, family, &[0])?;
+    let log = logs.join("requests.jsonl").to_string_lossy().into_owned();
+    let agent = start_agent(&logs, &[server.port()], &["--request-log", &log])?;
+    Ok(Traced {
+        logs,
+        server,
+        agent,
+    })
+}
+
+impl Traced {
+    fn expect(&self) -> Expected {
+        Expected::new(&hostname())
+    }
+
+    fn client(&self) -> Result<Client> {
+        Client::connect(self.server.addr())
+    }
+
+    /// Once every client connection is closed, the kernel holds no connection state for the server.
+    fn assert_kernel_state_freed(&self) -> Result<()> {
+        let (agent, server) = (self.agent.pid(), self.server.pid());
+        let mut left = 0;
+        let freed = eventually(Duration::from_secs(3), || {
+            left = kernel::conns_of(agent, server).unwrap_or(usize::MAX);
+            left == 0
+        });
+        ensure!(
+            freed,
+            "the kernel's conns map still holds {left} entries of server {server} after every connection closed"
+        );
+        Ok(())
+    }
+
+    /// The agent's request log (`--request-log`), one JSON object per exchange.
+    fn request_log(&self, want_lines: usize) -> Result<Vec<serde_json::Value>> {
+        let path = self.logs.join("requests.jsonl");
+        let mut lines = Vec::new();
+        eventually(SETTLE, || {
+            lines = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            lines.len() >= want_lines
+        });
+        Ok(lines)
+    }
+}
+
+/// A client keeps one connection for hundreds of requests, as SDKs and load balancers do.
+#[test]
+fn keep_alive_connection_carries_hundreds_of_requests() -> Result<()> {
+    let t = traced("keep_alive", Family::V4, &[0], &[])?;
+    let mut c = t.client()?;
+    for i in 0..300 {
+        let st = c.call("POST", "/predictions/ka", format!("request {i}").as_bytes())?;
+        ensure!(st == 200, "answered {st}");
+    }
+    for _ in 0..100 {
+        ensure!(c.call("POST", "/predictions/ka/2.0?status=503", b"x")? == 503);
+    }
+    for _ in 0..50 {
+        ensure!(c.exchange(&get_bytes("/ping"))?.status == 200);
+    }
+    drop(c);
+    t.expect()
+        .inference("ka", "default", 200, 300)
+        .inference("ka", "2.0", 503, 100)
+        .other(200, 50)
+        .assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+/// 250 connections open at once, each carrying a few requests concurrently.
+#[test]
+fn hundreds_of_concurrent_connections() -> Result<()> {
+    const CONNS: usize = 250;
+    const PER_CONN: u32 = 4;
+    let t = traced("concurrent", Family::V4, &[0], &[])?;
+    // Every connection is open before the first request is sent.
+    let clients = (0..CONNS).map(|_| t.client()).collect::<Result<Vec<_>>>()?;
+    let start = Arc::new(Barrier::new(CONNS));
+    let mut want = t.expect();
+    let mut threads = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let model = format!("c{}", i % 5);
+        let status = match i % 10 {
+            0 => 503,
+            1 => 404,
+            _ => 200,
+        };
+        want.inference(&model, "default", status, PER_CONN);
+        let start = Arc::clone(&start);
+        threads.push(thread::spawn(move || -> Result<()> {
+            start.wait();
+            for _ in 0..PER_CONN {
+                let st = c.call(
+                    "POST",
+                    &format!("/predictions/{model}?status={status}"),
+                    b"x",
+                )?;
+                ensure!(st == status, "{model} answered {st}, asked for {status}");
+            }
+            Ok(())
+        }));
+    }
+    for th in threads {
+        th.join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    want.assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+/// Heads and bodies that reach the server in many reads: byte by byte, in odd chunk sizes, split right
+/// inside the blank line that ends the head. Latency starts at the request's *last* byte, so slow
+/// uploads do not inflate it.
+#[test]
+fn requests_arriving_byte_by_byte_and_in_odd_chunks() -> Result<()> {
+    const DELAY_MS: u32 = 30;
+    let t = traced("split_requests", Family::V4, &[0], &[])?;
+    let mut c = t.client()?;
+
+    // Byte by byte, 1 ms apart: ~100 ms of upload per request, then DELAY_MS in the server.
+    let bytewise = request_bytes(
+        "POST",
+        &format!("/predictions/bytewise?delay_ms={DELAY_MS}"),
+        b"twenty bytes of body",
+    );
+    for _ in 0..3 {
+        c.send_in_pieces(&bytewise, &[1], Duration::from_millis(1))?;
+        ensure!(c.read_reply()?.status == 200);
+    }
+    // A 64 KiB body in odd pieces (the head too), each its own read.
+    let odd = request_bytes("PUT", "/predictions/odd/3.1", &vec![b'o'; 64 * 1024]);
+    for _ in 0..3 {
+        c.send_in_pieces(&odd, &[1, 7, 13, 333, 4093], Duration::from_millis(1))?;
+        ensure!(c.read_reply()?.status == 200);
+    }
+    // Split inside the final CRLFCRLF, and between head and body.
+    let edge = request_bytes("POST", "/predictions/edge?status=404", b"body");
+    let blank = edge
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no blank line")?;
+    for cut in [blank + 1, blank + 2, blank + 3, blank + 4] {
+        c.send(&edge[..cut])?;
+        thread::sleep(Duration::from_millis(5));
+        c.send(&edge[cut..])?;
+        ensure!(c.read_reply()?.status == 404);
+    }
+    drop(c);
+
+    let m = t
+        .expect()
+        .inference("bytewise", "default", 200, 3)
+        .inference("odd", "3.1", 200, 3)
+        .inference("edge", "default", 404, 4)
+        .assert_agent(&t.agent, SETTLE)?;
+    // From the first byte it would be >= 100 ms + DELAY_MS per request.
+    let lat = latency_sum_us(&m, &hostname(), "bytewise", "default");
+    let floor = 3.0 * f64::from(DELAY_MS) * 1000.0;
+    ensure!(
+        (floor..floor + 3.0 * SLACK_US).contains(&lat),
+        "bytewise latency sum {lat} µs, want [{floor}, {}) µs",
+        floor + 3.0 * SLACK_US
+    );
+    t.assert_kernel_state_freed()
+}
+
+/// Pipelined requests (several sent before the first response is read) that h1server answers in order.
+#[test]
+fn pipelined_requests_on_one_connection() -> Result<()> {
+    let t = traced("pipelined", Family::V4, &[0], &[])?;
+    let mut want = t.expect();
+    let mut c = t.client()?;
+    // Short requests in groups of three per write: all three heads are within the bytes the kernel
+    // copies from the server's read, so each request is attributed to its model.
+    for round in 0..30u32 {
+        let mut batch = Vec::new();
+        let group = [("p1", 200), ("p2", 404), ("p1", 503)];
+        for (model, status) in group {
+            let body: &[u8] = if round % 2 == 0 { b"" } else { b"xy" };
+            batch.extend(request_bytes(
+                "POST",
+                &format!("/predictions/{model}?status={status}"),
+                body,
+            ));
+        }
+        c.send(&batch)?;
+        for (model, status) in group {
+            let st = c.read_reply()?.status;
+            ensure!(st == status, "{model}: {st}");
+            want.inference(model, "default", status, 1);
+        }
+    }
+    // A pipelined batch split at odd places, so that requests straddle the server's reads.
+    let mut batch = Vec::new();
+    for i in 0..6 {
+        batch.extend(request_bytes(
+            "POST",
+            &format!("/predictions/p3?delay_ms={}", i % 2),
+            b"0123456789",
+        ));
+    }
+    c.send_in_pieces(&batch, &[5, 301, 77], Duration::from_millis(1))?;
+    for _ in 0..6 {
+        ensure!(c.read_reply()?.status == 200);
+    }
+    want.inference("p3", "default", 200, 6);
+    drop(c);
+    want.assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+/// A burst of pipelined requests larger than what the kernel copies of one read (events.h
+/// SS_HEAD_MAX, 512 bytes): the requests whose heads lie beyond the copy cannot be seen. The documented
+/// rule (agent/src/http/parser.rs): every response still counts in its status class; the ones that
+/// cannot be paired with a request count in servescope_unmatched_responses_total instead of a model,
+/// never silently; the next request boundary restores exact attribution.
+#[test]
+fn pipelined_burst_beyond_the_copied_bytes() -> Result<()> {
+    const BURST: u32 = 40;
+    let t = traced("pipelined_burst", Family::V4, &[0], &[])?;
+    let mut c = t.client()?;
+    let mut burst = Vec::new();
+    for i in 0..BURST {
+        let status = if i % 4 == 0 { 503 } else { 200 };
+        burst.extend(get_bytes(&format!("/predictions/burst?status={status}")));
+    }
+    c.send(&burst)?;
+    for _ in 0..BURST {
+        c.read_reply()?;
+    }
+    // Back to one request at a time: attributed again.
+    for _ in 0..5 {
+        ensure!(c.call("POST", "/predictions/after", b"")? == 200);
+    }
+    drop(c);
+    let host = hostname();
+    let m = t.agent.wait_until(SETTLE, "all responses counted", |m| {
+        m.sum("Requests2XX") + m.sum("Requests5XX") >= f64::from(BURST + 5)
+    })?;
+    thread::sleep(Duration::from_millis(300));
+    let m = t.agent.scrape().unwrap_or(m);
+    let get = |f: &str, labels: &[(&str, &str)]| m.get(f, labels).unwrap_or(0.0);
+    let hostl = [("Level", "Host"), ("Hostname", host.as_str())];
+    // Status classes are exact.
+    assert_eq!(
+        get("Requests2XX", &hostl),
+        f64::from(BURST - BURST / 4) + 5.0
+    );
+    assert_eq!(get("Requests5XX", &hostl), f64::from(BURST / 4));
+    // Attributed + unmatched = every response of the burst; nothing is lost silently.
+    let model = |name: &str| {
+        get(
+            "ts_inference_requests_total",
+            &[
+                ("model_name", name),
+                ("model_version", "default"),
+                ("hostname", host.as_str()),
+            ],
+        )
+    };
+    let attributed = model("burst");
+    let unmatched = m.sum("servescope_unmatched_responses_total");
+    eprintln!(
+        "burst of {BURST}: {attributed} attributed, {unmatched} unmatched, {} parse errors",
+        m.sum("servescope_http_parse_errors_total")
+    );
+    ensure!(
+        attributed + unmatched == f64::from(BURST),
+        "burst: {attributed} attributed + {unmatched} unmatched != {BURST}"
+    );
+    ensure!(
+        attributed >= 4.0,
+        "the heads within the copied bytes are attributed"
+    );
+    assert_eq!(model("after"), 5.0);
+    // Unseen is not malformed.
+    assert_eq!(m.sum("servescope_http_parse_errors_total"), 0.0);
+    assert_eq!(m.sum("servescope_kernel_lost_events_total"), 0.0);
+    t.assert_kernel_state_freed()
+}
+
+/// Request bodies from empty to 8 MiB with Content-Length, chunked bodies (small and 2 MiB), and
+/// `Expect: 100-continue`, one after another on one connection: framing stays aligned, and latency
+/// starts when the last body byte arrived, not the first.
+#[test]
+fn request_bodies_from_empty_to_8_mib_and_chunked() -> Result<()> {
+    let t = traced("bodies", Family::V4, &[0], &[])?;
+    let mut c = t.client()?;
+    for (version, size) in [
+        ("0", 0usize),
+        ("1k", 1024),
+        ("1m", 1 << 20),
+        ("8m", 8 << 20),
+        ("9m", 9 << 20),
+    ] {
+        let body = vec![b'b'; size];
+        ensure!(c.call("POST", &format!("/predictions/cl/{version}"), &body)? == 200);
+    }
+    ensure!(
+        c.exchange(&chunked_bytes(
+            "/predictions/chunked/small",
+            b"hello chunked world",
+            5
+        ))?
+        .status
+            == 200
+    );
+    ensure!(
+        c.exchange(&chunked_bytes(
+            "/predictions/chunked/2m?status=201",
+            &vec![b'c'; 2 << 20],
+            64 * 1024
+        ))?
+        .status
+            == 201
+    );
+    // Expect: 100-continue: the interim 100 neither pairs nor counts.
+    let body = vec![b'e'; 1024];
+    let mut head = format!(
+        "POST /predictions/continue HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    c.send(&head)?;
+    thread::sleep(Duration::from_millis(20));
+    c.send(&body)?;
+    ensure!(c.read_reply()?.status == 200);
+    // A slow 8 MiB upload: 8 pieces 15 ms apart (> 100 ms in all), answered at once.
+    head = request_bytes("POST", "/predictions/slowup", &vec![b's'; 8 << 20]);
+    c.send_in_pieces(&head, &[1 << 20], Duration::from_millis(15))?;
+    ensure!(c.read_reply()?.status == 200);
+    // And a small request after all that: still aligned.
+    ensure!(c.call("POST", "/predictions/after", b"x")? == 200);
+    drop(c);
+
+    let m = t
+        .expect()
+        .inference("cl", "0", 200, 1)
+        .inference("cl", "1k", 200, 1)
+        .inference("cl", "1m", 200, 1)
+        .inference("cl", "8m", 200, 1)
+        .inference("cl", "9m", 200, 1)
+        .inference("chunked", "small", 200, 1)
+        .inference("chunked", "2m", 201, 1)
+        .inference("continue", "default", 200, 1)
+        .inference("slowup", "default", 200, 1)
+        .inference("after", "default", 200, 1)
+        .assert_agent(&t.agent, SETTLE)?;
+    let lat = latency_sum_us(&m, &hostname(), "slowup", "default");
+    ensure!(
+        lat < SLACK_US,
+        "slow upload: latency {lat} µs should start at the last body byte (upload took > 100 ms)"
+    );
+    t.assert_kernel_state_freed()
+}
+
+/// Responses leave the server by write, writev(head, body), several writes (the head itself split),
+/// sendfile, send, and chunked encoding; from 0 B to 8 MiB. Every one counts once, and its bytes are
+/// all accounted (request log's response_bytes).
+#[test]
+fn responses_by_write_writev_several_writes_and_sendfile() -> Result<()> {
+    let t = traced_with_request_log("response_modes", Family::V4)?;
+
+    let sizes = [
+        ("0", 0usize),
+        ("1k", 1024),
+        ("1m", 1 << 20),
+        ("8m", 8 << 20),
+    ];
+    let modes = ["write", "writev", "multi", "sendfile", "send"];
+    let mut want = t.expect();
+    let mut want_bytes = Vec::new();
+    for mode in modes {
+        let mut c = t.client()?;
+        for (label, size) in sizes {
+            let r = c.exchange(&get_bytes(&format!(
+                "/predictions/{mode}/{label}?mode={mode}&size={size}"
+            )))?;
+            ensure!(
+                r.status == 200 && r.body_len == size,
+                "{mode} {label}: {r:?}"
+            );
+            want.inference(mode, label, 200, 1);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: keep-alive\r\n\r\n"
+            );
+            want_bytes.push((format!("/predictions/{mode}/{label}"), head.len() + size));
+        }
+    }
+    // Chunked responses, each chunk its own write: 5 B and 1 MiB (16 chunks).
+    let mut c = t.client()?;
+    for (label, size) in [("5", 5usize), ("1m", 1 << 20)] {
+        let r = c.exchange(&get_bytes(&format!(
+            "/predictions/chunked/{label}?chunked=1&size={size}&status=202"
+        )))?;
+        ensure!(
+            r.status == 202 && r.body_len == size,
+            "chunked {label}: {r:?}"
+        );
+        want.inference("chunked", label, 202, 1);
+    }
+    // A close-delimited error, like TorchServe's status >= 400 responses.
+    let mut c2 = t.client()?;
+    ensure!(
+        c2.exchange(&get_bytes(
+            "/predictions/closing?status=500&close=fin&mode=writev"
+        ))?
+        .status
+            == 500
+    );
+    c2.wait_closed()?;
+    want.inference("closing", "default", 500, 1);
+    drop((c, c2));
+    want.assert_agent(&t.agent, SETTLE)?;
+
+    let lines = t.request_log(want_bytes.len())?;
+    let mut problems = Vec::new();
+    for (path, bytes) in &want_bytes {
+        let got: Vec<u64> = lines
+            .iter()
+            .filter(|l| l["path"].as_str() == Some(path))
+            .filter_map(|l| l["response_bytes"].as_u64())
+            .collect();
+        if got != [*bytes as u64] {
+            problems.push(format!("{path}: response_bytes {got:?}, want [{bytes}]"));
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "request log:\n  {}",
+        problems.join("\n  ")
+    );
+    t.assert_kernel_state_freed()
+}
+
+/// Large responses that take long to deliver: TorchServe's latency (and servescope's histogram) is the
+/// time to the status line, so it stays at the injected delay; the request log's total_us (first
+/// request byte to last response byte) carries the long tail.
+///
+/// Two ways a response takes long: the server trickles an 8 MiB body out in 128 writes 2 ms apart, or
+/// the client reads a 16 MiB body slowly, so that the server's single blocking write(), writev() or
+/// sendfile() returns only ~200 ms after the status line left.
+#[test]
+fn large_response_latency_is_time_to_first_byte() -> Result<()> {
+    const N: u32 = 3;
+    const DELAY_MS: u32 = 20;
+    const SLOW: usize = 16 << 20;
+    let t = traced_with_request_log("large_response_ttfb", Family::V4)?;
+    let mut c = t.client()?;
+    for _ in 0..N {
+        let started = Instant::now();
+        let r = c.exchange(&get_bytes(&format!(
+            "/predictions/big?size={}&mode=multi&gap_ms=2&delay_ms={DELAY_MS}",
+            8 << 20
+        )))?;
+        ensure!(r.status == 200 && r.body_len == 8 << 20);
+        ensure!(started.elapsed() >= Duration::from_millis(256));
+    }
+    // h1server builds a body of each size once: warm it up, so the slow reads below measure only the
+    // blocking writes.
+    ensure!(
+        c.exchange(&get_bytes(&format!("/predictions/warmup?size={SLOW}")))?
+            .body_len
+            == SLOW
+    );
+    for mode in ["write", "writev", "sendfile"] {
+        c.send(&get_bytes(&format!(
+            "/predictions/slow_reader/{mode}?mode={mode}&size={SLOW}"
+        )))?;
+        let started = Instant::now();
+        for _ in 0..SLOW / (256 * 1024) {
+            c.read_some(256 * 1024)?;
+            thread::sleep(Duration::from_millis(3));
+        }
+        ensure!(started.elapsed() >= Duration::from_millis(192));
+    }
+    drop(c);
+    let mut want = t.expect();
+    want.inference("big", "default", 200, N)
+        .inference("warmup", "default", 200, 1);
+    for mode in ["write", "writev", "sendfile"] {
+        want.inference("slow_reader", mode, 200, 1);
+    }
+    let m = want.assert_agent(&t.agent, SETTLE)?;
+    let lat = latency_sum_us(&m, &hostname(), "big", "default");
+    let floor = f64::from(N * DELAY_MS) * 1000.0;
+    ensure!(
+        (floor..floor + f64::from(N) * SLACK_US).contains(&lat),
+        "latency sum {lat} µs, want time to first byte: [{floor}, {}) µs",
+        floor + f64::from(N) * SLACK_US
+    );
+    let lines = t.request_log(N as usize + 4)?;
+    let mut problems = Vec::new();
+    for l in &lines {
+        let path = l["path"].as_str().unwrap_or_default();
+        let first = l["latency_us"].as_f64().unwrap_or(f64::MAX);
+        let total = l["total_us"].as_f64().unwrap_or(0.0);
+        if path == "/predictions/big"
+            && !(total >= 256_000.0 && first < f64::from(DELAY_MS) * 1000.0 + SLACK_US)
+        {
+            problems.push(format!(
+                "trickled: want latency_us ≈ {DELAY_MS} ms, total_us >= 256 ms: {l}"
+            ));
+        }
+        // The write blocked >= 192 ms; h1server's own work before it (in write mode, copying head and
+        // 16 MiB body into one buffer) takes some ms in a debug build.
+        if path.starts_with("/predictions/slow_reader/") && first >= 4.0 * SLACK_US {
+            problems.push(format!(
+                "slow reader: latency_us must not wait for the blocking write to finish: {l}"
+            ));
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    t.assert_kernel_state_freed()
+}
+
+/// Error responses after which the server closes: with RST (SO_LINGER 0, as TorchServe does for every
+/// status >= 400), with FIN, and `Connection: close` asked by the client.
+#[test]
+fn error_responses_closed_by_the_server() -> Result<()> {
+    let t = traced("server_close", Family::V4, &[0], &[])?;
+    for _ in 0..20 {
+        let mut c = t.client()?;
+        ensure!(c.call("POST", "/predictions/rst?status=503&close=rst", b"x")? == 503);
+        c.wait_closed()?;
+    }
+    for _ in 0..10 {
+        let mut c = t.client()?;
+        ensure!(c.call("POST", "/predictions/fin/1.0?status=404&close=fin", b"")? == 404);
+        c.wait_closed()?;
+    }
+    for _ in 0..5 {
+        let mut c = t.client()?;
+        let r = c.exchange(
+            b"GET /predictions/asked HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        )?;
+        ensure!(r.status == 200);
+        c.wait_closed()?;
+    }
+    t.expect()
+        .inference("rst", "default", 503, 20)
+        .inference("fin", "1.0", 404, 10)
+        .inference("asked", "default", 200, 5)
+        .assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+/// Clients that give up with RST: halfway through sending a request (nothing to count), and halfway
+/// through receiving an 8 MiB response (the server sent its status: it counts, as TorchServe counts
+/// every response it sends). The connections after them are unaffected.
+#[test]
+fn client_resets_mid_request_and_mid_response() -> Result<()> {
+    let t = traced("client_reset", Family::V4, &[0], &[])?;
+    // Mid-head and mid-body.
+    for partial in [
+        b"POST /predictions/cut_head HTTP/1.1\r\nContent-Le".to_vec(),
+        {
+            let mut v =
+                b"POST /predictions/cut_body HTTP/1.1\r\nContent-Length: 100000\r\n\r\n".to_vec();
+            v.extend(vec![b'z'; 1000]);
+            v
+        },
+    ] {
+        let mut c = t.client()?;
+        c.send(&partial)?;
+        thread::sleep(Duration::from_millis(20));
+        c.reset();
+        let mut next = t.client()?;
+        ensure!(next.call("POST", "/predictions/next", b"")? == 200);
+    }
+    // Mid-response, for each way of writing it.
+    for mode in ["write", "writev", "multi", "sendfile"] {
+        let mut c = t.client()?;
+        c.send(&get_bytes(&format!(
+            "/predictions/cut_response/{mode}?mode={mode}&size={}",
+            8 << 20
+        )))?;
+        c.read_some(64 * 1024)?;
+        c.reset();
+        let mut next = t.client()?;
+        ensure!(next.call("POST", "/predictions/next", b"")? == 200);
+    }
+    let mut want = t.expect();
+    want.inference("next", "default", 200, 6);
+    for mode in ["write", "writev", "multi", "sendfile"] {
+        want.inference("cut_response", mode, 200, 1);
+    }
+    want.assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+/// Clients that shutdown(SHUT_WR) after sending: the server reads EOF after the request(s), still
+/// answers, then closes.
+#[test]
+fn half_closed_clients() -> Result<()> {
+    let t = traced("half_closed", Family::V4, &[0], &[])?;
+    for _ in 0..10 {
+        let mut c = t.client()?;
+        c.send(&request_bytes(
+            "POST",
+            "/predictions/half?delay_ms=5",
+            b"last words",
+        ))?;
+        c.half_close()?;
+        ensure!(c.read_reply()?.status == 200);
+        c.wait_closed()?;
+    }
+    // Three pipelined requests, then the half-close.
+    let mut c = t.client()?;
+    let mut three = Vec::new();
+    for status in [200, 404, 200] {
+        three.extend(get_bytes(&format!("/predictions/half3?status={status}")));
+    }
+    c.send(&three)?;
+    c.half_close()?;
+    for status in [200, 404, 200] {
+        ensure!(c.read_reply()?.status == status);
+    }
+    c.wait_closed()?;
+    t.expect()
+        .inference("half", "default", 200, 10)
+        .inference("half3", "default", 200, 2)
+        .inference("half3", "default", 404, 1)
+        .assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+/// A connection dies in the middle of a request, and the server's next accept() gets the same fd
+/// number at once: the new connection starts clean (no leftover body length, no stale pairing).
+#[test]
+fn fd_reuse_gets_a_fresh_connection() -> Result<()> {
+    const ROUNDS: u32 = 20;
+    let t = traced("fd_reuse", Family::V4, &[0], &[])?;
+    let mut reused = 0;
+    for i in 0..ROUNDS {
+        let mut old = t.client()?;
+        // Half a large body, or a response still owed: either would poison the next connection's parse.
+        if i % 2 == 0 {
+            let mut partial =
+                b"POST /predictions/old HTTP/1.1\r\nContent-Length: 50000\r\n\r\n".to_vec();
+            partial.extend(vec![b'o'; 100]);
+            old.send(&partial)?;
+        } else {
+            old.send(b"POST /predictions/old HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")?;
+        }
+        let old_fd = wait_server_fd(&t.server, &old)?;
+        old.half_close()?;
+        old.wait_closed()?; // the server saw EOF and closed its fd
+        let mut new = t.client()?;
+        new.send(&request_bytes(
+            "POST",
+            "/predictions/new?status=201",
+            b"fresh",
+        ))?;
+        ensure!(new.read_reply()?.status == 201);
+        let new_fd = wait_server_fd(&t.server, &new)?;
+        if new_fd == old_fd {
+            reused += 1;
+        }
+    }
+    ensure!(
+        reused >= ROUNDS / 2,
+        "only {reused} of {ROUNDS} new connections reused the old fd: the test did not test fd reuse"
+    );
+    t.expect()
+        .inference("new", "default", 201, ROUNDS)
+        .assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+fn wait_server_fd(server: &H1Server, client: &Client) -> Result<i32> {
+    let mut fd = None;
+    eventually(Duration::from_secs(2), || {
+        fd = server.server_fd_of(client.stream());
+        fd.is_some()
+    });
+    fd.context("server-side fd of the connection not found in /proc")
+}
+
+/// IPv4, IPv6 and v4-mapped IPv6 listeners (TorchServe binds ::ffff:127.0.0.1), traced by one agent.
+#[test]
+fn ipv4_ipv6_and_v4_mapped_listeners() -> Result<()> {
+    require_root()?;
+    ensure_kernel_prereqs()?;
+    let logs = log_dir("traffic_shapes/address_families")?;
+    let servers = [Family::V4, Family::V6, Family::Mapped]
+        .into_iter()
+        .map(|f| H1Server::start(Path::new(H1SERVER), &logs, f, &[0]))
+        .collect::<Result<Vec<_>>>()?;
+    let ports: Vec<u16> = servers.iter().map(H1Server::port).collect();
+    let agent = start_agent(&logs, &ports, &[])?;
+    agent.wait_until(READY, "three targets", |m| {
+        m.sum("servescope_targets") >= 3.0
+    })?;
+    let mut want = Expected::new(&hostname());
+    for (server, name) in servers.iter().zip(["v4", "v6", "mapped"]) {
+        let mut c = Client::connect(server.addr())?;
+        for _ in 0..25 {
+            ensure!(c.call("POST", &format!("/predictions/{name}"), b"hi")? == 200);
+        }
+        ensure!(c.call("POST", &format!("/predictions/{name}?status=404"), b"")? == 404);
+        want.inference(name, "default", 200, 25)
+            .inference(name, "default", 404, 1);
+    }
+    want.assert_agent(&agent, SETTLE)?;
+    for server in &servers {
+        let (a, s) = (agent.pid(), server.pid());
+        ensure!(
+            eventually(Duration::from_secs(3), || kernel::conns_of(a, s)
+                .is_ok_and(|n| n == 0)),
+            "kernel state of server {s} not freed"
+        );
+    }
+    Ok(())
+}
+
+/// One process listening on three ports (TorchServe: inference, management, metrics): naming one port
+/// traces the process, and every port's responses count, as TorchServe counts them all.
+#[test]
+fn several_listening_ports_in_one_process() -> Result<()> {
+    let t = traced("several_ports", Family::V4, &[0, 0, 0], &[])?;
+    ensure!(t.server.ports().len() == 3);
+    let mut want = t.expect();
+    for (i, model) in ["inference", "management", "metrics"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = Client::connect(t.server.addr_of(i))?;
+        for _ in 0..10 {
+            ensure!(c.call("POST", &format!("/predictions/{model}"), b"")? == 200);
+        }
+        ensure!(c.exchange(&get_bytes("/ping?status=503"))?.status == 503);
+        want.inference(model, "default", 200, 10).other(503, 1);
+    }
+    want.assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
+/// Connections opened before the agent started are picked up at their next request boundary, never
+/// mis-parsed: a keep-alive connection idle in the server's read(), and one in the middle of uploading
+/// a large body when the agent starts.
+#[test]
+fn connections_open_before_the_agent_are_picked_up_at_the_next_request() -> Result<()> {
+    require_root()?;
+    ensure_kernel_prereqs()?;
+    let logs = log_dir("traffic_shapes/open_before_agent")?;
+    let server = H1Server::start(Path::new(H1SERVER), &logs, Family::V4, &[0])?;
+    let mut idle = Client::connect(server.addr())?;
+    for _ in 0..3 {
+        ensure!(idle.call("POST", "/predictions/before", b"x")? == 200);
+    }
+    // Half of a 1 MiB body is sent before the agent starts, the rest after.
+    let upload = request_bytes("POST", "/predictions/before_upload", &vec![b'u'; 1 << 20]);
+    let mut uploading = Client::connect(server.addr())?;
+    uploading.send(&upload[..upload.len() / 2])?;
+
+    let rl = logs.join("requests.jsonl").to_string_lossy().into_owned();
+    let agent = start_agent(&logs, &[server.port()], &["--request-log", &rl])?;
+    for _ in 0..5 {
+        ensure!(idle.call("POST", "/predictions/after", b"x")? == 200);
+    }
+    uploading.send(&upload[upload.len() / 2..])?;
+    ensure!(uploading.read_reply()?.status == 200);
+    for _ in 0..2 {
+        ensure!(uploading.call("POST", "/predictions/after_upload", b"y")? == 200);
+    }
+    drop((idle, uploading));
+    Expected::new(&hostname())
+        .inference("after", "default", 200, 5)
+        .inference("after_upload", "default", 200, 2)
+        .assert_agent(&agent, SETTLE)?;
+    let (a, s) = (agent.pid(), server.pid());
+    ensure!(
+        eventually(Duration::from_secs(3), || kernel::conns_of(a, s)
+            .is_ok_and(|n| n == 0)),
+        "kernel state of server {s} not freed"
+    );
+    Ok(())
+}
