@@ -40,7 +40,7 @@ pub enum Update {
 pub async fn read_events(
     ring: RingBuf<MapData>,
     registry: Registry,
-    mut sinks: Sinks,
+    sinks: Sinks,
     mut updates: mpsc::UnboundedReceiver<Update>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -48,59 +48,95 @@ pub async fn read_events(
     // AsyncFd owns the RingBuf, so the fd stays open until the AsyncFd is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
-    let mut table = ConnTable::new();
-    let mut targets: HashMap<u32, TargetInfo> = HashMap::new();
-    let mut exported = ParseStats::default();
+    let mut reader = Reader {
+        table: ConnTable::new(),
+        targets: HashMap::new(),
+        exported: ParseStats::default(),
+        registry,
+        sinks,
+    };
+    // The kernel wakes this task only when much is waiting (probes::DRAIN_INTERVAL): drain on a timer too.
+    let mut tick = tokio::time::interval(crate::probes::DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Ok(()),
+            // Before any record: discovery announces a process before the kernel may trace it.
             Some(update) = updates.recv() => match update {
                 Update::Added(pid, info) => {
-                    targets.insert(pid, info);
+                    reader.targets.insert(pid, info);
                 }
                 Update::Removed(pid) => {
-                    targets.remove(&pid);
-                    table.forget_process(pid);
+                    reader.targets.remove(&pid);
+                    reader.table.forget_process(pid);
                 }
             },
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    match Event::decode(&item) {
-                        Ok(ev) => {
-                            for ex in table.apply(&ev) {
-                                match targets.get(&ex.tgid) {
-                                    Some(t) => {
-                                        let dispatched = ex
-                                            .response
-                                            .request_id
-                                            .as_deref()
-                                            .and_then(|id| table.take_dispatch(id));
-                                        registry.record_with_dispatch(&ex, &t.hostname, t.flavor, dispatched);
-                                        // Never waits: a full sink queue drops the record, counted.
-                                        sinks.offer(&ex, &t.hostname);
-                                    }
-                                    // Records still in flight from a process just removed.
-                                    None => tracing::debug!(tgid = ex.tgid, "exchange of an untracked process"),
-                                }
+                reader.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = tick.tick() => reader.drain(ring.get_mut()),
+        }
+    }
+}
+
+/// The state of the ring-buffer reader.
+struct Reader {
+    table: ConnTable,
+    targets: HashMap<u32, TargetInfo>,
+    /// Parser counters already added to the registry.
+    exported: ParseStats,
+    registry: Registry,
+    sinks: Sinks,
+}
+
+impl Reader {
+    /// Handles every record waiting in the ring buffer.
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+        while let Some(item) = rb.next() {
+            match Event::decode(&item) {
+                Ok(ev) => {
+                    for ex in self.table.apply(&ev) {
+                        match self.targets.get(&ex.tgid) {
+                            Some(t) => {
+                                let dispatched = ex
+                                    .response
+                                    .request_id
+                                    .as_deref()
+                                    .and_then(|id| self.table.take_dispatch(id));
+                                self.registry.record_with_dispatch(
+                                    &ex,
+                                    &t.hostname,
+                                    t.flavor,
+                                    dispatched,
+                                );
+                                // Never waits: a full sink queue drops the record, counted.
+                                self.sinks.offer(&ex, &t.hostname);
                             }
-                        }
-                        Err(e) => {
-                            registry.decode_errors.inc();
-                            tracing::debug!(error = %e, "undecodable ring-buffer record");
+                            // Records still in flight from a process just removed.
+                            None => {
+                                tracing::debug!(tgid = ex.tgid, "exchange of an untracked process")
+                            }
                         }
                     }
                 }
-                guard.clear_ready();
-                let s = table.stats;
-                registry.parse_errors.inc_by(s.parse_errors - exported.parse_errors);
-                registry.unmatched_responses.inc_by(s.unmatched_responses - exported.unmatched_responses);
-                registry.dropped_requests.inc_by(s.dropped_requests - exported.dropped_requests);
-                exported = s;
+                Err(e) => {
+                    self.registry.decode_errors.inc();
+                    tracing::debug!(error = %e, "undecodable ring-buffer record");
+                }
             }
         }
+        let s = self.table.stats;
+        let r = &self.registry;
+        r.parse_errors
+            .inc_by(s.parse_errors - self.exported.parse_errors);
+        r.unmatched_responses
+            .inc_by(s.unmatched_responses - self.exported.unmatched_responses);
+        r.dropped_requests
+            .inc_by(s.dropped_requests - self.exported.dropped_requests);
+        self.exported = s;
     }
 }
 

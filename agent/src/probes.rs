@@ -11,6 +11,10 @@ use aya::{
 
 use crate::events::{ConnKey, LOSS_REASONS};
 
+/// How often the reader drains the ring buffer without being woken (the kernel wakes it only when an
+/// eighth of the ring is waiting: one wakeup per record would cost more than the tracing itself).
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The compiled object, embedded at build time by `agent/build.rs`.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockets.bpf.o"));
 
@@ -93,6 +97,9 @@ impl Probes {
             // TorchServe's frontend writes each job to its worker over a Unix socket: the frame's
             // request ids time the end of the queue (otf.rs).
             .override_global("trace_unix", &1u8, true)
+            // Wake the reader early only when an eighth of the ring is waiting; it also drains on
+            // its own every DRAIN_INTERVAL, so records wait at most that long.
+            .override_global("wakeup_bytes", &u64::from(ringbuf_bytes / 8), true)
             .load(OBJECT)
             .context(
                 "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \
