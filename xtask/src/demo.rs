@@ -306,7 +306,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 /// A handler plus a pipe rather than blocking the signals and `sigwait`: a blocked mask is inherited by
 /// children (std's `Command` keeps it), and the agent would then never see the SIGTERM that stops it.
 /// Handlers, unlike masks, are reset by exec.
-fn stop_everything_on_signal() -> Result<()> {
+pub fn stop_everything_on_signal() -> Result<()> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -331,7 +331,9 @@ fn stop_everything_on_signal() -> Result<()> {
                 }
                 return; // pipe closed or broken: nothing left to watch
             }
-            eprintln!("\nxtask demo: signal {byte}; stopping servescope and TorchServe ...");
+            eprintln!(
+                "\nxtask: signal {byte}; stopping what was started (servescope, servers) ..."
+            );
             cleanup::run_all();
             std::process::exit(128 + i32::from(byte));
         })

@@ -1,0 +1,299 @@
+//! What the bench reads from the machine: a process's CPU time and RSS (procfs), the kernel-side run time
+//! of the agent's BPF programs (`bpf_stats_enabled` + bpftool) and the machine facts RESULTS.md records.
+//! (The agent's connection map is read with the harness's `kernel::conns_keys`.)
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::TcpListener,
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+use servescope_integration::cleanup::{self, Registration};
+
+/// CPU time a process has used so far, in seconds (utime + stime of all its threads, /proc/PID/stat).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Field 2 (comm) is in parentheses and may contain spaces: count fields after the last ')'.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("unexpected {path}: {text}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After comm: state is field 3, so utime (14) and stime (15) are at indexes 11 and 12.
+    let tick = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .with_context(|| format!("no field {} in {path}", i + 3))
+    };
+    Ok((tick(11)? + tick(12)?) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Resident set size of a process in KiB (VmRSS from /proc/PID/status).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident set size in KiB (VmHWM).
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// The part of a process's RSS that is BPF map memory mapped into it (the ring buffer: the kernel maps
+/// its data pages twice, back to back, so readers never see a wrapped record, and RSS counts both), in
+/// KiB, from /proc/PID/smaps.
+pub fn bpf_map_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut in_bpf_map = false;
+    let mut kib = 0;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: `start-end perms offset dev inode [name]`.
+            in_bpf_map = line.ends_with("anon_inode:bpf-map");
+        } else if in_bpf_map && first == "Rss:" {
+            kib += fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(kib)
+}
+
+fn status_kib(pid: u32, key: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in {path}"))
+}
+
+/// The BPF program and map ids a process holds open, from the `prog_id:` / `map_id:` lines of its fds'
+/// fdinfo. This identifies *our* agent's objects even when other agents (concurrent tests) have loaded
+/// programs with the same names; Debian's bpftool does not report owning PIDs.
+fn bpf_ids(pid: u32, key: &str) -> Result<BTreeSet<u64>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = BTreeSet::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let Ok(entry) = entry else { continue };
+        // An fd may close between listing and reading: skip it.
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix(key)
+                && let Ok(id) = v.trim().parse()
+            {
+                ids.insert(id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let out = Command::new("bpftool")
+        .args(args)
+        .arg("-j")
+        .output()
+        .context("running bpftool (Debian: `apt-get install bpftool`)")?;
+    if !out.status.success() {
+        bail!(
+            "`bpftool {} -j` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing the output of `bpftool {} -j`", args.join(" ")))
+}
+
+/// Run statistics of one BPF program (kept by the kernel while `kernel.bpf_stats_enabled` is 1).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgStats {
+    pub name: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+/// Run statistics of the agent's programs (names starting `ss_`), by program name.
+pub fn prog_stats(agent_pid: u32) -> Result<BTreeMap<String, ProgStats>> {
+    let ours = bpf_ids(agent_pid, "prog_id:")?;
+    let all = bpftool_json(&["prog", "show"])?;
+    let mut stats = BTreeMap::new();
+    for p in all.as_array().into_iter().flatten() {
+        let id = p["id"].as_u64().unwrap_or(0);
+        let name = p["name"].as_str().unwrap_or_default();
+        if !ours.contains(&id) || !name.starts_with("ss_") {
+            continue;
+        }
+        stats.insert(
+            name.to_owned(),
+            ProgStats {
+                name: name.to_owned(),
+                run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+            },
+        );
+    }
+    if stats.is_empty() {
+        bail!("agent pid {agent_pid} holds no BPF programs named ss_*");
+    }
+    Ok(stats)
+}
+
+/// `after - before` per program.
+pub fn prog_delta(
+    before: &BTreeMap<String, ProgStats>,
+    after: &BTreeMap<String, ProgStats>,
+) -> Vec<ProgStats> {
+    let mut out: Vec<ProgStats> = after
+        .values()
+        .map(|a| {
+            let b = before.get(&a.name).cloned().unwrap_or_default();
+            ProgStats {
+                name: a.name.clone(),
+                run_cnt: a.run_cnt.saturating_sub(b.run_cnt),
+                run_time_ns: a.run_time_ns.saturating_sub(b.run_time_ns),
+            }
+        })
+        .filter(|p| p.run_cnt > 0)
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.run_time_ns));
+    out
+}
+
+/// Turns on `kernel.bpf_stats_enabled` while alive and restores the previous value afterwards (also on
+/// Ctrl-C, through the cleanup registry). The kernel then times every BPF program run, which itself
+/// costs a little, so the bench enables it only for the runs that report program run time.
+pub struct BpfStats {
+    _restore: Registration,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> Result<BpfStats> {
+        let old = fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("reading {BPF_STATS}"))?
+            .trim()
+            .to_owned();
+        fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
+        let restore = cleanup::register(move || {
+            if let Err(e) = fs::write(BPF_STATS, &old) {
+                eprintln!("could not restore {BPF_STATS} to {old}: {e}");
+            }
+        });
+        Ok(BpfStats { _restore: restore })
+    }
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr().context("reading the bound address")?.port())
+}
+
+/// Facts about the machine and the checkout, recorded with the results.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    pub date_utc: String,
+    pub git_commit: String,
+    pub wrk: String,
+    /// 1-minute load average when the bench started and when it ended: other work on the machine
+    /// shows up here and makes the numbers noisier.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+}
+
+impl Machine {
+    pub fn collect() -> Machine {
+        let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+        let cpu_model = read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, m)| m.trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let memory_gib = read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+        let commit = command_line("git", &["rev-parse", "--short=12", "HEAD"]);
+        let dirty =
+            !command_line("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        Machine {
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            cpu_model,
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            memory_gib: (memory_gib * 10.0).round() / 10.0,
+            date_utc: command_line("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+            git_commit: if dirty {
+                format!("{commit} (with uncommitted changes)")
+            } else {
+                commit
+            },
+            wrk: command_line("wrk", &["--version"])
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("?")
+                .to_owned(),
+            loadavg_start: loadavg(),
+            loadavg_end: String::new(),
+        }
+    }
+}
+
+/// The first line a command prints (stdout or stderr; wrk prints its version on stderr), or "".
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .current_dir(servescope_integration::workspace_root())
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// The three load averages from /proc/loadavg.
+pub fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
