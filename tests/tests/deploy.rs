@@ -992,6 +992,9 @@ fn systemd_unit_sandbox_runs_the_agent() -> Result<()> {
     fs::write(&strace_out, "")?;
     // The unprivileged agent reopens the file through /proc/self/fd: it must own it.
     std::os::unix::fs::chown(&strace_out, Some(UID), Some(UID))?;
+    // The unit's PrivateTmp hides /tmp, where a checkout (and so target/debug/servescope) may live:
+    // run a copy from /run, as the unit runs /usr/local/bin/servescope.
+    let bin_copy = RunCopy::of(&Agent::binary()?)?;
     let wrapper = logs.join("sandbox.sh");
     fs::write(
         &wrapper,
@@ -1014,7 +1017,7 @@ exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs \
             strace = strace_out.display(),
             uid = UID,
             caps = caps,
-            bin = Agent::binary()?.display(),
+            bin = bin_copy.path().display(),
         ),
     )?;
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
@@ -1276,4 +1279,30 @@ exec setpriv --inh-caps=-all --bounding-set=-all,{caps} -- '{bin}' "$@"
     ensure!(status.success(), "the agent exited with {status}");
     drop(server);
     Ok(())
+}
+
+/// A copy of the agent binary under /run (outside /tmp, which PrivateTmp replaces), removed on drop.
+struct RunCopy(PathBuf);
+
+impl RunCopy {
+    fn of(bin: &Path) -> Result<RunCopy> {
+        let dir = PathBuf::from(format!("/run/servescope-sandbox-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        let copy = dir.join("servescope");
+        fs::copy(bin, &copy)
+            .with_context(|| format!("copying {} to {}", bin.display(), copy.display()))?;
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))?;
+        Ok(RunCopy(dir))
+    }
+
+    fn path(&self) -> PathBuf {
+        self.0.join("servescope")
+    }
+}
+
+impl Drop for RunCopy {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
