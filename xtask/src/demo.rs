@@ -24,12 +24,22 @@ use crate::tasks::{self, build, setup_torchserve};
 const AGENT_PORT: u16 = 9082;
 
 /// The TorchServe families the agent fills today (the others are announced HELP/TYPE-only).
-const SERVED: [&str; 5] = [
+const SERVED: [&str; 15] = [
     "Requests2XX",
     "Requests4XX",
     "Requests5XX",
     "ts_inference_requests_total",
     "ts_inference_latency_microseconds",
+    "ts_queue_latency_microseconds",
+    "QueueTime",
+    "CPUUtilization",
+    "MemoryUsed",
+    "MemoryAvailable",
+    "MemoryUtilization",
+    "DiskUsage",
+    "DiskAvailable",
+    "DiskUtilization",
+    "GPUUtilization",
 ];
 
 pub fn run(release: bool, n: u32) -> Result<()> {
@@ -201,14 +211,17 @@ fn side_by_side(ts: &Metrics, agent: &Metrics) -> String {
     for (series, t, a, note) in rows {
         let _ = writeln!(out, "{series:<width$}  {t:>16}  {a:>16}  {note}");
     }
+    // Families TorchServe announces that have no servescope sample yet (no source, or no GPU here).
     let unserved: Vec<&String> = ts
         .types
         .keys()
-        .filter(|f| !SERVED.contains(&f.as_str()))
+        .filter(|f| agent.series(f).next().is_none())
         .collect();
     let _ = writeln!(
         out,
-        "\nOther TorchServe families ({}) are announced by servescope with HELP/TYPE only, until their sources land.",
+        "\nTorchServe families without servescope samples here ({}) are announced with HELP/TYPE only: no \
+         source yet (worker-side tracing), or no GPU on this machine. System gauges are sampled at other \
+         moments than TorchServe's collector, so they differ a little.",
         unserved
             .iter()
             .map(|s| s.as_str())
