@@ -59,17 +59,35 @@ pub enum Phase {
     Torchserve,
 }
 
-/// What `cargo xtask bench` was asked for.
+/// What `cargo xtask bench` was asked for (its command line).
+#[derive(Debug, clap::Args)]
 pub struct Options {
+    /// Short runs (under 2 minutes once built), the CI smoke test.
+    #[arg(long)]
     pub quick: bool,
+    /// Seconds per throughput/latency run (default 10, 3 with --quick).
+    #[arg(long, value_name = "SECS")]
     pub run_secs: Option<u64>,
+    /// Agent-off/agent-on pairs per measurement (default 5, 3 with --quick).
+    #[arg(long, value_name = "N")]
     pub reps: Option<u32>,
+    /// Run only these parts (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Phase>,
+    /// Do not pin server and load generator to CPUs.
+    #[arg(long)]
     pub no_pin: bool,
+    /// Benchmark this agent binary instead of building target/release/servescope.
+    #[arg(long, value_name = "PATH")]
     pub agent_bin: Option<PathBuf>,
-    /// Appended to every agent command line (e.g. `--ringbuf-bytes=2097152`), for before/after runs.
+    /// Extra argument for every agent started (repeatable), e.g. --agent-arg=--ringbuf-bytes=2097152.
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+    /// Add a perf profile (perf record -a -g) of an extra paced run per server to the results.
+    #[arg(long)]
     pub profile: bool,
+    /// Directory for RESULTS.md and results.json (default: bench/).
+    #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
 

@@ -58,35 +58,7 @@ enum Command {
     /// (wrk), added latency at a fixed rate, agent CPU and BPF run time per request, event loss at
     /// 5k/10k/20k req/s, RSS at 1/100/1,000 models, /metrics render time, start-up, connection churn.
     /// Prints PASS/FAIL per target. Fails if any event is lost or a throughput ratio is below 0.9.
-    Bench {
-        /// Short runs (under 2 minutes once built), the CI smoke test.
-        #[arg(long)]
-        quick: bool,
-        /// Seconds per throughput/latency run (default 10, 3 with --quick).
-        #[arg(long, value_name = "SECS")]
-        run_secs: Option<u64>,
-        /// Agent-off/agent-on pairs per measurement (default 5, 3 with --quick).
-        #[arg(long, value_name = "N")]
-        reps: Option<u32>,
-        /// Run only these parts (comma-separated).
-        #[arg(long, value_enum, value_delimiter = ',')]
-        only: Vec<bench::Phase>,
-        /// Do not pin server and load generator to CPUs.
-        #[arg(long)]
-        no_pin: bool,
-        /// Benchmark this agent binary instead of building target/release/servescope.
-        #[arg(long, value_name = "PATH")]
-        agent_bin: Option<std::path::PathBuf>,
-        /// Extra argument for every agent started (repeatable), e.g. --agent-arg=--ringbuf-bytes=2097152.
-        #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
-        agent_args: Vec<String>,
-        /// Add a perf profile (perf record -a -g) of an extra paced run per server to the results.
-        #[arg(long)]
-        profile: bool,
-        /// Directory for RESULTS.md and results.json (default: bench/).
-        #[arg(long, value_name = "DIR")]
-        out: Option<std::path::PathBuf>,
-    },
+    Bench(bench::Options),
     /// TorchServe + servescope + traffic; both /metrics side by side (root)
     ///
     /// Installs what is missing (apt packages, TorchServe under target/torchserve), starts TorchServe
@@ -115,27 +87,7 @@ fn main() -> ExitCode {
             test_args,
         } => tasks::test(!integration, !unit, &test_args),
         Command::Demo { release, n } => demo::run(release, n),
-        Command::Bench {
-            quick,
-            run_secs,
-            reps,
-            only,
-            no_pin,
-            agent_bin,
-            agent_args,
-            profile,
-            out,
-        } => bench::run(bench::Options {
-            quick,
-            run_secs,
-            reps,
-            only,
-            no_pin,
-            agent_bin,
-            agent_args,
-            profile,
-            out,
-        }),
+        Command::Bench(options) => bench::run(options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

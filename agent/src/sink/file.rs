@@ -104,7 +104,6 @@ pub(crate) fn run(
 mod tests {
     use std::{
         fs,
-        path::Path,
         sync::Arc,
         time::{Duration, Instant},
     };
@@ -112,12 +111,8 @@ mod tests {
     use super::*;
     use crate::{
         registry::Registry,
-        sink::{
-            SinkName,
-            clock::WallClock,
-            rotate::{Rotation, numbered},
-            tests::exchange,
-        },
+        sink::rotate::tests::read_all,
+        sink::{SinkName, clock::WallClock, rotate::Rotation, tests::exchange},
     };
 
     fn record(target: &str, status: u16) -> Record {
@@ -161,18 +156,6 @@ mod tests {
         assert!(v["request_id"].is_null() && v["client"].is_null() && v["latency_us"].is_null());
         assert_eq!(v.as_object().map(serde_json::Map::len), Some(15));
         Ok(())
-    }
-
-    /// Every line of the rotated set, oldest first.
-    fn read_all(path: &Path, retain: u32) -> anyhow::Result<Vec<String>> {
-        let mut lines = Vec::new();
-        for n in (1..=retain).rev() {
-            if let Ok(text) = fs::read_to_string(numbered(path, n)) {
-                lines.extend(text.lines().map(str::to_owned));
-            }
-        }
-        lines.extend(fs::read_to_string(path)?.lines().map(str::to_owned));
-        Ok(lines)
     }
 
     /// Under load: a producer thread at full speed, size rotation every few hundred lines, and an

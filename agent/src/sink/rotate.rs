@@ -399,7 +399,7 @@ fn next_boundary(now: SystemTime, interval: Option<Duration>) -> Option<SystemTi
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs;
 
     use super::*;
@@ -412,8 +412,8 @@ mod tests {
         }
     }
 
-    /// Every line of `path.<retain>` … `path.1`, `path`, oldest first.
-    fn read_all(path: &Path, retain: u32) -> anyhow::Result<Vec<String>> {
+    /// Every line of `path.<retain>` … `path.1`, `path`, oldest first (also used by file.rs's tests).
+    pub(crate) fn read_all(path: &Path, retain: u32) -> anyhow::Result<Vec<String>> {
         let mut lines = Vec::new();
         for n in (1..=retain).rev() {
             if let Ok(text) = fs::read_to_string(numbered(path, n)) {
