@@ -7,7 +7,13 @@ use std::{
     process::Command,
 };
 
-const PROGRAMS: &[&str] = &["sockets"];
+/// (source, object, extra clang flags). `sockets` is built twice: with per-thread state in task-local
+/// storage (the fast path), and with it in an LRU hash for kernels whose tracepoint programs cannot use
+/// task storage; `probes.rs` loads the first that the kernel accepts.
+const PROGRAMS: &[(&str, &str, &[&str])] = &[
+    ("sockets", "sockets", &["-DSS_TASK_STORAGE"]),
+    ("sockets", "sockets_compat", &[]),
+];
 
 fn main() {
     let manifest =
@@ -40,15 +46,16 @@ fn main() {
         )),
         Err(_) => "x86",
     };
-    for prog in PROGRAMS {
+    for (prog, object, flags) in PROGRAMS {
         let src = ebpf.join(format!("{prog}.bpf.c"));
         println!("cargo:rerun-if-changed={}", src.display());
-        let obj = out.join(format!("{prog}.bpf.o"));
+        let obj = out.join(format!("{object}.bpf.o"));
         let mut cmd = Command::new(&clang);
         cmd.args([
             "-target", "bpf", "-O2", "-g", "-mcpu=v3", "-Wall", "-Werror",
         ])
         .arg(format!("-D__TARGET_ARCH_{arch}"))
+        .args(*flags)
         .arg("-I")
         .arg(ebpf.join("include"))
         .arg("-I")

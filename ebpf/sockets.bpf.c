@@ -58,22 +58,82 @@ struct {
 	__type(value, struct conn_info);
 } conns SEC(".maps");
 
-struct data_args {
+/* What a thread's current syscall is doing, between its sys_enter and sys_exit. */
+enum call_state {
+	CALL_NONE = 0, /* no sys_enter seen: the exit falls back to the saved registers (R3) */
+	CALL_SKIP = 1, /* a data syscall on an fd that is not a traced socket: the exit does nothing */
+	CALL_DATA = 2, /* a data syscall on a traced connection: arguments and connection below */
+};
+
+/*
+ * Per-thread state of a traced process's thread. `gen` is the `targets_gen` it was decided under: the
+ * agent bumps that generation on every change to `targets`, so a thread of a process that stopped (or
+ * started) being traced is re-checked at its next syscall instead of trusting a stale answer.
+ */
+struct task_state {
 	__u64 buf;      /* buffer, iovec array or msghdr, per `sys` */
 	__u64 iovcnt;   /* iovec count for readv/writev */
 	__u64 enter_ns; /* when the syscall entered (0: not seen) */
+	__u64 gen;      /* targets_gen when `target` was decided */
+	__u64 conn_id;  /* the connection, copied at entry: the exit needs no second lookup */
 	__s32 fd;
-	__u8 sys;     /* enum ss_syscall */
-	__u8 _pad[3];
+	__u8 target;    /* the thread's process is in `targets` (as of gen) */
+	__u8 state;     /* enum call_state */
+	__u8 sys;       /* enum ss_syscall of the pending call */
+	__u8 family;
+	__u8 accepted;
+	__u8 _pad[7];
 };
 
-/* Arguments saved at sys_enter for the matching sys_exit, keyed by pid_tgid (one syscall per thread). */
+#ifdef SS_TASK_STORAGE
+/*
+ * Thread state lives in task-local storage: found from the task itself, freed with it, no hashing and
+ * no delete per syscall (a hash map keyed by thread costs an update at every entry and a lookup plus a
+ * delete at every exit: the largest part of a traced syscall's cost; bench/RESULTS.md). Threads of
+ * untraced processes get none. Needs task storage in tracepoint programs; older kernels load the
+ * SS_TASK_STORAGE=0 build of this file (probes.rs).
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct task_state);
+} tstate SEC(".maps");
+
+static __always_inline struct task_state *state_get(int create)
+{
+	return bpf_task_storage_get(&tstate, bpf_get_current_task_btf(), 0,
+				    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+#else
+/* Compatibility build: the same state in an LRU hash keyed by pid_tgid; threads that exit age out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
-	__type(value, struct data_args);
-} args SEC(".maps");
+	__type(value, struct task_state);
+} tstate SEC(".maps");
+
+static __always_inline struct task_state *state_get(int create)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct task_state *t = bpf_map_lookup_elem(&tstate, &id);
+	if (t || !create)
+		return t;
+	struct task_state zero = {};
+	if (bpf_map_update_elem(&tstate, &id, &zero, BPF_NOEXIST) && bpf_map_update_elem(&tstate, &id, &zero, BPF_ANY))
+		return NULL;
+	return bpf_map_lookup_elem(&tstate, &id);
+}
+#endif
+
+/* Generation of `targets` (index 0), bumped by the agent after every change to it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} targets_gen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -213,6 +273,7 @@ static __always_inline void fill_header(struct ss_event *ev, __u64 pid_tgid, int
 	ev->syscall = sys;
 	ev->family = c->family;
 	ev->accepted = c->accepted;
+	ev->busy_us = 0;
 }
 
 static __always_inline void submit(struct ss_event *ev)
@@ -286,16 +347,59 @@ static __always_inline void copy_iov(struct scratch *s, const struct iovec *iov,
 	s->ev.head_len = off > SS_HEAD_MAX ? SS_HEAD_MAX : off;
 }
 
+/*
+ * The state of the current thread when its process is traced, else NULL. State is created only for
+ * threads of traced processes; `targets` is consulted again only when its generation changed.
+ */
+static __always_inline struct task_state *traced_thread(__u64 id)
+{
+	__u32 zero = 0;
+	__u64 *genp = bpf_map_lookup_elem(&targets_gen, &zero);
+	__u64 gen = genp ? *genp : 0;
+	struct task_state *t = state_get(0);
+	if (t && t->gen == gen)
+		return t->target ? t : NULL;
+	int target = is_target(id >> 32);
+	if (!t) {
+		if (!target)
+			return NULL;
+		t = state_get(1);
+		if (!t) {
+			count_loss(SS_LOSS_ARGS_FULL);
+			return NULL;
+		}
+	}
+	t->gen = gen;
+	t->target = target;
+	t->state = CALL_NONE;
+	return target ? t : NULL;
+}
+
+/*
+ * sys_enter of a data syscall: decide here whether `fd` is a traced connection, so that the exit of a
+ * syscall on anything else (the JVM writes its log files ~30 times per request) costs one state read.
+ */
 static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	if (fd < 0 || !is_target(id >> 32))
+	struct task_state *t = traced_thread(id);
+	if (!t)
 		return 0;
-	struct data_args a = {
-		.buf = buf, .iovcnt = iovcnt, .enter_ns = bpf_ktime_get_ns(), .fd = fd, .sys = sys
-	};
-	if (bpf_map_update_elem(&args, &id, &a, BPF_ANY))
-		count_loss(SS_LOSS_ARGS_FULL);
+	t->sys = sys;
+	t->state = CALL_SKIP;
+	if (fd < 0)
+		return 0;
+	struct conn_info *c = get_conn(id, fd);
+	if (!c)
+		return 0;
+	t->buf = buf;
+	t->iovcnt = iovcnt;
+	t->enter_ns = bpf_ktime_get_ns();
+	t->fd = fd;
+	t->conn_id = c->id;
+	t->family = c->family;
+	t->accepted = c->accepted;
+	t->state = CALL_DATA;
 	return 0;
 }
 
@@ -306,7 +410,7 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
  * them at sys_exit. Without this the first request on each such connection would be lost, and the
  * connection picked up one request later than its next request boundary.
  */
-static __always_inline int args_from_regs(struct data_args *a, __u64 id, __u8 sys)
+static __always_inline int args_from_regs(struct task_state *a, __u64 id, __u8 sys)
 {
 	if (!is_target(id >> 32))
 		return 0;
@@ -323,37 +427,58 @@ static __always_inline int args_from_regs(struct data_args *a, __u64 id, __u8 sy
 	a->iovcnt = (sys == SS_SYS_READV || sys == SS_SYS_WRITEV) ? PT_REGS_PARM3_CORE_SYSCALL(regs) : 0;
 	a->sys = sys;
 	a->enter_ns = 0;
-	return a->fd >= 0;
+	if (a->fd < 0)
+		return 0;
+	struct conn_info *c = get_conn(id, a->fd);
+	if (!c)
+		return 0;
+	a->conn_id = c->id;
+	a->family = c->family;
+	a->accepted = c->accepted;
+	return 1;
+}
+
+/* Microseconds from `from` to `to`, saturating at the field's maximum. */
+static __always_inline __u32 micros_between(__u64 from, __u64 to)
+{
+	__u64 us = to > from ? (to - from) / 1000 : 0;
+	return us > 0xffffffffULL ? 0xffffffffU : (__u32)us;
 }
 
 static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct data_args a;
-	struct data_args *saved = bpf_map_lookup_elem(&args, &id);
-	if (saved) {
-		a = *saved;
-		bpf_map_delete_elem(&args, &id);
-		if (ret <= 0)
+	struct task_state a;
+	struct task_state *t = state_get(0);
+	if (t && t->state != CALL_NONE && t->sys == sys) {
+		__u8 state = t->state;
+		t->state = CALL_NONE;
+		if (state != CALL_DATA || ret <= 0)
 			return 0;
-	} else if (ret <= 0 || !args_from_regs(&a, id, sys)) {
-		return 0;
+		a = *t;
+	} else {
+		/* No entry of this syscall seen (or a stale one from before every program was attached). */
+		if (t)
+			t->state = CALL_NONE;
+		if (ret <= 0 || !args_from_regs(&a, id, sys))
+			return 0;
 	}
 
-	struct conn_info *c = get_conn(id, a.fd);
-	if (!c)
-		return 0;
 	struct scratch *s = get_scratch();
 	if (!s)
 		return 0;
-	fill_header(&s->ev, id, a.fd, c, SS_EV_DATA, dir, a.sys, (__u64)ret);
+	struct conn_info c = { .id = a.conn_id, .family = a.family, .accepted = a.accepted };
+	fill_header(&s->ev, id, a.fd, &c, SS_EV_DATA, dir, a.sys, (__u64)ret);
 	/*
 	 * Sent bytes are stamped when the write began: a blocking write of a large response to a slow
 	 * client returns only once the kernel has queued all of it, but its first bytes (the status line)
-	 * left at entry. Stamping at exit would turn time-to-first-byte into time-to-last-byte.
+	 * left at entry. Stamping at exit would turn time-to-first-byte into time-to-last-byte; the time
+	 * the write took goes in busy_us, so the end of the response is known too.
 	 */
-	if (dir == SS_DIR_EGRESS && a.enter_ns)
+	if (dir == SS_DIR_EGRESS && a.enter_ns) {
+		s->ev.busy_us = micros_between(a.enter_ns, s->ev.ts_ns);
 		s->ev.ts_ns = a.enter_ns;
+	}
 
 	switch (a.sys) {
 	case SS_SYS_READ:

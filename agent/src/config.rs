@@ -4,7 +4,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 
-use crate::sink::config::{SinkArgs, SinksConfig};
+use crate::{
+    probes::ThreadState,
+    sink::config::{SinkArgs, SinksConfig},
+};
 
 /// servescope — TorchServe's metrics, from the kernel.
 ///
@@ -69,6 +72,12 @@ pub struct Cli {
     #[arg(long, env = "SERVESCOPE_RINGBUF_BYTES", default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
     pub ringbuf_bytes: u32,
 
+    /// Where the kernel programs keep a thread's state between syscall entry and exit: `task-storage`
+    /// (fastest; needs task-local storage in tracepoint programs), `hash` (any 5.8+ kernel), or `auto`
+    /// (task storage when the kernel accepts it).
+    #[arg(long, env = "SERVESCOPE_THREAD_STATE", value_enum, default_value_t = ThreadState::Auto)]
+    pub thread_state: ThreadState,
+
     /// How often to sample the system (CPU, memory, disk) and GPU families, in seconds. CPUUtilization
     /// is the busy share over this interval. TorchServe's own collector runs every 60 s.
     #[arg(
@@ -106,6 +115,7 @@ pub struct Config {
     pub discover_torchserve: bool,
     pub discovery_interval: Duration,
     pub ringbuf_bytes: u32,
+    pub thread_state: ThreadState,
     pub sample_interval: Duration,
     pub sinks: SinksConfig,
 }
@@ -140,6 +150,7 @@ impl Cli {
             discover_torchserve: !self.no_discovery,
             discovery_interval: Duration::from_millis(self.discovery_interval_ms),
             ringbuf_bytes: self.ringbuf_bytes,
+            thread_state: self.thread_state,
             sample_interval: Duration::from_secs(self.sample_interval_secs),
             sinks: self.sinks.resolve()?,
         })

@@ -24,7 +24,8 @@ pub struct RawHeader {
     pub syscall: u8,
     pub family: u8,
     pub accepted: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    pub busy_us: u32,
 }
 
 /// `struct ss_event`: the largest record the kernel can send.
@@ -49,6 +50,7 @@ const _: () = assert!(offset_of!(RawHeader, dir) == 39);
 const _: () = assert!(offset_of!(RawHeader, syscall) == 40);
 const _: () = assert!(offset_of!(RawHeader, family) == 41);
 const _: () = assert!(offset_of!(RawHeader, accepted) == 42);
+const _: () = assert!(offset_of!(RawHeader, busy_us) == 44);
 const _: () = assert!(offset_of!(RawEvent, data) == 48);
 
 /// `struct ss_conn_key`: key of the kernel's connection map.
@@ -115,6 +117,9 @@ pub struct Event<'a> {
     /// Kernel time: when received bytes arrived (syscall exit), when sent bytes left (syscall entry:
     /// a blocking write of a large response returns much later), when close began.
     pub ts_ns: u64,
+    /// When a send returned (its last byte handed to the kernel): `ts_ns` plus the time it blocked.
+    /// Equal to `ts_ns` for everything else.
+    pub end_ns: u64,
     pub conn_id: u64,
     pub tgid: u32,
     pub fd: i32,
@@ -175,6 +180,7 @@ impl<'a> Event<'a> {
         };
         Ok(Event {
             ts_ns: h.ts_ns,
+            end_ns: h.ts_ns.saturating_add(u64::from(h.busy_us) * 1000),
             conn_id: h.conn_id,
             tgid: h.tgid,
             fd: h.fd,

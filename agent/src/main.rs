@@ -79,7 +79,7 @@ fn main() -> ExitCode {
 /// `servescope doctor`: the report on stdout, exit 1 when something must be fixed.
 fn doctor(json: bool) -> ExitCode {
     let report = servescope::doctor::run(&servescope::doctor::Env::default(), || {
-        Probes::load(8 * 1024 * 1024).map(drop)
+        Probes::load(8 * 1024 * 1024, servescope::probes::ThreadState::Auto).map(drop)
     });
     if json {
         match serde_json::to_string_pretty(&report) {
@@ -98,7 +98,11 @@ fn doctor(json: bool) -> ExitCode {
 /// Binds the metrics port, then loads and attaches the programs.
 fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Probes)> {
     let listener = server::bind_std(cfg.listen)?;
-    let probes = Probes::load(cfg.ringbuf_bytes)?;
+    let probes = Probes::load(cfg.ringbuf_bytes, cfg.thread_state)?;
+    tracing::info!(
+        thread_state = probes.thread_state().as_str(),
+        "eBPF programs loaded and attached"
+    );
     Ok((listener, probes))
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 
@@ -15,8 +15,34 @@ use crate::events::{ConnKey, LOSS_REASONS};
 /// eighth of the ring is waiting: one wakeup per record would cost more than the tracing itself).
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The compiled object, embedded at build time by `agent/build.rs`.
+/// The compiled objects, embedded at build time by `agent/build.rs`: the same source with a thread's
+/// syscall state in task-local storage, and in an LRU hash for older kernels.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockets.bpf.o"));
+static OBJECT_COMPAT: &[u8] =
+    include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockets_compat.bpf.o"));
+
+/// Where the kernel programs keep a thread's state between a syscall's entry and its exit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ThreadState {
+    /// Task-local storage if the kernel allows it in tracepoint programs, else the hash map.
+    #[default]
+    Auto,
+    /// Task-local storage: no hashing and no delete per syscall (about half the cost per traced
+    /// syscall, bench/RESULTS.md).
+    TaskStorage,
+    /// An LRU hash keyed by thread: works on every supported kernel (5.8+).
+    Hash,
+}
+
+impl ThreadState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThreadState::Auto => "auto",
+            ThreadState::TaskStorage => "task-storage",
+            ThreadState::Hash => "hash",
+        }
+    }
+}
 
 /// (program, syscall tracepoint) pairs; every one must load and attach.
 pub const PROGRAMS: [(&str, &str); 21] = [
@@ -51,6 +77,9 @@ pub struct Probes {
     /// Keeps programs and links alive.
     _ebpf: Ebpf,
     targets: HashMap<MapData, u32, u32>,
+    /// Bumped after every change to `targets`: threads re-check their process then (sockets.bpf.c).
+    targets_gen: Array<MapData, u64>,
+    thread_state: ThreadState,
     conns: HashMap<MapData, ConnKey, [u8; 16]>,
     losses: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
@@ -89,10 +118,34 @@ pub fn preflight() -> anyhow::Result<()> {
 }
 
 impl Probes {
-    /// Loads the object and attaches every program; any failure names the program and the fix.
-    pub fn load(ringbuf_bytes: u32) -> anyhow::Result<Self> {
+    /// Loads the object and attaches every program; any failure names the program and the fix. With
+    /// [`ThreadState::Auto`] a kernel that refuses the task-storage build gets the hash-map build.
+    pub fn load(ringbuf_bytes: u32, thread_state: ThreadState) -> anyhow::Result<Self> {
         preflight()?;
+        match thread_state {
+            ThreadState::Auto => match Self::load_object(ringbuf_bytes, ThreadState::TaskStorage) {
+                Ok(probes) => Ok(probes),
+                Err(e) => {
+                    tracing::info!(
+                        "task-local storage is not available to tracepoint programs on this kernel \
+                         ({e:#}); keeping per-thread syscall state in a hash map instead"
+                    );
+                    Self::load_object(ringbuf_bytes, ThreadState::Hash)
+                }
+            },
+            chosen => Self::load_object(ringbuf_bytes, chosen),
+        }
+    }
+
+    fn load_object(ringbuf_bytes: u32, thread_state: ThreadState) -> anyhow::Result<Self> {
+        let object = match thread_state {
+            ThreadState::Hash => OBJECT_COMPAT,
+            _ => OBJECT,
+        };
         let mut ebpf = EbpfLoader::new()
+            // aya creates task-storage maps but has no typed wrapper for them (only the kernel uses
+            // `tstate`).
+            .allow_unsupported_maps()
             .map_max_entries("events", ringbuf_bytes)
             // TorchServe's frontend writes each job to its worker over a Unix socket: the frame's
             // request ids time the end of the queue (otf.rs).
@@ -100,7 +153,7 @@ impl Probes {
             // Wake the reader early only when an eighth of the ring is waiting; it also drains on
             // its own every DRAIN_INTERVAL, so records wait at most that long.
             .override_global("wakeup_bytes", &u64::from(ringbuf_bytes / 8), true)
-            .load(OBJECT)
+            .load(object)
             .context(
                 "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \
                  with BTF and BPF ring buffers (5.8+), and no lockdown in confidentiality mode",
@@ -109,16 +162,37 @@ impl Probes {
             attach(&mut ebpf, prog, tracepoint)?;
         }
         let targets = HashMap::try_from(take(&mut ebpf, "targets")?).context("map `targets`")?;
+        let targets_gen =
+            Array::try_from(take(&mut ebpf, "targets_gen")?).context("map `targets_gen`")?;
         let conns = HashMap::try_from(take(&mut ebpf, "conns")?).context("map `conns`")?;
         let losses = PerCpuArray::try_from(take(&mut ebpf, "losses")?).context("map `losses`")?;
         let ring = RingBuf::try_from(take(&mut ebpf, "events")?).context("map `events`")?;
+        tracing::debug!(
+            thread_state = thread_state.as_str(),
+            "eBPF programs attached"
+        );
         Ok(Probes {
             _ebpf: ebpf,
             targets,
+            targets_gen,
+            thread_state,
             conns,
             losses,
             ring: Some(ring),
         })
+    }
+
+    /// Where the loaded programs keep per-thread state ([`ThreadState::Auto`] resolved).
+    pub fn thread_state(&self) -> ThreadState {
+        self.thread_state
+    }
+
+    /// Tells the programs that `targets` changed, so every thread re-checks its process.
+    fn bump_targets_gen(&mut self) -> anyhow::Result<()> {
+        let generation = self.targets_gen.get(&0, 0).context("reading targets_gen")?;
+        self.targets_gen
+            .set(0, generation.wrapping_add(1), 0)
+            .context("updating targets_gen")
     }
 
     /// Hands the ring buffer to its reader (once).
@@ -130,7 +204,8 @@ impl Probes {
     pub fn add_target(&mut self, tgid: u32) -> anyhow::Result<()> {
         self.targets
             .insert(tgid, 1, 0)
-            .with_context(|| format!("adding pid {tgid} to the kernel's target map"))
+            .with_context(|| format!("adding pid {tgid} to the kernel's target map"))?;
+        self.bump_targets_gen()
     }
 
     /// Stops tracing `tgid` and frees its connections' kernel state.
@@ -141,6 +216,7 @@ impl Probes {
                 return Err(e).with_context(|| format!("removing pid {tgid} from the target map"));
             }
         }
+        self.bump_targets_gen()?;
         let stale: Vec<ConnKey> = self
             .conns
             .keys()

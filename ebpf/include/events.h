@@ -53,7 +53,7 @@ enum ss_syscall {
 enum ss_loss {
 	/* bpf_ringbuf_output failed: the ring buffer was full. */
 	SS_LOSS_RINGBUF_FULL = 0,
-	/* The syscall-argument map was full at sys_enter: the exit had nothing to pair with. */
+	/* No per-thread state could be created at sys_enter: the exit had nothing to pair with. */
 	SS_LOSS_ARGS_FULL = 1,
 	/* The connection map was full: a new connection could not be tracked. */
 	SS_LOSS_CONNS_FULL = 2,
@@ -89,7 +89,9 @@ struct ss_event {
 	__u8 syscall;   /* enum ss_syscall */
 	__u8 family;    /* AF_INET / AF_INET6 / AF_UNIX of the socket */
 	__u8 accepted;  /* 1 if the connection was seen at accept(), 0 if picked up mid-stream */
-	__u8 _pad[5];
+	__u8 _pad;
+	__u32 busy_us;  /* sent bytes: microseconds from syscall entry to exit (saturating), so
+			 * ts_ns + busy_us is when the last byte was handed to the kernel; 0 otherwise */
 	__u8 data[SS_HEAD_MAX];
 };
 

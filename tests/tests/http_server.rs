@@ -135,13 +135,40 @@ fn host_counter(m: &Metrics, family: &str) -> f64 {
 
 #[test]
 fn counts_and_latency_match_what_was_sent() -> Result<()> {
+    // This kernel runs the task-local-storage build of the programs (auto picks it).
+    counts_and_latency("http_server", "auto", "task-storage")
+}
+
+/// The same with the build older kernels load (thread state in a hash map), so it stays tested here.
+#[test]
+fn counts_and_latency_match_with_the_hash_map_build() -> Result<()> {
+    counts_and_latency("http_server_hash", "hash", "hash")
+}
+
+fn counts_and_latency(name: &str, thread_state: &str, loaded: &str) -> Result<()> {
     require_root()?;
-    let logs = log_dir("http_server")?;
+    let logs = log_dir(name)?;
     let _server = start_server(SERVER_PORT)?;
     let listen: SocketAddr = AGENT.parse()?;
     let port = SERVER_PORT.to_string();
-    let agent = Agent::start(&logs, listen, &["--no-discovery", "--port", &port])?;
+    let agent = Agent::start(
+        &logs,
+        listen,
+        &[
+            "--no-discovery",
+            "--port",
+            &port,
+            "--thread-state",
+            thread_state,
+        ],
+    )?;
     agent.wait_ready(Duration::from_secs(15))?;
+    let want = format!("thread_state=\"{loaded}\"");
+    ensure!(
+        agent.log_tail().contains(&want),
+        "the agent should say it loaded the {loaded} build ({want}):\n{}",
+        agent.log_tail()
+    );
 
     // Keep-alive: one connection, 30 requests to alpha (200, 20 ms each) and 10 to beta (503).
     const ALPHA_N: u32 = 30;

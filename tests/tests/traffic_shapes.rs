@@ -554,6 +554,10 @@ fn large_response_latency_is_time_to_first_byte() -> Result<()> {
             .body_len
             == SLOW
     );
+    // A small receive buffer (no autotuning, which grows to 32 MiB on loopback) makes each 16 MiB
+    // write block until the client has read all but what the buffers hold: at least
+    // 16 MiB - 4 MiB (tcp_wmem max) - 128 KiB = ~11.9 MiB, i.e. >= 46 reads 3 ms apart.
+    set_rcvbuf(c.stream(), 64 << 10)?;
     for mode in ["write", "writev", "sendfile"] {
         c.send(&get_bytes(&format!(
             "/predictions/slow_reader/{mode}?mode={mode}&size={SLOW}"
@@ -598,6 +602,13 @@ fn large_response_latency_is_time_to_first_byte() -> Result<()> {
         if path.starts_with("/predictions/slow_reader/") && first >= 4.0 * SLACK_US {
             problems.push(format!(
                 "slow reader: latency_us must not wait for the blocking write to finish: {l}"
+            ));
+        }
+        // ... while time-to-last-byte must: each response is one blocking write (or writev, or
+        // sendfile) that returned only after >= 46 paced reads (see set_rcvbuf above): >= 138 ms.
+        if path.starts_with("/predictions/slow_reader/") && total < 130_000.0 {
+            problems.push(format!(
+                "slow reader: total_us must reach the end of the blocking write (>= 138 ms): {l}"
             ));
         }
     }
@@ -865,6 +876,27 @@ fn connections_open_before_the_agent_are_picked_up_at_the_next_request() -> Resu
         eventually(Duration::from_secs(3), || kernel::conns_of(a, s)
             .is_ok_and(|n| n == 0)),
         "kernel state of server {s} not freed"
+    );
+    Ok(())
+}
+
+/// Caps a socket's receive buffer (and so turns off its autotuning).
+fn set_rcvbuf(stream: &std::net::TcpStream, bytes: libc::c_int) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid fd owned by `stream`, and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setsockopt(SO_RCVBUF): {}",
+        std::io::Error::last_os_error()
     );
     Ok(())
 }

@@ -86,7 +86,9 @@ impl ConnTable {
                         conn.on_ingress(ev.ts_ns, ev.head, ev.len, &mut self.stats);
                         Vec::new()
                     }
-                    Direction::Egress => conn.on_egress(ev.ts_ns, ev.head, ev.len, &mut self.stats),
+                    Direction::Egress => {
+                        conn.on_egress(ev.ts_ns, ev.end_ns, ev.head, ev.len, &mut self.stats)
+                    }
                 }
             }
         }

@@ -286,11 +286,15 @@ impl Conn {
         }
     }
 
-    /// Bytes the server wrote: `len` in all, of which `head` were copied. Returns the exchanges whose
-    /// response ended in this write (or, for a response whose end cannot be seen, whose successor began).
+    /// Bytes the server wrote: `len` in all, of which `head` were copied; the write began at `ts_ns` (the
+    /// response's first byte, if it starts here) and returned at `end_ns` (its last byte, if it ends
+    /// here: a blocking write of a large response returns only once all of it is queued). Returns the
+    /// exchanges whose response ended in this write (or, for a response whose end cannot be seen, whose
+    /// successor began).
     pub fn on_egress(
         &mut self,
         ts_ns: u64,
+        end_ns: u64,
         head: &[u8],
         len: u64,
         stats: &mut ParseStats,
@@ -397,12 +401,12 @@ impl Conn {
                     };
                     let body_rest = len - off;
                     match head_info.framing {
-                        _ if no_body => finish(&mut out, ex, ts_ns, &mut self.resp),
+                        _ if no_body => finish(&mut out, ex, end_ns, &mut self.resp),
                         Framing::Length(n) if n <= body_rest => {
                             off += n;
                             let mut ex = ex;
                             ex.response.bytes += n;
-                            finish(&mut out, ex, ts_ns, &mut self.resp);
+                            finish(&mut out, ex, end_ns, &mut self.resp);
                         }
                         Framing::Length(n) => {
                             let mut ex = ex;
@@ -424,9 +428,9 @@ impl Conn {
                                 && whole_write_seen
                                 && head.ends_with(b"0\r\n\r\n")
                             {
-                                finish(&mut out, ex, ts_ns, &mut self.resp);
+                                finish(&mut out, ex, end_ns, &mut self.resp);
                             } else {
-                                self.last_write_ns = ts_ns;
+                                self.last_write_ns = end_ns;
                                 self.resp = RespState::UntilNextHead {
                                     ex: Some(ex),
                                     chunked: head_info.framing == Framing::UntilOther,
@@ -444,7 +448,7 @@ impl Conn {
                         && let RespState::Body { ex, .. } =
                             std::mem::replace(&mut self.resp, RespState::Idle)
                     {
-                        finish(&mut out, ex, ts_ns, &mut self.resp);
+                        finish(&mut out, ex, end_ns, &mut self.resp);
                     }
                 }
                 RespState::UntilNextHead { ex, chunked } => {
@@ -458,7 +462,7 @@ impl Conn {
                         if let Some(ex) = ex {
                             ex.response.bytes += rest;
                         }
-                        self.last_write_ns = ts_ns;
+                        self.last_write_ns = end_ns;
                         // Servers that stream chunks write the terminating `0\r\n\r\n` on its own (or
                         // with the last chunk): the response ends there, not at the next response,
                         // which on an idle keep-alive connection may never come.
@@ -468,7 +472,7 @@ impl Conn {
                             && last_chunk
                             && let Some(ex) = ex.take()
                         {
-                            finish(&mut out, ex, ts_ns, &mut self.resp);
+                            finish(&mut out, ex, end_ns, &mut self.resp);
                         }
                         break;
                     }
@@ -755,7 +759,7 @@ mod tests {
             let head = &bytes[..bytes.len().min(HEAD_MAX)];
             let ex = self
                 .conn
-                .on_egress(self.t, head, bytes.len() as u64, &mut self.stats);
+                .on_egress(self.t, self.t, head, bytes.len() as u64, &mut self.stats);
             self.out.extend(ex);
             self.t
         }
@@ -790,6 +794,21 @@ mod tests {
         .into_bytes();
         v.extend_from_slice(body);
         v
+    }
+
+    /// A blocking write: its first byte leaves at entry, its last when it returns (R2).
+    #[test]
+    fn one_blocking_write_starts_at_entry_and_ends_at_return() {
+        let mut w = Wire::new(true);
+        w.read(&post("/predictions/m", b"x"));
+        let resp = ok(&vec![b'b'; 4 << 20]);
+        let head = &resp[..HEAD_MAX];
+        let ex = w
+            .conn
+            .on_egress(5_000, 905_000, head, resp.len() as u64, &mut w.stats);
+        assert_eq!(ex.len(), 1);
+        assert_eq!(ex[0].response.start_ns, 5_000);
+        assert_eq!(ex[0].response.end_ns, Some(905_000));
     }
 
     #[test]
