@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLink},
 };
 
 use crate::events::{ConnKey, LOSS_REASONS};
@@ -74,8 +74,10 @@ const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 /// Loaded and attached programs with the maps the agent drives. Dropping it detaches everything.
 pub struct Probes {
-    /// Keeps programs and links alive.
+    /// Keeps programs and maps alive.
     _ebpf: Ebpf,
+    /// The attachments, owned here so that dropping [`Probes`] detaches them all at once (see Drop).
+    links: Vec<TracePointLink>,
     targets: HashMap<MapData, u32, u32>,
     /// Bumped after every change to `targets`: threads re-check their process then (sockets.bpf.c).
     targets_gen: Array<MapData, u64>,
@@ -158,8 +160,9 @@ impl Probes {
                 "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \
                  with BTF and BPF ring buffers (5.8+), and no lockdown in confidentiality mode",
             )?;
+        let mut links = Vec::with_capacity(PROGRAMS.len());
         for (prog, tracepoint) in PROGRAMS {
-            attach(&mut ebpf, prog, tracepoint)?;
+            links.push(attach(&mut ebpf, prog, tracepoint)?);
         }
         let targets = HashMap::try_from(take(&mut ebpf, "targets")?).context("map `targets`")?;
         let targets_gen =
@@ -173,6 +176,7 @@ impl Probes {
         );
         Ok(Probes {
             _ebpf: ebpf,
+            links,
             targets,
             targets_gen,
             thread_state,
@@ -260,7 +264,7 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
         .with_context(|| format!("the eBPF object has no map `{name}` (build mismatch)"))
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<()> {
+fn attach(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<TracePointLink> {
     let p: &mut TracePoint = ebpf
         .program_mut(prog)
         .with_context(|| format!("the eBPF object has no program `{prog}` (build mismatch)"))?
@@ -269,7 +273,33 @@ fn attach(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<()> {
     p.load().with_context(|| {
         format!("the kernel rejected program `{prog}` (verifier or permissions)")
     })?;
-    p.attach("syscalls", tracepoint)
+    let id = p
+        .attach("syscalls", tracepoint)
         .with_context(|| format!("attaching `{prog}` to tracepoint syscalls:{tracepoint}"))?;
-    Ok(())
+    p.take_link(id)
+        .with_context(|| format!("taking the link of `{prog}`"))
+}
+
+impl Drop for Probes {
+    /// Detaches every program concurrently. Each detach waits for an RCU grace period (~70 ms idle,
+    /// far longer on a busy node); one after another, 21 of them held a rolling update or a SIGTERM
+    /// for 1.5 s idle and 11–17 s under load. Concurrent waiters share grace periods.
+    fn drop(&mut self) {
+        let started = std::time::Instant::now();
+        let links = std::mem::take(&mut self.links);
+        let n = links.len();
+        std::thread::scope(|scope| {
+            for link in links {
+                if let Err(e) = std::thread::Builder::new()
+                    .name("detach".into())
+                    .spawn_scoped(scope, move || drop(link))
+                {
+                    // No thread (resource limits): this one detaches in the caller instead, and
+                    // the rest still go in parallel.
+                    tracing::debug!("detaching on the calling thread: {e}");
+                }
+            }
+        });
+        tracing::info!(programs = n, elapsed = ?started.elapsed(), "eBPF programs detached");
+    }
 }
