@@ -279,6 +279,152 @@ fn hostname_and_families_match_torchserve() -> Result<()> {
 
 /// Polls the agent until `family`'s sum reaches `want` (bounded), then returns that scrape; on timeout
 /// returns a last scrape anyway so the comparison below reports every difference, not just this one.
+/// Issue 6: scraped every second while clients drive a real TorchServe, the agent never reports more
+/// requests of a status class than clients had sent by then (a count ahead of the traffic would be a
+/// double count or a misattributed class), its counts do advance during the traffic, and once the
+/// traffic ends they equal what was sent and what TorchServe itself reports.
+#[test]
+fn scraped_every_second_never_ahead_of_what_was_sent() -> Result<()> {
+    use std::{
+        sync::atomic::{AtomicBool, AtomicU64, Ordering},
+        thread,
+        time::Instant,
+    };
+
+    const CLIENTS: usize = 3;
+    const TRAFFIC: Duration = Duration::from_secs(6);
+    const FAMILIES: [&str; 3] = ["Requests2XX", "Requests4XX", "Requests5XX"];
+    let (logs, home) = prepare("scraped_every_second_never_ahead")?;
+    let ts = home.start(&logs)?;
+    let agent = Agent::start(&logs, agent_addr(), &[])?;
+    agent.wait_ready(READY_TIMEOUT)?;
+    let before = agent.scrape()?;
+
+    // Per class: requests about to be sent (counted before the send) and answered as expected.
+    let sent: [AtomicU64; 3] = Default::default();
+    let answered: [AtomicU64; 3] = Default::default();
+    let done = AtomicBool::new(false);
+    let inference = ts.inference_addr();
+    let scrapes = thread::scope(|scope| -> Result<Vec<[f64; 3]>> {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (sent, answered) = (&sent, &answered);
+                scope.spawn(move || -> Result<()> {
+                    let started = Instant::now();
+                    let mut i = c;
+                    while started.elapsed() < TRAFFIC {
+                        // 8 of 10 to echo (200), one unknown model (404), one failing handler (503).
+                        let (path, class) = match i % 10 {
+                            8 => ("/predictions/nosuchmodel", 1),
+                            9 => ("/predictions/fail", 2),
+                            _ => ("/predictions/echo", 0),
+                        };
+                        i += 1;
+                        sent[class].fetch_add(1, Ordering::SeqCst);
+                        let r = http::post(inference, path, b"live", Duration::from_secs(10))?;
+                        let got = match r.status / 100 {
+                            2 => Some(0),
+                            4 => Some(1),
+                            5 => Some(2),
+                            _ => None,
+                        };
+                        anyhow::ensure!(got == Some(class), "{path} answered {}", r.status);
+                        answered[class].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let scraper = scope.spawn(|| -> Result<Vec<[f64; 3]>> {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_secs(1));
+                let m = agent.scrape()?;
+                // Read the clients' counts after the scrape: anything the agent counted was sent
+                // before it answered.
+                let limit: Vec<u64> = sent.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+                let mut row = [0.0; 3];
+                for (k, family) in FAMILIES.iter().enumerate() {
+                    row[k] = m.sum(family) - before.sum(family);
+                    anyhow::ensure!(
+                        row[k] <= limit[k] as f64,
+                        "{family}: the agent reports {} while clients had sent {}",
+                        row[k],
+                        limit[k]
+                    );
+                }
+                seen.push(row);
+            }
+            Ok(seen)
+        });
+        let mut failure = None;
+        for c in clients {
+            match c.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => failure = Some(anyhow::anyhow!("a client thread panicked")),
+            }
+        }
+        done.store(true, Ordering::SeqCst);
+        let seen = scraper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the scraper thread panicked"))??;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(seen),
+        }
+    })?;
+    eprintln!("per-second scrapes (2xx, 4xx, 5xx since start): {scrapes:?}");
+    let rising = scrapes.windows(2).filter(|w| w[1][0] > w[0][0]).count();
+    anyhow::ensure!(
+        scrapes.len() >= 4 && rising >= 3,
+        "the counts should advance while traffic flows: {scrapes:?}"
+    );
+
+    let want: Vec<f64> = answered
+        .iter()
+        .map(|a| a.load(Ordering::SeqCst) as f64)
+        .collect();
+    let total: f64 = want.iter().sum();
+    let m = settle_all(&agent, &before, total)?;
+    for (k, family) in FAMILIES.iter().enumerate() {
+        let got = m.sum(family) - before.sum(family);
+        anyhow::ensure!(
+            got == want[k],
+            "{family}: the agent counted {got}, clients were answered {}",
+            want[k]
+        );
+    }
+    // TorchServe's own counts: the same traffic plus run.sh's /ping (before the agent started).
+    let ts_m = ts.scrape()?;
+    for (k, family) in FAMILIES.iter().enumerate() {
+        let extra = if k == 0 { PINGS_BEFORE_AGENT } else { 0.0 };
+        anyhow::ensure!(
+            ts_m.sum(family) == want[k] + extra,
+            "TorchServe's {family} is {}, want {}",
+            ts_m.sum(family),
+            want[k] + extra
+        );
+    }
+    Ok(())
+}
+
+/// Waits until the agent's three status-class counters, less `before`, add up to `total`.
+fn settle_all(agent: &Agent, before: &Metrics, total: f64) -> Result<Metrics> {
+    let since = |m: &Metrics| {
+        ["Requests2XX", "Requests4XX", "Requests5XX"]
+            .iter()
+            .map(|f| m.sum(f) - before.sum(f))
+            .sum::<f64>()
+    };
+    agent.wait_until(SETTLE_TIMEOUT, &format!("{total} requests counted"), |m| {
+        since(m) >= total
+    })?;
+    // Give an over-count time to show.
+    std::thread::sleep(Duration::from_millis(300));
+    agent.scrape()
+}
+
 fn settle(agent: &Agent, family: &str, want: f64) -> Result<Metrics> {
     match agent.wait_until(SETTLE_TIMEOUT, &format!("{family} >= {want}"), |m| {
         m.sum(family) >= want
