@@ -28,6 +28,9 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Set by the agent before load (EbpfLoader::override_global); the verifier prunes what is off. */
 const volatile __u8 trace_unix = 0;
+/* Process events for discovery (SS_EV_EXEC / SS_EV_LISTEN); set by the agent before load. */
+const volatile __u8 watch_exec = 0;
+const volatile __u8 watch_listen = 0;
 /* Unread bytes in the ring buffer at which a record wakes the agent (see submit()). */
 const volatile __u64 wakeup_bytes = 0;
 
@@ -661,5 +664,52 @@ int ss_enter_close(struct trace_event_raw_sys_enter *ctx)
 		submit(&s->ev);
 	}
 	bpf_map_delete_elem(&conns, &key);
+	return 0;
+}
+
+/* A process event for discovery: header only, `arg` in len. */
+static __always_inline void emit_proc(__u64 pid_tgid, __u8 kind, __u64 arg)
+{
+	struct scratch *s = get_scratch();
+	if (!s)
+		return;
+	struct conn_info none = {};
+	fill_header(&s->ev, pid_tgid, -1, &none, kind, SS_DIR_INGRESS, SS_SYS_NONE, arg);
+	submit(&s->ev);
+}
+
+/* Any exec on the host: the agent reads that one process's command line (a TorchServe frontend?). */
+SEC("tracepoint/sched/sched_process_exec")
+int ss_exec(void *ctx)
+{
+	if (!watch_exec)
+		return 0;
+	emit_proc(bpf_get_current_pid_tgid(), SS_EV_EXEC, 0);
+	return 0;
+}
+
+/* The main thread of a traced process exits: the agent untracks it now rather than at its next scan. */
+SEC("tracepoint/sched/sched_process_exit")
+int ss_exit(void *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if ((__u32)id != (__u32)(id >> 32) || !is_target(id >> 32))
+		return 0;
+	emit_proc(id, SS_EV_EXIT, 0);
+	return 0;
+}
+
+/* listen() on a TCP socket: with --port, the agent traces the process if the port is one it watches.
+ * Taken at entry, when the socket is bound; a listen() that then fails costs the agent one check. */
+SEC("tracepoint/syscalls/sys_enter_listen")
+int ss_enter_listen(struct trace_event_raw_sys_enter *ctx)
+{
+	if (!watch_listen)
+		return 0;
+	__u8 family = 0;
+	struct sock *sk = stream_sock((int)ctx->args[0], &family);
+	if (!sk || family == AF_UNIX)
+		return 0;
+	emit_proc(bpf_get_current_pid_tgid(), SS_EV_LISTEN, BPF_CORE_READ(sk, __sk_common.skc_num));
 	return 0;
 }

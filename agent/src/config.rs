@@ -58,11 +58,13 @@ pub struct Cli {
     #[arg(long, env = "SERVESCOPE_NO_DISCOVERY")]
     pub no_discovery: bool,
 
-    /// How often to look for new, restarted and vanished targets, in milliseconds.
+    /// How often to rescan /proc in full for new, restarted and vanished targets, in milliseconds. New
+    /// targets are found at once from the kernel's exec and listen events and exits within a second;
+    /// the scan is the safety net (and runs at once if events were dropped).
     #[arg(
         long,
         env = "SERVESCOPE_DISCOVERY_INTERVAL_MS",
-        default_value_t = 1000,
+        default_value_t = 30_000,
         value_name = "MS"
     )]
     pub discovery_interval_ms: u64,

@@ -67,6 +67,12 @@ impl ProcFs {
         after.split_whitespace().nth(19)?.parse().ok()
     }
 
+    /// Process state (field 3 of /proc/PID/stat: R, S, Z, ...), or `None` when it is gone.
+    pub fn state(&self, pid: u32) -> Option<char> {
+        let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
+        stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+    }
+
     pub fn cmdline(&self, pid: u32) -> Option<Vec<String>> {
         let raw = fs::read(self.path(pid, "cmdline")).ok()?;
         Some(

@@ -89,6 +89,19 @@ pub enum Kind {
     Data,
     Open,
     Close,
+    /// A process exec'd (discovery: is it a TorchServe frontend?).
+    Exec,
+    /// A traced process's main thread exited.
+    Exit,
+    /// A process called listen(); `len` is the local TCP port.
+    Listen,
+}
+
+impl Kind {
+    /// Exec, exit and listen records are for discovery, not for the HTTP parser.
+    pub fn is_process_event(self) -> bool {
+        matches!(self, Kind::Exec | Kind::Exit | Kind::Listen)
+    }
 }
 
 /// `enum ss_direction`, seen from the traced process.
@@ -171,6 +184,9 @@ impl<'a> Event<'a> {
             1 => Kind::Data,
             2 => Kind::Open,
             3 => Kind::Close,
+            4 => Kind::Exec,
+            5 => Kind::Exit,
+            6 => Kind::Listen,
             k => return Err(DecodeError::Kind(k)),
         };
         let dir = match h.dir {

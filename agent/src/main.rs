@@ -9,7 +9,7 @@ use servescope::{
     config::{Cli, Command, Config},
     exposition::server,
     pipeline, privileges,
-    probes::Probes,
+    probes::{LoadOptions, Probes},
     registry::Registry,
     sampler, sink,
 };
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
 /// `servescope doctor`: the report on stdout, exit 1 when something must be fixed.
 fn doctor(json: bool) -> ExitCode {
     let report = servescope::doctor::run(&servescope::doctor::Env::default(), || {
-        Probes::load(8 * 1024 * 1024, servescope::probes::ThreadState::Auto).map(drop)
+        Probes::load(servescope::probes::LoadOptions::default()).map(drop)
     });
     if json {
         match serde_json::to_string_pretty(&report) {
@@ -98,7 +98,12 @@ fn doctor(json: bool) -> ExitCode {
 /// Binds the metrics port, then loads and attaches the programs.
 fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Probes)> {
     let listener = server::bind_std(cfg.listen)?;
-    let probes = Probes::load(cfg.ringbuf_bytes, cfg.thread_state)?;
+    let probes = Probes::load(LoadOptions {
+        ringbuf_bytes: cfg.ringbuf_bytes,
+        thread_state: cfg.thread_state,
+        watch_exec: cfg.discover_torchserve,
+        watch_listen: !cfg.ports.is_empty(),
+    })?;
     tracing::info!(
         thread_state = probes.thread_state().as_str(),
         "eBPF programs loaded and attached"
@@ -123,10 +128,13 @@ async fn run(
     let (targets_tx, targets_rx) = watch::channel(Vec::new());
     // Request-log files are opened here: a bad path stops the agent with a clear error.
     let (sinks, sink_workers) = sink::start(&cfg.sinks, &registry)?;
+    // Reader → discovery: the kernel's exec/exit/listen events.
+    let (proc_tx, proc_rx) = pipeline::proc_events();
     let reader = tokio::spawn(pipeline::read_events(
         ring,
         registry.clone(),
         sinks,
+        proc_tx,
         upd_rx,
         stop_rx.clone(),
     ));
@@ -136,6 +144,7 @@ async fn run(
         registry.clone(),
         upd_tx,
         targets_tx,
+        proc_rx,
         stop_rx.clone(),
     ));
     // Samplers log and retry failed readings themselves and end on shutdown (awaited below). One that

@@ -1,7 +1,13 @@
 //! The running agent: the ring-buffer reader (events → http → registry) and the discovery loop that
 //! keeps the kernel's target map in step with the processes on the host.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -12,7 +18,7 @@ use tokio::{
 use crate::{
     config::Config,
     discovery::{Hostnames, ProcFs, Selection, Target},
-    events::Event,
+    events::{Event, Kind},
     http::{ConnTable, ParseStats},
     probes::Probes,
     registry::{Flavor, Registry},
@@ -41,6 +47,7 @@ pub async fn read_events(
     ring: RingBuf<MapData>,
     registry: Registry,
     sinks: Sinks,
+    proc_events: ProcEventSender,
     mut updates: mpsc::UnboundedReceiver<Update>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -54,10 +61,13 @@ pub async fn read_events(
         exported: ParseStats::default(),
         registry,
         sinks,
+        proc_events,
     };
-    // The kernel wakes this task only when much is waiting (probes::DRAIN_INTERVAL): drain on a timer too.
-    let mut tick = tokio::time::interval(crate::probes::DRAIN_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The kernel wakes this task only when much is waiting (probes::DRAIN_INTERVAL): drain on a timer
+    // too, backing off while nothing comes so an idle agent does not wake 100 times a second.
+    let mut pause = DrainPause::default();
+    let tick = tokio::time::sleep(pause.current());
+    tokio::pin!(tick);
     loop {
         tokio::select! {
             biased;
@@ -76,9 +86,42 @@ pub async fn read_events(
                 let mut guard = guard?;
                 reader.drain(guard.get_inner_mut());
                 guard.clear_ready();
+                pause.saw_records(true);
             }
-            _ = tick.tick() => reader.drain(ring.get_mut()),
+            () = &mut tick => {
+                let n = reader.drain(ring.get_mut());
+                pause.saw_records(n > 0);
+                tick.as_mut().reset(tokio::time::Instant::now() + pause.current());
+            }
         }
+    }
+}
+
+/// Time between timer drains: [`crate::probes::DRAIN_INTERVAL`] while records come, doubling up to
+/// [`DrainPause::IDLE_MAX`] while none do. Counts are at most that stale when a scrape comes after
+/// silence; timestamps are the kernel's, so no value depends on when a record is read.
+#[derive(Debug)]
+struct DrainPause(std::time::Duration);
+
+impl DrainPause {
+    const IDLE_MAX: std::time::Duration = std::time::Duration::from_millis(160);
+
+    fn current(&self) -> std::time::Duration {
+        self.0
+    }
+
+    fn saw_records(&mut self, any: bool) {
+        self.0 = if any {
+            crate::probes::DRAIN_INTERVAL
+        } else {
+            (self.0 * 2).min(Self::IDLE_MAX)
+        };
+    }
+}
+
+impl Default for DrainPause {
+    fn default() -> Self {
+        DrainPause(crate::probes::DRAIN_INTERVAL)
     }
 }
 
@@ -90,13 +133,21 @@ struct Reader {
     exported: ParseStats,
     registry: Registry,
     sinks: Sinks,
+    proc_events: ProcEventSender,
 }
 
 impl Reader {
-    /// Handles every record waiting in the ring buffer.
-    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+    /// Handles every record waiting in the ring buffer; returns how many there were.
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) -> usize {
+        let mut n = 0;
         while let Some(item) = rb.next() {
+            n += 1;
             match Event::decode(&item) {
+                Ok(ev) if ev.kind.is_process_event() => self.proc_events.send(match ev.kind {
+                    Kind::Exec => ProcEvent::Exec(ev.tgid),
+                    Kind::Exit => ProcEvent::Exit(ev.tgid),
+                    _ => ProcEvent::Listen(ev.tgid, u16::try_from(ev.len).unwrap_or(0)),
+                }),
                 Ok(ev) => {
                     for ex in self.table.apply(&ev) {
                         match self.targets.get(&ex.tgid) {
@@ -137,93 +188,258 @@ impl Reader {
         r.dropped_requests
             .inc_by(s.dropped_requests - self.exported.dropped_requests);
         self.exported = s;
+        n
     }
 }
 
-/// Every `cfg.discovery_interval`: finds targets, updates the kernel map and the reader, publishes the
-/// target set to the samplers (`sampled`), exports the kernel's loss counters. Runs until `shutdown`
-/// flips.
+/// Discovery: keeps the kernel's target map, the reader and the samplers in step with the processes on
+/// the host. New targets come from the kernel's process events (exec, listen; [`ProcEvent`]) as they
+/// happen; a full /proc scan runs at start and every `cfg.discovery_interval` as the safety net (and at
+/// once after the event queue overflowed). Once a second it exports the kernel's loss counters and
+/// confirms the exits the kernel reported. Runs until `shutdown` flips.
 pub async fn discover(
     cfg: Config,
-    mut probes: Probes,
+    probes: Probes,
     registry: Registry,
     updates: mpsc::UnboundedSender<Update>,
     sampled: watch::Sender<Vec<SampleTarget>>,
+    mut events: ProcEvents,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let proc = ProcFs::default();
-    let sel = Selection {
-        torchserve: cfg.discover_torchserve,
-        pids: cfg.pids.clone(),
-        ports: cfg.ports.clone(),
+    let mut d = Discovery {
+        proc: ProcFs::default(),
+        sel: Selection {
+            torchserve: cfg.discover_torchserve,
+            pids: cfg.pids.clone(),
+            ports: cfg.ports.clone(),
+        },
+        hostnames: Hostnames::default(),
+        current: BTreeMap::new(),
+        exited: Vec::new(),
+        probes,
+        updates,
+        warned_empty: false,
     };
-    let mut hostnames = Hostnames::default();
-    let mut current: BTreeMap<u32, Target> = BTreeMap::new();
     let mut lost_exported: HashMap<&'static str, u64> = HashMap::new();
-    let mut tick = tokio::time::interval(cfg.discovery_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut warned_empty = false;
+    let mut rescan = tokio::time::interval(cfg.discovery_interval);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return Ok(()),
-            _ = tick.tick() => {}
+            _ = rescan.tick() => d.rescan(),
+            Some(ev) = events.rx.recv() => d.on_event(ev),
+            _ = housekeeping.tick() => {
+                if events.overflowed.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("process events were dropped (queue full): rescanning /proc");
+                    d.rescan();
+                }
+                d.confirm_exits();
+                for (reason, total) in d.probes.losses() {
+                    let prev = lost_exported.insert(reason, total).unwrap_or(0);
+                    if total > prev {
+                        registry
+                            .kernel_lost
+                            .with_label_values(&[reason])
+                            .inc_by(total - prev);
+                        tracing::warn!(reason, lost = total - prev, "kernel dropped records");
+                    }
+                }
+            }
         }
-        let found = proc.scan(&sel);
+        d.publish(&registry, &sampled);
+    }
+}
+
+/// How often exits are confirmed and the kernel's loss counters exported.
+const HOUSEKEEPING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Process events waiting for discovery; beyond this they are dropped and /proc is rescanned instead.
+const PROC_EVENTS_QUEUE: usize = 4096;
+
+/// What the kernel saw a process do, for discovery (events.h SS_EV_EXEC/EXIT/LISTEN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcEvent {
+    Exec(u32),
+    Exit(u32),
+    Listen(u32, u16),
+}
+
+/// The reader's end of the process-event queue.
+#[derive(Clone, Debug)]
+pub struct ProcEventSender {
+    tx: mpsc::Sender<ProcEvent>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl ProcEventSender {
+    /// Never waits: when discovery is behind, the event is dropped and discovery rescans /proc.
+    fn send(&self, ev: ProcEvent) {
+        if self.tx.try_send(ev).is_err() {
+            self.overflowed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Discovery's end of the process-event queue.
+#[derive(Debug)]
+pub struct ProcEvents {
+    rx: mpsc::Receiver<ProcEvent>,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// The queue of process events from the ring-buffer reader to discovery.
+pub fn proc_events() -> (ProcEventSender, ProcEvents) {
+    let (tx, rx) = mpsc::channel(PROC_EVENTS_QUEUE);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    (
+        ProcEventSender {
+            tx,
+            overflowed: overflowed.clone(),
+        },
+        ProcEvents { rx, overflowed },
+    )
+}
+
+/// Discovery's state: what is traced and how to change it.
+struct Discovery {
+    proc: ProcFs,
+    sel: Selection,
+    hostnames: Hostnames,
+    current: BTreeMap<u32, Target>,
+    /// Targets whose main thread the kernel saw exit: confirmed against /proc at the next housekeeping.
+    exited: Vec<u32>,
+    probes: Probes,
+    updates: mpsc::UnboundedSender<Update>,
+    warned_empty: bool,
+}
+
+impl Discovery {
+    /// Full /proc scan: adds what `sel` asks for, removes what is gone or was replaced by a new process.
+    fn rescan(&mut self) {
+        let found = self.proc.scan(&self.sel);
         // Gone, or the PID now belongs to another process (restart reused it).
-        let stale: Vec<u32> = current
+        let stale: Vec<u32> = self
+            .current
             .iter()
             .filter(|(pid, t)| found.get(pid).is_none_or(|f| f.start_time != t.start_time))
             .map(|(pid, _)| *pid)
             .collect();
         for pid in stale {
-            current.remove(&pid);
-            if let Err(e) = probes.remove_target(pid) {
-                tracing::warn!(
-                    pid,
-                    error = format!("{e:#}"),
-                    "could not untrack a vanished target"
-                );
-            }
-            let _ = updates.send(Update::Removed(pid));
-            tracing::info!(pid, "target exited; no longer traced");
+            self.untrack(pid);
         }
         for (pid, t) in found {
-            if current.contains_key(&pid) {
-                continue;
+            if !self.current.contains_key(&pid) {
+                self.track(t);
             }
-            let info = TargetInfo {
-                hostname: hostnames.of(pid),
-                flavor: t.flavor,
-            };
-            tracing::info!(pid, hostname = %info.hostname, kind = ?info.flavor, "tracing target");
-            let _ = updates.send(Update::Added(pid, info));
-            if let Err(e) = probes.add_target(pid) {
-                tracing::warn!(pid, error = format!("{e:#}"), "could not trace target");
-                let _ = updates.send(Update::Removed(pid));
-                continue;
-            }
-            current.insert(pid, t);
         }
-        if current.is_empty() && !warned_empty {
+    }
+
+    fn on_event(&mut self, ev: ProcEvent) {
+        match ev {
+            ProcEvent::Exec(pid) => {
+                if self.sel.torchserve
+                    && !self.current.contains_key(&pid)
+                    && self.proc.is_torchserve(pid)
+                {
+                    self.track_pid(pid, Flavor::TorchServe);
+                }
+            }
+            ProcEvent::Listen(pid, port) => {
+                if self.sel.ports.contains(&port) && !self.current.contains_key(&pid) {
+                    let flavor = if self.proc.is_torchserve(pid) {
+                        Flavor::TorchServe
+                    } else {
+                        Flavor::Generic
+                    };
+                    self.track_pid(pid, flavor);
+                }
+            }
+            ProcEvent::Exit(pid) => {
+                if self.current.contains_key(&pid) {
+                    self.exited.push(pid);
+                }
+            }
+        }
+    }
+
+    /// Untracks the reported exits that /proc confirms: the process is gone or is another one now. (A
+    /// main thread can end while the others run on; such a process stays traced.)
+    fn confirm_exits(&mut self) {
+        for pid in std::mem::take(&mut self.exited) {
+            let Some(t) = self.current.get(&pid) else {
+                continue;
+            };
+            let alive = self.proc.start_time(pid) == Some(t.start_time)
+                && self.proc.state(pid).is_some_and(|s| s != 'Z' && s != 'X');
+            if !alive {
+                self.untrack(pid);
+            }
+        }
+    }
+
+    fn track_pid(&mut self, pid: u32, flavor: Flavor) {
+        if let Some(start_time) = self.proc.start_time(pid) {
+            self.track(Target {
+                pid,
+                start_time,
+                flavor,
+            });
+        }
+    }
+
+    fn track(&mut self, t: Target) {
+        let pid = t.pid;
+        let info = TargetInfo {
+            hostname: self.hostnames.of(pid),
+            flavor: t.flavor,
+        };
+        tracing::info!(pid, hostname = %info.hostname, kind = ?info.flavor, "tracing target");
+        let _ = self.updates.send(Update::Added(pid, info));
+        if let Err(e) = self.probes.add_target(pid) {
+            tracing::warn!(pid, error = format!("{e:#}"), "could not trace target");
+            let _ = self.updates.send(Update::Removed(pid));
+            return;
+        }
+        self.current.insert(pid, t);
+    }
+
+    fn untrack(&mut self, pid: u32) {
+        self.current.remove(&pid);
+        if let Err(e) = self.probes.remove_target(pid) {
+            tracing::warn!(
+                pid,
+                error = format!("{e:#}"),
+                "could not untrack a vanished target"
+            );
+        }
+        let _ = self.updates.send(Update::Removed(pid));
+        tracing::info!(pid, "target exited; no longer traced");
+    }
+
+    /// The target count, and the target set for the samplers when it changed.
+    fn publish(&mut self, registry: &Registry, sampled: &watch::Sender<Vec<SampleTarget>>) {
+        if self.current.is_empty() && !self.warned_empty {
             tracing::info!(
-                torchserve = sel.torchserve,
-                pids = ?sel.pids,
-                ports = ?sel.ports,
+                torchserve = self.sel.torchserve,
+                pids = ?self.sel.pids,
+                ports = ?self.sel.ports,
                 "no target process found yet; still looking"
             );
         }
-        warned_empty = current.is_empty();
+        self.warned_empty = self.current.is_empty();
         registry
             .targets
-            .set(i64::try_from(current.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.current.len()).unwrap_or(i64::MAX));
         // The samplers label system/GPU families per target hostname and need the whole current set,
         // not a stream of changes: a watch holds the latest set and wakes them only when it changed.
         // `hostnames` caches by UTS namespace, so this costs a readlink per target.
-        let now: Vec<SampleTarget> = current
+        let now: Vec<SampleTarget> = self
+            .current
             .keys()
             .map(|&pid| SampleTarget {
                 pid,
-                hostname: hostnames.of(pid),
+                hostname: self.hostnames.of(pid),
             })
             .collect();
         sampled.send_if_modified(|prev| {
@@ -233,15 +449,5 @@ pub async fn discover(
             }
             changed
         });
-        for (reason, total) in probes.losses() {
-            let prev = lost_exported.insert(reason, total).unwrap_or(0);
-            if total > prev {
-                registry
-                    .kernel_lost
-                    .with_label_values(&[reason])
-                    .inc_by(total - prev);
-                tracing::warn!(reason, lost = total - prev, "kernel dropped records");
-            }
-        }
     }
 }

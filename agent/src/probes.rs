@@ -11,8 +11,9 @@ use aya::{
 
 use crate::events::{ConnKey, LOSS_REASONS};
 
-/// How often the reader drains the ring buffer without being woken (the kernel wakes it only when an
-/// eighth of the ring is waiting: one wakeup per record would cost more than the tracing itself).
+/// How often the reader drains the ring buffer without being woken while records come (the kernel wakes
+/// it only when an eighth of the ring is waiting: one wakeup per record would cost more than the tracing
+/// itself). After silence the reader backs off (pipeline::DrainPause).
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The compiled objects, embedded at build time by `agent/build.rs`: the same source with a thread's
@@ -44,30 +45,56 @@ impl ThreadState {
     }
 }
 
-/// (program, syscall tracepoint) pairs; every one must load and attach.
-pub const PROGRAMS: [(&str, &str); 21] = [
-    ("ss_enter_read", "sys_enter_read"),
-    ("ss_exit_read", "sys_exit_read"),
-    ("ss_enter_readv", "sys_enter_readv"),
-    ("ss_exit_readv", "sys_exit_readv"),
-    ("ss_enter_recvfrom", "sys_enter_recvfrom"),
-    ("ss_exit_recvfrom", "sys_exit_recvfrom"),
-    ("ss_enter_recvmsg", "sys_enter_recvmsg"),
-    ("ss_exit_recvmsg", "sys_exit_recvmsg"),
-    ("ss_enter_write", "sys_enter_write"),
-    ("ss_exit_write", "sys_exit_write"),
-    ("ss_enter_writev", "sys_enter_writev"),
-    ("ss_exit_writev", "sys_exit_writev"),
-    ("ss_enter_sendto", "sys_enter_sendto"),
-    ("ss_exit_sendto", "sys_exit_sendto"),
-    ("ss_enter_sendmsg", "sys_enter_sendmsg"),
-    ("ss_exit_sendmsg", "sys_exit_sendmsg"),
-    ("ss_enter_sendfile", "sys_enter_sendfile64"),
-    ("ss_exit_sendfile", "sys_exit_sendfile64"),
-    ("ss_exit_accept", "sys_exit_accept"),
-    ("ss_exit_accept4", "sys_exit_accept4"),
-    ("ss_enter_close", "sys_enter_close"),
+/// (program, tracepoint category, tracepoint) triples; every one must load and attach.
+pub const PROGRAMS: [(&str, &str, &str); 24] = [
+    ("ss_enter_read", "syscalls", "sys_enter_read"),
+    ("ss_exit_read", "syscalls", "sys_exit_read"),
+    ("ss_enter_readv", "syscalls", "sys_enter_readv"),
+    ("ss_exit_readv", "syscalls", "sys_exit_readv"),
+    ("ss_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("ss_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("ss_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("ss_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("ss_enter_write", "syscalls", "sys_enter_write"),
+    ("ss_exit_write", "syscalls", "sys_exit_write"),
+    ("ss_enter_writev", "syscalls", "sys_enter_writev"),
+    ("ss_exit_writev", "syscalls", "sys_exit_writev"),
+    ("ss_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("ss_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("ss_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("ss_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("ss_enter_sendfile", "syscalls", "sys_enter_sendfile64"),
+    ("ss_exit_sendfile", "syscalls", "sys_exit_sendfile64"),
+    ("ss_exit_accept", "syscalls", "sys_exit_accept"),
+    ("ss_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("ss_enter_close", "syscalls", "sys_enter_close"),
+    ("ss_enter_listen", "syscalls", "sys_enter_listen"),
+    ("ss_exec", "sched", "sched_process_exec"),
+    ("ss_exit", "sched", "sched_process_exit"),
 ];
+
+/// What to load the programs with.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Ring-buffer size in bytes (a power of two).
+    pub ringbuf_bytes: u32,
+    pub thread_state: ThreadState,
+    /// Report every exec on the host (TorchServe discovery by command line).
+    pub watch_exec: bool,
+    /// Report every listen() on a TCP socket (discovery by `--port`).
+    pub watch_listen: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            ringbuf_bytes: 4 * 1024 * 1024,
+            thread_state: ThreadState::Auto,
+            watch_exec: true,
+            watch_listen: true,
+        }
+    }
+}
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -122,24 +149,25 @@ pub fn preflight() -> anyhow::Result<()> {
 impl Probes {
     /// Loads the object and attaches every program; any failure names the program and the fix. With
     /// [`ThreadState::Auto`] a kernel that refuses the task-storage build gets the hash-map build.
-    pub fn load(ringbuf_bytes: u32, thread_state: ThreadState) -> anyhow::Result<Self> {
+    pub fn load(opts: LoadOptions) -> anyhow::Result<Self> {
         preflight()?;
-        match thread_state {
-            ThreadState::Auto => match Self::load_object(ringbuf_bytes, ThreadState::TaskStorage) {
+        match opts.thread_state {
+            ThreadState::Auto => match Self::load_object(opts, ThreadState::TaskStorage) {
                 Ok(probes) => Ok(probes),
                 Err(e) => {
                     tracing::info!(
                         "task-local storage is not available to tracepoint programs on this kernel \
                          ({e:#}); keeping per-thread syscall state in a hash map instead"
                     );
-                    Self::load_object(ringbuf_bytes, ThreadState::Hash)
+                    Self::load_object(opts, ThreadState::Hash)
                 }
             },
-            chosen => Self::load_object(ringbuf_bytes, chosen),
+            chosen => Self::load_object(opts, chosen),
         }
     }
 
-    fn load_object(ringbuf_bytes: u32, thread_state: ThreadState) -> anyhow::Result<Self> {
+    fn load_object(opts: LoadOptions, thread_state: ThreadState) -> anyhow::Result<Self> {
+        let ringbuf_bytes = opts.ringbuf_bytes;
         let object = match thread_state {
             ThreadState::Hash => OBJECT_COMPAT,
             _ => OBJECT,
@@ -155,14 +183,17 @@ impl Probes {
             // Wake the reader early only when an eighth of the ring is waiting; it also drains on
             // its own every DRAIN_INTERVAL, so records wait at most that long.
             .override_global("wakeup_bytes", &u64::from(ringbuf_bytes / 8), true)
+            // Discovery by events instead of polling /proc (pipeline::discover).
+            .override_global("watch_exec", &u8::from(opts.watch_exec), true)
+            .override_global("watch_listen", &u8::from(opts.watch_listen), true)
             .load(object)
             .context(
                 "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \
                  with BTF and BPF ring buffers (5.8+), and no lockdown in confidentiality mode",
             )?;
         let mut links = Vec::with_capacity(PROGRAMS.len());
-        for (prog, tracepoint) in PROGRAMS {
-            links.push(attach(&mut ebpf, prog, tracepoint)?);
+        for (prog, category, tracepoint) in PROGRAMS {
+            links.push(attach(&mut ebpf, prog, category, tracepoint)?);
         }
         let targets = HashMap::try_from(take(&mut ebpf, "targets")?).context("map `targets`")?;
         let targets_gen =
@@ -264,7 +295,12 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
         .with_context(|| format!("the eBPF object has no map `{name}` (build mismatch)"))
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<TracePointLink> {
+fn attach(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    category: &str,
+    tracepoint: &str,
+) -> anyhow::Result<TracePointLink> {
     let p: &mut TracePoint = ebpf
         .program_mut(prog)
         .with_context(|| format!("the eBPF object has no program `{prog}` (build mismatch)"))?
@@ -274,8 +310,8 @@ fn attach(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<Trace
         format!("the kernel rejected program `{prog}` (verifier or permissions)")
     })?;
     let id = p
-        .attach("syscalls", tracepoint)
-        .with_context(|| format!("attaching `{prog}` to tracepoint syscalls:{tracepoint}"))?;
+        .attach(category, tracepoint)
+        .with_context(|| format!("attaching `{prog}` to tracepoint {category}:{tracepoint}"))?;
     p.take_link(id)
         .with_context(|| format!("taking the link of `{prog}`"))
 }
@@ -300,6 +336,6 @@ impl Drop for Probes {
                 }
             }
         });
-        tracing::info!(programs = n, elapsed = ?started.elapsed(), "eBPF programs detached");
+        tracing::debug!(programs = n, elapsed = ?started.elapsed(), "eBPF programs detached");
     }
 }

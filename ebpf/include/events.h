@@ -25,6 +25,15 @@ enum ss_event_kind {
 	SS_EV_OPEN = 2,
 	/* close() of a traced connection: its state is gone in the kernel. */
 	SS_EV_CLOSE = 3,
+	/*
+	 * Process events for discovery, so the agent finds targets without polling /proc: a process
+	 * exec'd (any process; only when the agent discovers TorchServe by command line), a traced
+	 * process's main thread exited, a process called listen() on a TCP socket (only with --port;
+	 * `len` holds the local port). conn_id is 0, head_len 0.
+	 */
+	SS_EV_EXEC = 4,
+	SS_EV_EXIT = 5,
+	SS_EV_LISTEN = 6,
 };
 
 enum ss_direction {

@@ -56,6 +56,8 @@ impl ConnTable {
             return Vec::new();
         }
         match ev.kind {
+            // Process events are discovery's (pipeline.rs hands them over before this).
+            Kind::Exec | Kind::Exit | Kind::Listen => Vec::new(),
             Kind::Open => {
                 self.make_room();
                 // `accepted`: seen at accept(), so the stream starts at a message boundary; otherwise
