@@ -404,3 +404,58 @@ impl Traffic {
             .collect()
     }
 }
+
+/// Every difference between what TorchServe counted under `hostname` (`own`: its scrape of itself) and
+/// what the agent reports under it (`agent`, scraped later): Requests2XX/4XX/5XX, ts_inference_requests_total
+/// per model and version, and any servescope family that counts lost or unparsable traffic. The agent
+/// has `own_scrapes` more 2XX: TorchServe counts a scrape of itself only once it has rendered it
+/// (FACTS.md §3), the agent as soon as the response leaves.
+pub fn count_differences(
+    own: &Metrics,
+    agent: &Metrics,
+    hostname: &str,
+    own_scrapes: f64,
+) -> Vec<String> {
+    let mut diff = Vec::new();
+    let host = [("Level", "Host"), ("Hostname", hostname)];
+    for family in ["Requests2XX", "Requests4XX", "Requests5XX"] {
+        let extra = if family == "Requests2XX" {
+            own_scrapes
+        } else {
+            0.0
+        };
+        let want = own.get(family, &host).unwrap_or(0.0) + extra;
+        let got = agent.get(family, &host).unwrap_or(0.0);
+        if got != want {
+            diff.push(format!(
+                "{family}{{Hostname={hostname}}}: servescope {got}, want {want}"
+            ));
+        }
+    }
+    let per_model = |m: &Metrics| {
+        m.series("ts_inference_requests_total")
+            .filter(|(s, _)| s.label("hostname") == Some(hostname))
+            .map(|(s, v)| {
+                let l = |k| s.label(k).unwrap_or_default().to_owned();
+                ((l("model_name"), l("model_version")), v)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (want, got) = (per_model(own), per_model(agent));
+    if want != got {
+        diff.push(format!(
+            "ts_inference_requests_total{{hostname={hostname}}}: servescope {got:?}, want {want:?}"
+        ));
+    }
+    for family in [
+        "servescope_kernel_lost_events_total",
+        "servescope_http_parse_errors_total",
+        "servescope_unmatched_responses_total",
+        "servescope_decode_errors_total",
+    ] {
+        if agent.sum(family) != 0.0 {
+            diff.push(format!("{family} = {}", agent.sum(family)));
+        }
+    }
+    diff
+}
