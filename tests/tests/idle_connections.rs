@@ -276,8 +276,10 @@ fn connections_idle_for_minutes_then_reused_are_counted_and_timed_exactly() -> R
     let mut args = usize::MAX;
     let settled = eventually(Duration::from_secs(5), || {
         args = kernel::map_len(agent_pid, "args").unwrap_or(usize::MAX);
-        args == args_baseline
+        args <= args_baseline
     });
+    // Not `==`: TorchServe's own threads block in reads of their workers' output pipes, and how many
+    // do at one moment varies; none of the test's connections may have left an entry.
     ensure!(
         settled,
         "the kernel's args map holds {args} entries, {args_baseline} before the connections"

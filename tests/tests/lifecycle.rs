@@ -625,6 +625,17 @@ fn torchserve_worker_killed_under_traffic_is_counted_exactly() -> Result<()> {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     ensure!(bad.is_empty(), "the agent logged:\n{}", bad.join("\n"));
+    // The new worker, between the frontend's fork and its exec, shows the frontend's command line: it
+    // must not be taken for a second frontend.
+    let traced: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tracing target"))
+        .collect();
+    ensure!(
+        traced.len() == 1,
+        "the agent traced more than the frontend:\n{}",
+        traced.join("\n")
+    );
     drop(agent);
     ts.stop();
     Ok(())

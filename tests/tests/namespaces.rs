@@ -172,6 +172,18 @@ fn torchserve_pods_are_each_reported_as_they_report_themselves() -> Result<()> {
     agent.wait_until(Duration::from_secs(15), "both pods traced", |m| {
         m.sum("servescope_targets") >= 2.0
     })?;
+    // Only the two frontends: not the `grep org.pytorch.serve.ModelServer` run.sh polls them with
+    // (discovery every 100 ms sees several), nor a worker between its fork and exec.
+    let log = std::fs::read_to_string(agent.log_path())?;
+    let traced: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tracing target"))
+        .collect();
+    ensure!(
+        traced.len() == 2,
+        "the agent traced other processes than the two frontends:\n{}",
+        traced.join("\n")
+    );
     // What the kernel holds for each frontend at rest: its connections to its own workers.
     let agent_pid = agent.pid();
     let baseline = pods
@@ -273,8 +285,10 @@ fn torchserve_pods_are_each_reported_as_they_report_themselves() -> Result<()> {
     let mut args = usize::MAX;
     let settled = eventually(Duration::from_secs(5), || {
         args = kernel::map_len(agent_pid, "args").unwrap_or(usize::MAX);
-        args == args_baseline
+        args <= args_baseline
     });
+    // Not `==`: TorchServe's own threads block in reads of their workers' output pipes, and how many
+    // do at one moment varies; none of the test's connections may have left an entry.
     ensure!(
         settled,
         "the kernel's args map holds {args} entries, {args_baseline} before the traffic"
