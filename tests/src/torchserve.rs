@@ -320,6 +320,48 @@ impl TorchServe {
         }
     }
 
+    /// Waits (at most `timeout`) until no client connection to TorchServe's HTTP ports is still open on
+    /// TorchServe's side (ESTABLISHED or CLOSE_WAIT in its network namespace's TCP tables): e.g. run.sh's
+    /// /ping, closed by the client, may not be closed by Netty yet. Then the connections TorchServe holds
+    /// are its own (to its workers), a baseline for the kernel's connection state.
+    pub fn wait_clients_gone(&self, timeout: Duration) -> Result<()> {
+        let ports = [INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT];
+        let open = || -> usize {
+            ["net/tcp", "net/tcp6"]
+                .iter()
+                .filter_map(|t| fs::read_to_string(format!("/proc/{}/{t}", self.pid)).ok())
+                .map(|text| {
+                    text.lines()
+                        .skip(1)
+                        .filter(|l| {
+                            let f: Vec<&str> = l.split_whitespace().collect();
+                            let port = f
+                                .get(1)
+                                .and_then(|a| a.rsplit(':').next())
+                                .and_then(|p| u16::from_str_radix(p, 16).ok());
+                            port.is_some_and(|p| ports.contains(&p))
+                                && matches!(f.get(3), Some(&"01") | Some(&"08"))
+                        })
+                        .count()
+                })
+                .sum()
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = open();
+            if n == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{n} client connections to TorchServe {} still open after {timeout:?}",
+                    self.pid
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// TorchServe's own `GET /metrics{query}` body. Note: TorchServe counts every scrape in Requests2XX
     /// once the body is rendered, so a scrape shows the earlier scrapes but not itself (FACTS.md §3).
     pub fn scrape_text(&self, query: &str) -> Result<String> {

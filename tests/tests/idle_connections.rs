@@ -114,6 +114,7 @@ fn connections_idle_for_minutes_then_reused_are_counted_and_timed_exactly() -> R
         "h1server and TorchServe traced",
         |m| m.sum("servescope_targets") >= 2.0,
     )?;
+    ts.wait_clients_gone(Duration::from_secs(5))?;
     let (agent_pid, h1_pid, ts_pid) = (agent.pid(), h1.pid(), ts.pid());
     let baseline = (
         kernel::conns_of(agent_pid, h1_pid)?,

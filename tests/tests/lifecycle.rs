@@ -535,6 +535,9 @@ fn torchserve_worker_killed_under_traffic_is_counted_exactly() -> Result<()> {
         m.sum("servescope_targets") >= 1.0
     })?;
     let worker = echo_worker(ts.pid())?;
+    // The frontend's connections at rest (to its workers): the dead worker's goes, the new one's comes.
+    ts.wait_clients_gone(Duration::from_secs(5))?;
+    let conns_at_rest = kernel::conns_of(agent.pid(), ts.pid())?;
 
     // Clients loop on echo until told to stop; a failed request (or a connection TorchServe closes)
     // gets a new connection. What each saw is only printed: TorchServe's /metrics is the truth.
@@ -635,6 +638,15 @@ fn torchserve_worker_killed_under_traffic_is_counted_exactly() -> Result<()> {
         traced.len() == 1,
         "the agent traced more than the frontend:\n{}",
         traced.join("\n")
+    );
+    let (a, t) = (agent.pid(), ts.pid());
+    let back = eventually(Duration::from_secs(5), || {
+        kernel::conns_of(a, t).is_ok_and(|n| n == conns_at_rest)
+    });
+    ensure!(
+        back,
+        "{} kernel connection entries for TorchServe after the clients closed, {conns_at_rest} at rest",
+        kernel::conns_of(a, t)?
     );
     drop(agent);
     ts.stop();

@@ -185,6 +185,9 @@ fn torchserve_pods_are_each_reported_as_they_report_themselves() -> Result<()> {
         traced.join("\n")
     );
     // What the kernel holds for each frontend at rest: its connections to its own workers.
+    for ts in &pods {
+        ts.wait_clients_gone(Duration::from_secs(5))?;
+    }
     let agent_pid = agent.pid();
     let baseline = pods
         .iter()
@@ -256,11 +259,14 @@ fn torchserve_pods_are_each_reported_as_they_report_themselves() -> Result<()> {
             ));
         }
     }
-    // No series under any other hostname (the node's own, or a pod's name swapped).
-    let reported = m.label_values("hostname");
+    // No series under any other hostname (the node's own, or a pod's name swapped), in the ts_*
+    // families (`hostname`) nor in the Level ones (`Hostname`: requests, system samplers).
     let want_hosts: BTreeSet<String> = hosts.iter().cloned().collect();
-    if reported != want_hosts {
-        diff.push(format!("hostname labels {reported:?}, want {want_hosts:?}"));
+    for label in ["hostname", "Hostname"] {
+        let reported = m.label_values(label);
+        if reported != want_hosts {
+            diff.push(format!("{label} labels {reported:?}, want {want_hosts:?}"));
+        }
     }
     ensure!(
         diff.is_empty(),
