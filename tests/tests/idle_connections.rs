@@ -9,8 +9,7 @@
 //! real TorchServe 0.12 (Netty, epoll), compared with its own /metrics.
 
 use std::{
-    net::Ipv4Addr,
-    process::Command,
+    path::Path,
     sync::mpsc::{Receiver, Sender, channel},
     thread,
     time::{Duration, Instant},
@@ -94,11 +93,7 @@ fn connections_idle_for_minutes_then_reused_are_counted_and_timed_exactly() -> R
     let home = TorchServeHome::default();
     home.setup(&logs.join("torchserve-setup.log"))?;
 
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--uts", "--net", "sh", "-c"]).arg(format!(
-        "ip link set lo up && hostname {H1_HOST} && exec {H1SERVER} --port {H1_PORT}"
-    ));
-    let h1 = H1Server::start_command(&logs, H1_HOST, cmd, Ipv4Addr::LOCALHOST.into())?;
+    let h1 = H1Server::start_in_pod(Path::new(H1SERVER), &logs, H1_HOST, H1_PORT)?;
     let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let port = H1_PORT.to_string();
     // TorchServe by discovery, h1server by its port (found in its pod's network namespace).

@@ -7,14 +7,7 @@
 //! `/tmp`, see `TorchServeHome::for_pod`); the test's clients join a pod's network namespace on their own
 //! thread (setns), so all traffic stays inside it.
 
-use std::{
-    collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
-    path::Path,
-    process::Command,
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::Path, thread, time::Duration};
 
 use anyhow::{Result, ensure};
 use servescope_integration::{
@@ -30,11 +23,7 @@ const SETTLE: Duration = Duration::from_secs(10);
 
 /// h1server as the only process of a pod: own network namespace (only `lo`, up), own hostname.
 fn start_pod(logs: &Path, hostname: &str) -> Result<H1Server> {
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--uts", "--net", "sh", "-c"]).arg(format!(
-        "ip link set lo up && hostname {hostname} && exec {H1SERVER} --port {POD_PORT}"
-    ));
-    H1Server::start_command(logs, hostname, cmd, Ipv4Addr::LOCALHOST.into())
+    H1Server::start_in_pod(Path::new(H1SERVER), logs, hostname, POD_PORT)
 }
 
 /// Runs `f` on a thread that has joined `pod`'s network namespace: its sockets reach the pod's
