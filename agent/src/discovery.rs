@@ -73,6 +73,13 @@ impl ProcFs {
         stat[stat.rfind(')')? + 1..].trim_start().chars().next()
     }
 
+    /// Parent PID of `pid` (field 4 of /proc/PID/stat), or `None` when it is gone.
+    pub fn ppid(&self, pid: u32) -> Option<u32> {
+        let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 1..];
+        after.split_whitespace().nth(1)?.parse().ok()
+    }
+
     pub fn cmdline(&self, pid: u32) -> Option<Vec<String>> {
         let raw = fs::read(self.path(pid, "cmdline")).ok()?;
         Some(
@@ -83,9 +90,19 @@ impl ProcFs {
         )
     }
 
+    /// A JVM (`java`, any path) whose arguments name TorchServe's main class. The JVM check keeps out
+    /// the processes that only *mention* the class, such as `pgrep -f` / `grep` in a liveness probe or
+    /// a start script (TorchServe's own launcher checks its frontend that way).
     pub fn is_torchserve(&self, pid: u32) -> bool {
-        self.cmdline(pid)
-            .is_some_and(|args| args.iter().any(|a| a == TORCHSERVE_MAIN_CLASS))
+        self.cmdline(pid).is_some_and(|args| {
+            let jvm = args.first().is_some_and(|a| {
+                std::path::Path::new(a)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("java"))
+            });
+            jvm && args.iter().any(|a| a == TORCHSERVE_MAIN_CLASS)
+        })
     }
 
     /// Socket inodes listening on any of `ports` in `pid`'s network namespace.
@@ -147,7 +164,13 @@ impl ProcFs {
         };
         if sel.torchserve {
             for &pid in &pids {
-                if self.is_torchserve(pid) {
+                // A child the frontend is spawning (a worker, the metrics collector) shows the
+                // frontend's command line from fork until its exec: not a frontend of its own.
+                if self.is_torchserve(pid)
+                    && !self
+                        .ppid(pid)
+                        .is_some_and(|parent| self.is_torchserve(parent))
+                {
                     add(pid, Flavor::TorchServe);
                 }
             }
@@ -285,12 +308,16 @@ mod tests {
     fn fixture() -> (tempfile::TempDir, ProcFs) {
         let d = tempfile::tempdir().expect("temp dir");
         let p = d.path().to_path_buf();
-        // 100: TorchServe frontend; 200: a python worker; 300: something else.
+        // 100: TorchServe frontend; 200: a python worker; 300: something else; 400: a child the
+        // frontend is spawning, between fork and exec (still the frontend's command line); 500: a
+        // script looking for the frontend by its class name.
         let ts = "java\0-Dmodel_server_home=/x\0-cp\0a.jar\0org.pytorch.serve.ModelServer\0";
-        for (pid, cmd, comm) in [
-            (100, ts, "java"),
-            (200, "python\0ts/model_service_worker.py\0", "python"),
-            (300, "nginx\0", "ng (x) y"),
+        for (pid, cmd, comm, ppid) in [
+            (100, ts, "java", 1),
+            (200, "python\0ts/model_service_worker.py\0", "python", 100),
+            (300, "nginx\0", "ng (x) y", 1),
+            (400, ts, "java", 100),
+            (500, "grep\0-q\0org.pytorch.serve.ModelServer\0", "grep", 1),
         ] {
             let dir = p.join(pid.to_string());
             fs::create_dir_all(dir.join("fd")).expect("mkdir");
@@ -298,7 +325,7 @@ mod tests {
             fs::write(
                 dir.join("stat"),
                 format!(
-                    "{pid} ({comm}) S 1 1 1 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {} 1 1",
+                    "{pid} ({comm}) S {ppid} 1 1 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {} 1 1",
                     pid * 10
                 ),
             )
@@ -316,7 +343,12 @@ mod tests {
             ports: vec![],
         };
         let found = proc.scan(&sel);
-        assert_eq!(found.keys().copied().collect::<Vec<_>>(), vec![100, 300]);
+        assert_eq!(
+            found.keys().copied().collect::<Vec<_>>(),
+            vec![100, 300],
+            "neither the frontend's child between fork and exec (400) nor grep (500) is a frontend"
+        );
+        assert_eq!(proc.ppid(400), Some(100));
         assert_eq!(found[&100].flavor, Flavor::TorchServe);
         assert_eq!(found[&100].start_time, 1000);
         assert_eq!(found[&300].flavor, Flavor::Generic);

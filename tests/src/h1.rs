@@ -75,6 +75,18 @@ impl H1Server {
         Self::start_command(log_dir, "h1server", cmd, family.client_ip())
     }
 
+    /// Runs `bin` as the only process of a simulated pod: its own network namespace (only `lo`, up)
+    /// and UTS namespace (hostname `hostname`), listening on `port` of the pod's 127.0.0.1. Clients
+    /// reach it from a thread inside that namespace ([`crate::netns::run_in`] with [`H1Server::pid`]).
+    pub fn start_in_pod(bin: &Path, log_dir: &Path, hostname: &str, port: u16) -> Result<H1Server> {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--uts", "--net", "sh", "-c"]).arg(format!(
+            "ip link set lo up && hostname {hostname} && exec {} --port {port}",
+            bin.display()
+        ));
+        Self::start_command(log_dir, hostname, cmd, Ipv4Addr::LOCALHOST.into())
+    }
+
     /// Runs `cmd`, which must end up exec'ing h1server (e.g. through `unshare`), and waits (10 s at most)
     /// for the `ready PORT...` line on its stdout. `client_ip` is where clients reach it.
     pub fn start_command(

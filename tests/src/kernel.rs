@@ -29,6 +29,17 @@ pub fn conns_keys(agent_pid: u32) -> Result<Vec<(u32, i32)>> {
         .collect()
 }
 
+/// How many entries the agent's map called `name` holds (e.g. `args`: syscalls of traced threads
+/// between their enter and exit; `targets`: traced processes).
+pub fn map_len(agent_pid: u32, name: &str) -> Result<usize> {
+    let id = map_id(agent_pid, name)?;
+    let out = bpftool(&["map", "dump", "id", &id.to_string()])?;
+    Ok(out
+        .as_array()
+        .context("bpftool map dump: not a JSON array")?
+        .len())
+}
+
 /// Entries of `tgid` in the agent's `conns` map.
 pub fn conns_of(agent_pid: u32, tgid: u32) -> Result<usize> {
     Ok(conns_keys(agent_pid)?

@@ -13,6 +13,7 @@ pub mod h1;
 pub mod http;
 pub mod kernel;
 pub mod metrics;
+pub mod netns;
 pub mod process;
 pub mod server;
 pub mod torchserve;

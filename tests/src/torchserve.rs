@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::{
     Metrics,
     cleanup::{self, Registration},
-    http,
+    http, netns,
     process::run_logged,
     target_dir, workspace_root,
 };
@@ -47,6 +47,9 @@ pub struct TorchServeHome {
     pub scripts: PathBuf,
     /// TS_HOME: venv, model store, logs. `$SERVESCOPE_TS_HOME`, else `target/torchserve` (a cache).
     pub home: PathBuf,
+    /// The hostname of the simulated pod this TorchServe runs in (see [`TorchServeHome::for_pod`]), or
+    /// `None` for the machine's own namespaces.
+    pub pod: Option<String>,
 }
 
 impl Default for TorchServeHome {
@@ -58,6 +61,7 @@ impl Default for TorchServeHome {
         Self {
             scripts: workspace_root().join("tests/torchserve"),
             home,
+            pod: None,
         }
     }
 }
@@ -66,6 +70,67 @@ impl TorchServeHome {
     /// The venv's python (has TorchServe installed; traffic.py needs only the standard library).
     pub fn python(&self) -> PathBuf {
         self.home.join("venv/bin/python")
+    }
+
+    /// A TorchServe home of its own in `dir`, for a simulated pod called `hostname`: the venv of `self`
+    /// (linked, never changed: it is a shared cache), copies of its model archives, and the project's
+    /// config.properties with a small JVM heap (two or more frontends share the machine).
+    ///
+    /// [`TorchServeHome::start`] then runs TorchServe in new network, UTS and mount namespaces, as a
+    /// Kubernetes pod is to the kernel: loopback up, hostname `hostname`, an `/etc/hosts` that names it
+    /// (as the kubelet writes one; TorchServe's `Hostname` label is `InetAddress.getLocalHost()`), and
+    /// `dir/pod-tmp` mounted on `/tmp`, so that each pod's worker sockets (`/tmp/.ts.sock.<port>`, the
+    /// default `java.io.tmpdir`) and unpacked archives (`/tmp/models/`) are its own.
+    pub fn for_pod(&self, dir: &Path, hostname: &str) -> Result<TorchServeHome> {
+        if !self.python().exists() {
+            bail!(
+                "TorchServe is not set up in {} (run its setup first)",
+                self.home.display()
+            );
+        }
+        let venv = self.home.join("venv");
+        let venv = venv
+            .canonicalize()
+            .with_context(|| format!("resolving {}", venv.display()))?;
+        let store = dir.join("model-store");
+        for d in [&store, &dir.join("pod-tmp")] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let link = dir.join("venv");
+        if fs::read_link(&link).ok().as_deref() != Some(venv.as_path()) {
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&venv, &link)
+                .with_context(|| format!("linking {} to {}", link.display(), venv.display()))?;
+        }
+        let shared_store = self.home.join("model-store");
+        for entry in fs::read_dir(&shared_store)
+            .with_context(|| format!("listing {}", shared_store.display()))?
+        {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "mar") {
+                let to = store.join(path.file_name().context("archive without a name")?);
+                fs::copy(&path, &to)
+                    .with_context(|| format!("copying {} to {}", path.display(), to.display()))?;
+            }
+        }
+        let config = self.scripts.join("config.properties");
+        let mut text =
+            fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+        text.push_str(
+            "# A pod's frontend: a small heap, so that several fit on the machine at once.\n\
+             vmargs=-Xmx256m -XX:+UseSerialGC\n",
+        );
+        fs::write(dir.join("config.properties"), text).context("writing the pod's config")?;
+        fs::write(
+            dir.join("pod-hosts"),
+            format!("127.0.0.1 localhost\n127.0.0.1 {hostname}\n"),
+        )
+        .context("writing the pod's /etc/hosts")?;
+        Ok(TorchServeHome {
+            scripts: self.scripts.clone(),
+            home: dir.to_path_buf(),
+            pod: Some(hostname.to_owned()),
+        })
     }
 
     /// Runs setup.sh: installs what is missing (java via apt, the venv, pinned pip packages, stand-in
@@ -132,10 +197,27 @@ impl TorchServeHome {
             })
         };
         let started = Instant::now();
+        let mut run = match &self.pod {
+            None => Command::new("bash"),
+            Some(hostname) => {
+                // The pod's namespaces live as long as the frontend: run.sh's `torchserve --start`
+                // leaves it running in them after `unshare` itself has exited.
+                let mut c = Command::new("unshare");
+                c.args(["--uts", "--net", "--mount", "bash", "-c"])
+                    .arg(
+                        "set -e; ip link set lo up; hostname \"$1\"; \
+                         mount --bind \"$2\" /etc/hosts; mount --bind \"$3\" /tmp; \
+                         shift 3; exec bash \"$@\"",
+                    )
+                    .arg("pod")
+                    .arg(hostname)
+                    .arg(self.home.join("pod-hosts"))
+                    .arg(self.home.join("pod-tmp"));
+                c
+            }
+        };
         run_logged(
-            Command::new("bash")
-                .arg(self.scripts.join("run.sh"))
-                .arg(&self.home),
+            run.arg(self.scripts.join("run.sh")).arg(&self.home),
             "starting TorchServe (tests/torchserve/run.sh)",
             &log,
             START_TIMEOUT,
@@ -215,14 +297,76 @@ impl TorchServe {
         loopback(METRICS_PORT)
     }
 
+    /// The hostname TorchServe runs under: its pod's, or the machine's.
+    pub fn hostname(&self) -> Result<String> {
+        match &self.home.pod {
+            Some(h) => Ok(h.clone()),
+            None => Ok(fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("reading the hostname")?
+                .trim()
+                .to_owned()),
+        }
+    }
+
+    /// Runs `f` where TorchServe's loopback addresses reach it: on a thread inside its pod's network
+    /// namespace, or right here when it runs in the machine's own.
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        match self.home.pod {
+            Some(_) => netns::run_in(self.pid, f),
+            None => f(),
+        }
+    }
+
+    /// Waits (at most `timeout`) until no client connection to TorchServe's HTTP ports is still open on
+    /// TorchServe's side (ESTABLISHED or CLOSE_WAIT in its network namespace's TCP tables): e.g. run.sh's
+    /// /ping, closed by the client, may not be closed by Netty yet. Then the connections TorchServe holds
+    /// are its own (to its workers), a baseline for the kernel's connection state.
+    pub fn wait_clients_gone(&self, timeout: Duration) -> Result<()> {
+        let ports = [INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT];
+        let open = || -> usize {
+            ["net/tcp", "net/tcp6"]
+                .iter()
+                .filter_map(|t| fs::read_to_string(format!("/proc/{}/{t}", self.pid)).ok())
+                .map(|text| {
+                    text.lines()
+                        .skip(1)
+                        .filter(|l| {
+                            let f: Vec<&str> = l.split_whitespace().collect();
+                            let port = f
+                                .get(1)
+                                .and_then(|a| a.rsplit(':').next())
+                                .and_then(|p| u16::from_str_radix(p, 16).ok());
+                            port.is_some_and(|p| ports.contains(&p))
+                                && matches!(f.get(3), Some(&"01") | Some(&"08"))
+                        })
+                        .count()
+                })
+                .sum()
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = open();
+            if n == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{n} client connections to TorchServe {} still open after {timeout:?}",
+                    self.pid
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// TorchServe's own `GET /metrics{query}` body. Note: TorchServe counts every scrape in Requests2XX
     /// once the body is rendered, so a scrape shows the earlier scrapes but not itself (FACTS.md §3).
     pub fn scrape_text(&self, query: &str) -> Result<String> {
-        let r = http::get(
-            self.metrics_addr(),
-            &format!("/metrics{query}"),
-            Duration::from_secs(10),
-        )?;
+        let (addr, path) = (self.metrics_addr(), format!("/metrics{query}"));
+        let r = self.in_netns(move || http::get(addr, &path, Duration::from_secs(10)))?;
         if r.status != 200 {
             bail!(
                 "TorchServe /metrics{query} answered {}: {}",
@@ -301,4 +445,59 @@ impl Traffic {
             })
             .collect()
     }
+}
+
+/// Every difference between what TorchServe counted under `hostname` (`own`: its scrape of itself) and
+/// what the agent reports under it (`agent`, scraped later): Requests2XX/4XX/5XX, ts_inference_requests_total
+/// per model and version, and any servescope family that counts lost or unparsable traffic. The agent
+/// has `own_scrapes` more 2XX: TorchServe counts a scrape of itself only once it has rendered it
+/// (FACTS.md §3), the agent as soon as the response leaves.
+pub fn count_differences(
+    own: &Metrics,
+    agent: &Metrics,
+    hostname: &str,
+    own_scrapes: f64,
+) -> Vec<String> {
+    let mut diff = Vec::new();
+    let host = [("Level", "Host"), ("Hostname", hostname)];
+    for family in ["Requests2XX", "Requests4XX", "Requests5XX"] {
+        let extra = if family == "Requests2XX" {
+            own_scrapes
+        } else {
+            0.0
+        };
+        let want = own.get(family, &host).unwrap_or(0.0) + extra;
+        let got = agent.get(family, &host).unwrap_or(0.0);
+        if got != want {
+            diff.push(format!(
+                "{family}{{Hostname={hostname}}}: servescope {got}, want {want}"
+            ));
+        }
+    }
+    let per_model = |m: &Metrics| {
+        m.series("ts_inference_requests_total")
+            .filter(|(s, _)| s.label("hostname") == Some(hostname))
+            .map(|(s, v)| {
+                let l = |k| s.label(k).unwrap_or_default().to_owned();
+                ((l("model_name"), l("model_version")), v)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (want, got) = (per_model(own), per_model(agent));
+    if want != got {
+        diff.push(format!(
+            "ts_inference_requests_total{{hostname={hostname}}}: servescope {got:?}, want {want:?}"
+        ));
+    }
+    for family in [
+        "servescope_kernel_lost_events_total",
+        "servescope_http_parse_errors_total",
+        "servescope_unmatched_responses_total",
+        "servescope_decode_errors_total",
+    ] {
+        if agent.sum(family) != 0.0 {
+            diff.push(format!("{family} = {}", agent.sum(family)));
+        }
+    }
+    diff
 }

@@ -515,3 +515,161 @@ fn agent_restarted_under_traffic_counts_exactly_from_the_next_request() -> Resul
 fn free_addr() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
+
+/// A model worker killed (SIGKILL: an OOM kill of the Python process) while clients keep sending it
+/// requests: TorchServe fails what was in flight, restarts the worker, and goes on. The agent counts
+/// every response exactly as TorchServe's own /metrics does (the failed ones too, in whatever class
+/// TorchServe puts them), logs no warning or error, and keeps reporting queue latency for the model,
+/// which it measures on the frontend's connection to the *new* worker.
+#[test]
+fn torchserve_worker_killed_under_traffic_is_counted_exactly() -> Result<()> {
+    const CLIENTS: usize = 3;
+    let (logs, home) = prepare("worker_killed")?;
+    let agent = start_agent(&logs)?;
+    ensure!(
+        agent.scrape()?.sum("servescope_targets") == 0.0,
+        "a TorchServe is already running: the test needs the machine to itself"
+    );
+    let ts = home.start(&logs)?;
+    agent.wait_until(Duration::from_secs(5), "TorchServe traced", |m| {
+        m.sum("servescope_targets") >= 1.0
+    })?;
+    let worker = echo_worker(ts.pid())?;
+    // The frontend's connections at rest (to its workers): the dead worker's goes, the new one's comes.
+    ts.wait_clients_gone(Duration::from_secs(5))?;
+    let conns_at_rest = kernel::conns_of(agent.pid(), ts.pid())?;
+
+    // Clients loop on echo until told to stop; a failed request (or a connection TorchServe closes)
+    // gets a new connection. What each saw is only printed: TorchServe's /metrics is the truth.
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = ts.inference_addr();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || -> Result<(u32, u32, u32)> {
+                let (mut ok, mut failed, mut broken) = (0, 0, 0);
+                let mut c = Client::connect(addr)?;
+                // Bounded: at most 60 s of traffic whatever happens.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    match c.call(
+                        "POST",
+                        "/predictions/echo",
+                        format!("client {i}").as_bytes(),
+                    ) {
+                        Ok(200) => ok += 1,
+                        Ok(_) => {
+                            failed += 1;
+                            c = Client::connect(addr)?;
+                        }
+                        Err(_) => {
+                            broken += 1;
+                            c = Client::connect(addr)?;
+                        }
+                    }
+                }
+                Ok((ok, failed, broken))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    let queue_before = queue_latency(&agent.scrape()?, "echo");
+    ensure!(
+        queue_before > 0.0,
+        "no ts_queue_latency_microseconds for echo before the kill: nothing to compare with"
+    );
+    // SAFETY: kill(2) of the worker PID read from /proc just now.
+    ensure!(
+        unsafe { libc::kill(worker as i32, libc::SIGKILL) } == 0,
+        "kill {worker}: {}",
+        std::io::Error::last_os_error()
+    );
+    let gone = eventually(Duration::from_secs(5), || {
+        !children_of(ts.pid()).contains(&worker)
+    });
+    ensure!(gone, "echo worker {worker} still there 5 s after SIGKILL");
+    // TorchServe starts a new worker (after its back-off); wait until it answers again.
+    let restarted = eventually(Duration::from_secs(60), || {
+        echo_worker(ts.pid()).is_ok_and(|w| w != worker)
+            && http::post(addr, "/predictions/echo", b"probe", Duration::from_secs(5))
+                .is_ok_and(|r| r.status == 200)
+    });
+    ensure!(
+        restarted,
+        "TorchServe did not restart the echo worker within 60 s"
+    );
+    let new_worker = echo_worker(ts.pid())?;
+    eprintln!("echo worker {worker} killed; TorchServe restarted it as {new_worker}");
+    // Traffic on the new worker for a while, then stop.
+    let queue_restarted = queue_latency(&agent.scrape()?, "echo");
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        let (ok, failed, broken) = c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+        eprintln!("client: {ok} ok, {failed} failed, {broken} broken connections");
+    }
+
+    let m = assert_agent_matches_torchserve(&agent, &ts, &Metrics::default())?;
+    // The worker never idles under three looping clients, so a request was in flight at the kill:
+    // TorchServe answers it 507 ("worker died"), a 5XX for both.
+    ensure!(
+        m.sum("Requests5XX") >= 1.0,
+        "no failed request counted: was nothing in flight when the worker died?"
+    );
+    let queue_after = queue_latency(&m, "echo");
+    ensure!(
+        queue_after > queue_restarted,
+        "ts_queue_latency_microseconds for echo stopped growing after the worker restart \
+         ({queue_before} before the kill, {queue_restarted} at the restart, {queue_after} at the end)"
+    );
+    let log = fs::read_to_string(agent.log_path())?;
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    ensure!(bad.is_empty(), "the agent logged:\n{}", bad.join("\n"));
+    // The new worker, between the frontend's fork and its exec, shows the frontend's command line: it
+    // must not be taken for a second frontend.
+    let traced: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tracing target"))
+        .collect();
+    ensure!(
+        traced.len() == 1,
+        "the agent traced more than the frontend:\n{}",
+        traced.join("\n")
+    );
+    let (a, t) = (agent.pid(), ts.pid());
+    let back = eventually(Duration::from_secs(5), || {
+        kernel::conns_of(a, t).is_ok_and(|n| n == conns_at_rest)
+    });
+    ensure!(
+        back,
+        "{} kernel connection entries for TorchServe after the clients closed, {conns_at_rest} at rest",
+        kernel::conns_of(a, t)?
+    );
+    drop(agent);
+    ts.stop();
+    Ok(())
+}
+
+/// The PID of the echo model's worker: the frontend's child listening on the first worker socket
+/// (`/tmp/.ts.sock.9000`: echo is loaded first, FACTS.md §6).
+fn echo_worker(java: u32) -> Result<u32> {
+    children_of(java)
+        .into_iter()
+        .find(|&pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains("model_service_worker.py")
+                    && String::from_utf8_lossy(&c).contains(".ts.sock.9000")
+            })
+        })
+        .with_context(|| format!("TorchServe {java} has no echo worker (/tmp/.ts.sock.9000)"))
+}
+
+fn queue_latency(m: &Metrics, model: &str) -> f64 {
+    m.series("ts_queue_latency_microseconds")
+        .filter(|(s, _)| s.label("model_name") == Some(model))
+        .map(|(_, v)| v)
+        .sum()
+}

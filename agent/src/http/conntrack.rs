@@ -11,8 +11,10 @@ use crate::{
 /// Most worker dispatches remembered while their HTTP responses are pending.
 pub const MAX_DISPATCHED: usize = 65_536;
 
-/// Most connections tracked at once; past it the oldest-id connection is evicted (and counted), so a
-/// flood of connections cannot grow the agent without bound.
+/// Most connections tracked at once; past it the least recently active connection is evicted (and
+/// counted), so a flood of connections cannot grow the agent without bound. Least recently *active*,
+/// like the kernel's LRU `conns` map, not oldest: a pooled keep-alive connection that lives for hours
+/// and is busy must not be the first to go.
 pub const MAX_CONNS: usize = 65_536;
 
 #[derive(Debug, Default)]
@@ -79,10 +81,13 @@ impl ConnTable {
                 if !self.conns.contains_key(&ev.conn_id) {
                     self.make_room();
                 }
+                // Data of a connection this table does not hold (evicted here, or its open record was
+                // lost) may fall anywhere in the stream, whatever the kernel saw at accept(): it is
+                // picked up at its next request boundary, never parsed from the middle of a body.
                 let conn = self
                     .conns
                     .entry(ev.conn_id)
-                    .or_insert_with(|| Conn::new(ev.tgid, ev.conn_id, ev.accepted));
+                    .or_insert_with(|| Conn::new(ev.tgid, ev.conn_id, false));
                 match ev.dir {
                     Direction::Ingress => {
                         conn.on_ingress(ev.ts_ns, ev.head, ev.len, &mut self.stats);
@@ -122,10 +127,16 @@ impl ConnTable {
         if self.conns.len() < MAX_CONNS {
             return;
         }
-        // Connection ids grow monotonically: the smallest is the oldest.
-        if let Some(oldest) = self.conns.keys().min().copied() {
-            self.conns.remove(&oldest);
+        // Least recently active first; among equals (never active) the oldest id.
+        let victim = self
+            .conns
+            .iter()
+            .min_by_key(|(id, c)| (c.last_active_ns(), **id))
+            .map(|(id, _)| *id);
+        if let Some(conn) = victim.and_then(|id| self.conns.remove(&id)) {
             self.evicted += 1;
+            // Their responses can no longer be paired: counted, not silently lost.
+            self.stats.dropped_requests += conn.pending() as u64;
         }
     }
 }
@@ -136,9 +147,13 @@ mod tests {
     use crate::events::{RawHeader, encode_for_test};
 
     fn rec(kind: u8, dir: u8, conn: u64, accepted: u8, data: &[u8]) -> Vec<u8> {
+        rec_at(1, kind, dir, conn, accepted, data)
+    }
+
+    fn rec_at(ts_ns: u64, kind: u8, dir: u8, conn: u64, accepted: u8, data: &[u8]) -> Vec<u8> {
         encode_for_test(
             RawHeader {
-                ts_ns: 1,
+                ts_ns,
                 conn_id: conn,
                 len: data.len() as u64,
                 tgid: 7,
@@ -237,6 +252,62 @@ mod tests {
         assert_eq!(ex[0].response.status, 200);
         assert_eq!(ex[0].response.end_ns, None, "cut short");
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_active_connection() {
+        let mut t = ConnTable::new();
+        let n = MAX_CONNS as u64;
+        for id in 1..=n {
+            apply(&mut t, &rec_at(id, 2, 0, id, 1, b""));
+            apply(&mut t, &rec_at(id, 1, 0, id, 1, b"GET /a HTTP/1.1\r\n\r\n"));
+        }
+        // The oldest connection (a pooled keep-alive one) is busy again, after all the others.
+        apply(
+            &mut t,
+            &rec_at(
+                n + 1,
+                1,
+                1,
+                1,
+                1,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            ),
+        );
+        apply(&mut t, &rec_at(n + 2, 2, 0, n + 1, 1, b""));
+        assert_eq!(t.len(), MAX_CONNS);
+        assert_eq!(t.evicted, 1);
+        assert!(t.conns.contains_key(&1), "the busy old connection stays");
+        assert!(
+            !t.conns.contains_key(&2),
+            "the least recently active one goes"
+        );
+        assert_eq!(
+            t.stats.dropped_requests, 1,
+            "its unanswered request is counted as dropped"
+        );
+    }
+
+    #[test]
+    fn data_of_an_unknown_connection_waits_for_a_request_boundary() {
+        let mut t = ConnTable::new();
+        // No open record (evicted, or lost), though the kernel saw the accept: the first bytes are
+        // the middle of a body, which must not be taken for a request head.
+        apply(&mut t, &rec(1, 0, 9, 1, b"tail of a request body\r\n\r\n"));
+        apply(
+            &mut t,
+            &rec(1, 0, 9, 1, b"GET /predictions/next HTTP/1.1\r\n\r\n"),
+        );
+        let ex = apply(
+            &mut t,
+            &rec(1, 1, 9, 1, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        );
+        assert_eq!(ex.len(), 1);
+        assert_eq!(
+            ex[0].request.as_ref().map(|r| r.target.as_str()),
+            Some("/predictions/next")
+        );
+        assert_eq!(t.stats, ParseStats::default());
     }
 
     #[test]

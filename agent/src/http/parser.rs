@@ -123,6 +123,8 @@ pub struct Conn {
     resp: RespState,
     last_read_ns: u64,
     last_write_ns: u64,
+    /// Kernel time of the last traced read or write, whatever it held (for eviction).
+    last_active_ns: u64,
     /// The client's address, when the kernel reported it.
     peer: Option<SocketAddr>,
 }
@@ -140,6 +142,7 @@ impl Conn {
             resp: RespState::Idle,
             last_read_ns: 0,
             last_write_ns: 0,
+            last_active_ns: 0,
             peer: None,
         }
     }
@@ -153,6 +156,11 @@ impl Conn {
         self.tgid
     }
 
+    /// Kernel time of this connection's last traced read or write (0: none yet).
+    pub fn last_active_ns(&self) -> u64 {
+        self.last_active_ns
+    }
+
     /// Requests received and not yet answered.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -161,6 +169,7 @@ impl Conn {
     /// Bytes the server read: `len` in all, of which `head` were copied.
     pub fn on_ingress(&mut self, ts_ns: u64, head: &[u8], len: u64, stats: &mut ParseStats) {
         self.last_read_ns = ts_ns;
+        self.last_active_ns = self.last_active_ns.max(ts_ns);
         if !self.req_synced {
             if !starts_with_method(head) {
                 return;
@@ -300,6 +309,8 @@ impl Conn {
         stats: &mut ParseStats,
     ) -> Vec<Exchange> {
         let mut out = Vec::new();
+        // max: writes are stamped when they began, so a long write may carry an earlier time.
+        self.last_active_ns = self.last_active_ns.max(ts_ns);
         if !self.resp_synced {
             return out;
         }
