@@ -182,7 +182,6 @@ fn torchserve_pods_are_each_reported_as_they_report_themselves() -> Result<()> {
         .iter()
         .map(|ts| kernel::conns_of(agent_pid, ts.pid()))
         .collect::<Result<Vec<_>>>()?;
-    let args_baseline = kernel::map_len(agent_pid, "args")?;
 
     // Different traffic per pod, so that a mix-up of labels cannot go unnoticed.
     for (i, ts) in pods.iter().enumerate() {
@@ -277,17 +276,8 @@ fn torchserve_pods_are_each_reported_as_they_report_themselves() -> Result<()> {
             kernel::conns_of(agent_pid, pid)?
         );
     }
-    let mut args = usize::MAX;
-    let settled = eventually(Duration::from_secs(5), || {
-        args = kernel::map_len(agent_pid, "args").unwrap_or(usize::MAX);
-        args <= args_baseline
-    });
-    // Not `==`: TorchServe's own threads block in reads of their workers' output pipes, and how many
-    // do at one moment varies; none of the test's connections may have left an entry.
-    ensure!(
-        settled,
-        "the kernel's args map holds {args} entries, {args_baseline} before the traffic"
-    );
+    // A thread's in-flight syscall state lives in task-local storage (ebpf/sockets.bpf.c, R9), freed
+    // with the thread: there is no per-syscall map left to leak, only the connections checked above.
     drop(agent);
     for ts in pods {
         ts.stop();
