@@ -59,6 +59,7 @@ pub async fn read_events(
         table: ConnTable::new(),
         targets: HashMap::new(),
         exported: ParseStats::default(),
+        exported_evicted: 0,
         registry,
         sinks,
         proc_events,
@@ -131,6 +132,8 @@ struct Reader {
     targets: HashMap<u32, TargetInfo>,
     /// Parser counters already added to the registry.
     exported: ParseStats,
+    /// `table.evicted` already added to the registry.
+    exported_evicted: u64,
     registry: Registry,
     sinks: Sinks,
     proc_events: ProcEventSender,
@@ -188,6 +191,9 @@ impl Reader {
         r.dropped_requests
             .inc_by(s.dropped_requests - self.exported.dropped_requests);
         self.exported = s;
+        r.evicted_connections
+            .inc_by(self.table.evicted - self.exported_evicted);
+        self.exported_evicted = self.table.evicted;
         n
     }
 }

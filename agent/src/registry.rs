@@ -252,6 +252,7 @@ pub struct Registry {
     pub parse_errors: IntCounter,
     pub unmatched_responses: IntCounter,
     pub dropped_requests: IntCounter,
+    pub evicted_connections: IntCounter,
     pub targets: IntGauge,
     pub build_info: IntGaugeVec,
     // Request-log sinks (sink/), labelled by `sink`: request_log, syslog, latency_csv.
@@ -337,8 +338,13 @@ impl Registry {
             )),
             dropped_requests: must(IntCounter::new(
                 "servescope_http_requests_dropped_total",
-                "Requests dropped unanswered because their connection already had too many waiting \
-                 (a client pipelining without reading replies).",
+                "Requests dropped unanswered: their connection already had too many waiting (a client \
+                 pipelining without reading replies), or it was evicted with requests pending.",
+            )),
+            evicted_connections: must(IntCounter::new(
+                "servescope_connections_evicted_total",
+                "Connections the agent stopped tracking because it held its maximum; the least \
+                 recently active goes first, and is picked up again at its next request.",
             )),
             targets: must(IntGauge::new("servescope_targets", "Processes being traced.")),
             build_info: must(IntGaugeVec::new(
@@ -378,7 +384,7 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 16] = [
+        let collectors: [Box<dyn Collector>; 17] = [
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
             Box::new(r.requests_5xx.clone()),
@@ -393,6 +399,7 @@ impl Registry {
             Box::new(r.parse_errors.clone()),
             Box::new(r.unmatched_responses.clone()),
             Box::new(r.dropped_requests.clone()),
+            Box::new(r.evicted_connections.clone()),
             Box::new(r.targets.clone()),
             Box::new(r.build_info.clone()),
         ];

@@ -663,8 +663,12 @@ VmallocChunk:          0 kB\n";
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(samples(&r, "MemoryUsed").is_empty(), "no target yet");
         targets_tx.send_replace(vec![target(10, "vm")]);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        // Memory at once; CPU only after a full interval since the baseline.
+        // Memory at once (polled: a loaded machine may be slow to run the task); CPU only after a
+        // full interval since the baseline.
+        let deadline = Instant::now() + Duration::from_millis(250);
+        while samples(&r, "MemoryUsed").is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(samples(&r, "MemoryUsed").len(), 1);
         assert!(samples(&r, "CPUUtilization").is_empty());
         fs::write(d.path().join("stat"), stat(600, 1400)).expect("write");
@@ -678,7 +682,10 @@ VmallocChunk:          0 kB\n";
             ["CPUUtilization{Level=\"Host\",Hostname=\"vm\",} 50.0"]
         );
         targets_tx.send_replace(Vec::new());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !samples(&r, "CPUUtilization").is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert!(samples(&r, "CPUUtilization").is_empty());
         stop_tx.send_replace(true);
         let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
