@@ -350,25 +350,36 @@ static __always_inline void copy_iov(struct scratch *s, const struct iovec *iov,
 	s->ev.head_len = off > SS_HEAD_MAX ? SS_HEAD_MAX : off;
 }
 
-/*
- * The state of the current thread when its process is traced, else NULL. State is created only for
- * threads of traced processes; `targets` is consulted again only when its generation changed.
- */
-static __always_inline struct task_state *traced_thread(__u64 id)
+static __always_inline __u64 targets_generation(void)
 {
 	__u32 zero = 0;
 	__u64 *genp = bpf_map_lookup_elem(&targets_gen, &zero);
-	__u64 gen = genp ? *genp : 0;
+	return genp ? *genp : 0;
+}
+
+/*
+ * The state of the current thread when its process is traced, else NULL; `targets` is consulted again
+ * only when its generation changed. With task storage the answer is kept for every thread that makes a
+ * data syscall, untraced ones too: every read and write on the host then costs a storage read instead
+ * of a hash lookup (a few MB of kernel memory on a node with tens of thousands of threads, freed with
+ * them). The hash build keeps state for traced threads only, so that others cannot evict it.
+ */
+static __always_inline struct task_state *traced_thread(__u64 id)
+{
+	__u64 gen = targets_generation();
 	struct task_state *t = state_get(0);
 	if (t && t->gen == gen)
 		return t->target ? t : NULL;
 	int target = is_target(id >> 32);
 	if (!t) {
+#ifndef SS_TASK_STORAGE
 		if (!target)
 			return NULL;
+#endif
 		t = state_get(1);
 		if (!t) {
-			count_loss(SS_LOSS_ARGS_FULL);
+			if (target)
+				count_loss(SS_LOSS_ARGS_FULL);
 			return NULL;
 		}
 	}
@@ -461,8 +472,12 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 		a = *t;
 	} else {
 		/* No entry of this syscall seen (or a stale one from before every program was attached). */
-		if (t)
+		if (t) {
 			t->state = CALL_NONE;
+			/* A thread known to be untraced, under the current generation: nothing to recover. */
+			if (!t->target && t->gen == targets_generation())
+				return 0;
+		}
 		if (ret <= 0 || !args_from_regs(&a, id, sys))
 			return 0;
 	}
