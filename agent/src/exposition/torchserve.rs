@@ -8,11 +8,9 @@
 
 use std::{collections::BTreeSet, fmt::Write as _};
 
-use prometheus::{
-    Encoder as _, TextEncoder,
-    proto::{MetricFamily, MetricType},
-};
+use prometheus::proto::{MetricFamily, MetricType};
 
+use super::text;
 use crate::registry::{FamilySpec, TORCHSERVE_FAMILIES};
 
 /// Renders `v` as Java's `Double.toString` does (JDK 19+ specification).
@@ -192,7 +190,9 @@ fn form_decode(s: &str) -> String {
 /// a fixed order keeps successive scrapes diffable. Returns the empty string when nothing is selected;
 /// otherwise the body ends with `\n`.
 pub fn encode(families: &[MetricFamily], filter: &Filter) -> String {
-    let mut out = String::new();
+    // One allocation for the body: about 100 bytes a sample (histograms several lines each).
+    let samples: usize = families.iter().map(|f| f.get_metric().len()).sum();
+    let mut out = String::with_capacity(4096 + samples * 100);
     for spec in TORCHSERVE_FAMILIES
         .iter()
         .filter(|s| filter.matches(s.name))
@@ -204,15 +204,10 @@ pub fn encode(families: &[MetricFamily], filter: &Filter) -> String {
     let own = families
         .iter()
         .filter(|f| !TORCHSERVE_FAMILIES.iter().any(|s| s.name == f.name()))
-        .filter(|f| filter.matches(f.name()) && !f.get_metric().is_empty());
-    let mut text = Vec::new();
+        .filter(|f| filter.matches(f.name()));
     for family in own {
-        // One family at a time, so a family the encoder rejects costs only itself.
-        if let Err(e) = TextEncoder::new().encode(std::slice::from_ref(family), &mut text) {
-            tracing::debug!(family = family.name(), error = %e, "family not encodable; skipped");
-        }
+        text::encode_family(&mut out, family);
     }
-    out.push_str(&String::from_utf8_lossy(&text));
     out
 }
 
@@ -244,39 +239,31 @@ fn encode_torchserve_family(
     samples.sort_by(|a, b| a.0.cmp(&b.0));
 
     // `write!` into a String cannot fail.
-    let _ = writeln!(out, "# HELP {} {}", spec.name, escape_help(&spec.help()));
-    let _ = writeln!(out, "# TYPE {} {}", spec.name, spec.kind.as_str());
+    // simpleclient 0.9's `writeEscapedHelp` (backslash, newline) and `writeEscapedLabelValue`
+    // (also the double quote) are the Prometheus text format's escapes.
+    out.push_str("# HELP ");
+    out.push_str(spec.name);
+    out.push(' ');
+    text::push_escaped(out, &spec.help(), false);
+    // `write!` into a String cannot fail.
+    let _ = writeln!(out, "\n# TYPE {} {}", spec.name, spec.kind.as_str());
     for (values, value) in samples {
         out.push_str(spec.name);
         // TorchServe's families all have labels; simpleclient omits the braces only without any.
         if !spec.labels.is_empty() {
             out.push('{');
             for (name, v) in spec.labels.iter().zip(values) {
-                let _ = write!(out, "{name}=\"{}\",", escape_label_value(v));
+                out.push_str(name);
+                out.push_str("=\"");
+                text::push_escaped(out, v, true);
+                out.push_str("\",");
             }
             out.push('}');
         }
-        let _ = writeln!(out, " {}", sample_value(value));
+        out.push(' ');
+        out.push_str(&sample_value(value));
+        out.push('\n');
     }
-}
-
-/// simpleclient 0.9 `writeEscapedHelp`: backslash and newline.
-fn escape_help(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-/// simpleclient 0.9 `writeEscapedLabelValue`: backslash, double quote and newline.
-fn escape_label_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
