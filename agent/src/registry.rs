@@ -229,6 +229,9 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 /// deployment (hundreds of models per node), low enough that junk model names cannot exhaust memory.
 pub const MAX_MODEL_SERIES: usize = 2000;
 
+/// Labels of servescope's per-exchange families.
+const EXCHANGE_LABELS: &[&str] = &["model_name", "model_version", "status_class", "hostname"];
+
 /// All families servescope serves. Cheap to clone (handles to shared metrics).
 #[derive(Clone)]
 pub struct Registry {
@@ -247,6 +250,10 @@ pub struct Registry {
     queue_time: prometheus::GaugeVec,
     // servescope's own families.
     request_duration: HistogramVec,
+    request_bytes: IntCounterVec,
+    response_bytes: IntCounterVec,
+    /// Requests read and not yet answered in full, over every traced connection (set by the pipeline).
+    pub in_flight: IntGauge,
     pub kernel_lost: IntCounterVec,
     pub decode_errors: IntCounter,
     pub parse_errors: IntCounter,
@@ -314,7 +321,30 @@ impl Registry {
                      status line (TorchServe's latency), by model, version and status class.",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
-                &["model_name", "model_version", "status_class", "hostname"],
+                EXCHANGE_LABELS,
+            )),
+            // Counters, not histograms: a size histogram per model would double the samples of
+            // every scrape (the latency histogram is most of them at 1,000 models); the sums give
+            // throughput and, over `ts_inference_requests_total`, the mean size.
+            request_bytes: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_request_bytes_total",
+                    "Bytes of inference requests (head and body) the server read, by model, version and \
+                     response status class.",
+                ),
+                EXCHANGE_LABELS,
+            )),
+            response_bytes: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_response_bytes_total",
+                    "Bytes of responses to inference requests (head and body) the server wrote, by model, \
+                     version and status class.",
+                ),
+                EXCHANGE_LABELS,
+            )),
+            in_flight: must(IntGauge::new(
+                "servescope_http_requests_in_flight",
+                "Requests on traced connections read and not yet answered in full.",
             )),
             kernel_lost: must(IntCounterVec::new(
                 Opts::new(
@@ -378,7 +408,10 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 16] = [
+        let collectors: [Box<dyn Collector>; 19] = [
+            Box::new(r.request_bytes.clone()),
+            Box::new(r.response_bytes.clone()),
+            Box::new(r.in_flight.clone()),
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
             Box::new(r.requests_5xx.clone()),
@@ -485,6 +518,20 @@ impl Registry {
         }
         let labels = [model.as_str(), version.as_str(), hostname];
         self.inference_requests.with_label_values(&labels).inc();
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let by_class = [model.as_str(), version.as_str(), class, hostname];
+        self.request_bytes
+            .with_label_values(&by_class)
+            .inc_by(req.bytes);
+        self.response_bytes
+            .with_label_values(&by_class)
+            .inc_by(ex.response.bytes);
 
         // TorchServe adds latency only when the worker's batch reply was 200: handler exceptions and
         // "no worker" are frontend-made 5xx with the standard phrase and add nothing.
@@ -509,15 +556,8 @@ impl Registry {
         }
         if let Some(us) = ex.latency_us() {
             self.inference_latency.with_label_values(&labels).inc_by(us);
-            let class = match status {
-                100..=199 => "1xx",
-                200..=299 => "2xx",
-                300..=399 => "3xx",
-                400..=499 => "4xx",
-                _ => "5xx",
-            };
             self.request_duration
-                .with_label_values(&[model.as_str(), version.as_str(), class, hostname])
+                .with_label_values(&by_class)
                 .observe(us / 1e6);
         }
     }
@@ -978,6 +1018,59 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn request_and_response_bytes_by_model_and_status_class() {
+        let r = Registry::new();
+        let ts = Flavor::TorchServe;
+        // `ex` reads 10 request bytes and writes 100 response bytes.
+        r.record(&ex("POST", "/predictions/echo", 200, "", true), "vm", ts);
+        r.record(&ex("POST", "/predictions/echo", 200, "", true), "vm", ts);
+        r.record(&ex("POST", "/predictions/echo", 503, "", true), "vm", ts);
+        // Not inference requests: no bytes (an unknown model's 404, /ping).
+        r.record(
+            &ex("POST", "/predictions/nosuch", 404, "Not Found", true),
+            "vm",
+            ts,
+        );
+        r.record(&ex("GET", "/ping", 200, "", true), "vm", ts);
+        let bytes = |family: &str, class: &str| {
+            r.gather()
+                .into_iter()
+                .find(|f| f.name() == family)
+                .and_then(|f| {
+                    f.get_metric()
+                        .iter()
+                        .find(|m| {
+                            m.get_label()
+                                .iter()
+                                .any(|l| l.name() == "status_class" && l.value() == class)
+                        })
+                        .map(|m| {
+                            let labels: Vec<(&str, &str)> = m
+                                .get_label()
+                                .iter()
+                                .map(|l| (l.name(), l.value()))
+                                .collect();
+                            assert!(labels.contains(&("model_name", "echo")), "{labels:?}");
+                            assert!(labels.contains(&("hostname", "vm")), "{labels:?}");
+                            m.get_counter().get_value()
+                        })
+                })
+        };
+        assert_eq!(bytes("servescope_request_bytes_total", "2xx"), Some(20.0));
+        assert_eq!(bytes("servescope_response_bytes_total", "2xx"), Some(200.0));
+        assert_eq!(bytes("servescope_request_bytes_total", "5xx"), Some(10.0));
+        assert_eq!(bytes("servescope_response_bytes_total", "5xx"), Some(100.0));
+        assert_eq!(bytes("servescope_request_bytes_total", "4xx"), None);
+        let series: usize = r
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "servescope_request_bytes_total")
+            .map(|f| f.get_metric().len())
+            .sum();
+        assert_eq!(series, 2);
     }
 
     #[test]
