@@ -435,7 +435,12 @@ impl Registry {
         for g in r.system.all().into_iter().chain(r.gpu.all()) {
             must(r.registry.register(Box::new(g.vec.clone())));
         }
-        for c in [&r.log_written, &r.log_dropped, &r.log_errors] {
+        for c in [
+            &r.log_written,
+            &r.log_dropped,
+            &r.log_errors,
+            &r.gpu.xid_errors,
+        ] {
             must(r.registry.register(Box::new(c.clone())));
         }
         r
@@ -598,6 +603,10 @@ pub struct GpuValues {
     pub memory_total_bytes: Option<f64>,
     pub temperature_celsius: Option<f64>,
     pub power_watts: Option<f64>,
+    pub sm_clock_hertz: Option<f64>,
+    /// NVML's aggregate (device-lifetime) ECC error counts.
+    pub ecc_corrected: Option<f64>,
+    pub ecc_uncorrected: Option<f64>,
 }
 
 /// A gauge family whose whole sample set a sampler replaces at once, so series of hostnames or
@@ -713,6 +722,13 @@ struct GpuGauges {
     memory_total_bytes: SampledGauge,
     temperature: SampledGauge,
     power: SampledGauge,
+    sm_clock: SampledGauge,
+    ecc_corrected: SampledGauge,
+    ecc_uncorrected: SampledGauge,
+    /// `servescope_gpu_process_memory_bytes{device_id, pid}`; see `Registry::set_gpu_processes`.
+    process_memory: SampledGauge,
+    /// `servescope_gpu_xid_errors_total{device_id, xid}`: node events, not per traced server.
+    xid_errors: IntCounterVec,
 }
 
 impl GpuGauges {
@@ -741,15 +757,51 @@ impl GpuGauges {
                 "Power drawn by the GPU and its memory (NVML), in watts.",
                 OWN_GPU,
             ),
+            sm_clock: SampledGauge::own(
+                "servescope_gpu_sm_clock_hertz",
+                "Current streaming-multiprocessor clock (NVML), in hertz.",
+                OWN_GPU,
+            ),
+            // Gauges: NVML's lifetime counts are read, not counted here (a replaced device starts
+            // at its own count); `delta()` or `increase()`-like comparisons apply.
+            ecc_corrected: SampledGauge::own(
+                "servescope_gpu_ecc_corrected_errors",
+                "Corrected (single-bit) ECC memory errors over the device's life (NVML aggregate \
+                 counter); no sample when ECC is off or unsupported.",
+                OWN_GPU,
+            ),
+            ecc_uncorrected: SampledGauge::own(
+                "servescope_gpu_ecc_uncorrected_errors",
+                "Uncorrected (double-bit) ECC memory errors over the device's life (NVML aggregate \
+                 counter); no sample when ECC is off or unsupported.",
+                OWN_GPU,
+            ),
+            process_memory: SampledGauge::own(
+                "servescope_gpu_process_memory_bytes",
+                "GPU memory used by each TorchServe worker process (a descendant of a traced \
+                 frontend) on each device (NVML compute processes), in bytes.",
+                &["device_id", "pid"],
+            ),
+            xid_errors: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_gpu_xid_errors_total",
+                    "XID errors the NVIDIA driver reported (NVML critical XID events) since the \
+                     agent started, by device and XID number; no samples when NVML cannot deliver \
+                     them.",
+                ),
+                &["device_id", "xid"],
+            )),
         }
     }
 
     fn all(&self) -> Vec<&SampledGauge> {
-        self.fields().into_iter().map(|(g, _, _)| g).collect()
+        let mut all: Vec<&SampledGauge> = self.fields().into_iter().map(|(g, _, _)| g).collect();
+        all.push(&self.process_memory);
+        all
     }
 
     /// Each family, whether it uses TorchServe's labels, and the accessor of its value.
-    fn fields(&self) -> [(&SampledGauge, bool, GpuField); 7] {
+    fn fields(&self) -> [(&SampledGauge, bool, GpuField); 10] {
         [
             (&self.utilization, true, |v| v.utilization),
             (&self.memory_utilization, true, |v| v.memory_utilization),
@@ -758,6 +810,9 @@ impl GpuGauges {
             (&self.memory_total_bytes, false, |v| v.memory_total_bytes),
             (&self.temperature, false, |v| v.temperature_celsius),
             (&self.power, false, |v| v.power_watts),
+            (&self.sm_clock, false, |v| v.sm_clock_hertz),
+            (&self.ecc_corrected, false, |v| v.ecc_corrected),
+            (&self.ecc_uncorrected, false, |v| v.ecc_uncorrected),
         ]
     }
 }
@@ -794,6 +849,39 @@ impl Registry {
                 }
             }
             gauge.replace(&series);
+        }
+    }
+
+    /// Replaces the samples of `servescope_gpu_process_memory_bytes` (from
+    /// [`crate::sampler::nvml::process_memory`]).
+    pub fn set_gpu_processes(&self, rows: &[crate::sampler::nvml::ProcessMemory]) {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "GPU memory sizes stay far below 2^53 bytes"
+        )]
+        let series: Vec<(Vec<String>, f64)> = rows
+            .iter()
+            .map(|p| {
+                (
+                    vec![p.device_id.to_string(), p.pid.to_string()],
+                    p.bytes as f64,
+                )
+            })
+            .collect();
+        self.gpu.process_memory.replace(&series);
+    }
+
+    /// Counts XID events; `xid` `None` is labelled `unknown`. A series appears with its first event
+    /// (`increase(...) > 0` alerts need no zero series).
+    pub fn count_xids(&self, events: &[crate::sampler::nvml::XidEvent]) {
+        for e in events {
+            let xid = e
+                .xid
+                .map_or_else(|| "unknown".to_owned(), |x| x.to_string());
+            self.gpu
+                .xid_errors
+                .with_label_values(&[&e.device_index.to_string(), &xid])
+                .inc();
         }
     }
 }
