@@ -193,7 +193,8 @@ fn xid_event_sets(nvml: &'static Nvml) -> Vec<(u32, EventSet<'static>)> {
             }
         }
     }
-    if refused > 0 {
+    // None watched: the sampler says so once (`xid_events` is `None`); only a partial refusal here.
+    if refused > 0 && !sets.is_empty() {
         tracing::info!(
             refused,
             watched = sets.len(),
