@@ -190,6 +190,9 @@ impl Reader {
             .inc_by(s.unmatched_responses - self.exported.unmatched_responses);
         r.dropped_requests
             .inc_by(s.dropped_requests - self.exported.dropped_requests);
+        // As of this batch: a sum over the connections, cheap next to the batch's own parsing.
+        r.in_flight
+            .set(i64::try_from(self.table.in_flight()).unwrap_or(i64::MAX));
         self.exported = s;
         r.evicted_connections
             .inc_by(self.table.evicted - self.exported_evicted);

@@ -229,6 +229,9 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 /// deployment (hundreds of models per node), low enough that junk model names cannot exhaust memory.
 pub const MAX_MODEL_SERIES: usize = 2000;
 
+/// Labels of servescope's per-exchange families.
+const EXCHANGE_LABELS: &[&str] = &["model_name", "model_version", "status_class", "hostname"];
+
 /// All families servescope serves. Cheap to clone (handles to shared metrics).
 #[derive(Clone)]
 pub struct Registry {
@@ -247,6 +250,10 @@ pub struct Registry {
     queue_time: prometheus::GaugeVec,
     // servescope's own families.
     request_duration: HistogramVec,
+    request_bytes: IntCounterVec,
+    response_bytes: IntCounterVec,
+    /// Requests read and not yet answered in full, over every traced connection (set by the pipeline).
+    pub in_flight: IntGauge,
     pub kernel_lost: IntCounterVec,
     pub decode_errors: IntCounter,
     pub parse_errors: IntCounter,
@@ -315,7 +322,30 @@ impl Registry {
                      status line (TorchServe's latency), by model, version and status class.",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
-                &["model_name", "model_version", "status_class", "hostname"],
+                EXCHANGE_LABELS,
+            )),
+            // Counters, not histograms: a size histogram per model would double the samples of
+            // every scrape (the latency histogram is most of them at 1,000 models); the sums give
+            // throughput and, over `ts_inference_requests_total`, the mean size.
+            request_bytes: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_request_bytes_total",
+                    "Bytes of inference requests (head and body) the server read, by model, version and \
+                     response status class.",
+                ),
+                EXCHANGE_LABELS,
+            )),
+            response_bytes: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_response_bytes_total",
+                    "Bytes of responses to inference requests (head and body) the server wrote, by model, \
+                     version and status class.",
+                ),
+                EXCHANGE_LABELS,
+            )),
+            in_flight: must(IntGauge::new(
+                "servescope_http_requests_in_flight",
+                "Requests on traced connections read and not yet answered in full.",
             )),
             kernel_lost: must(IntCounterVec::new(
                 Opts::new(
@@ -384,7 +414,10 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 17] = [
+        let collectors: [Box<dyn Collector>; 20] = [
+            Box::new(r.request_bytes.clone()),
+            Box::new(r.response_bytes.clone()),
+            Box::new(r.in_flight.clone()),
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
             Box::new(r.requests_5xx.clone()),
@@ -409,7 +442,12 @@ impl Registry {
         for g in r.system.all().into_iter().chain(r.gpu.all()) {
             must(r.registry.register(Box::new(g.vec.clone())));
         }
-        for c in [&r.log_written, &r.log_dropped, &r.log_errors] {
+        for c in [
+            &r.log_written,
+            &r.log_dropped,
+            &r.log_errors,
+            &r.gpu.xid_errors,
+        ] {
             must(r.registry.register(Box::new(c.clone())));
         }
         r
@@ -492,6 +530,20 @@ impl Registry {
         }
         let labels = [model.as_str(), version.as_str(), hostname];
         self.inference_requests.with_label_values(&labels).inc();
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let by_class = [model.as_str(), version.as_str(), class, hostname];
+        self.request_bytes
+            .with_label_values(&by_class)
+            .inc_by(req.bytes);
+        self.response_bytes
+            .with_label_values(&by_class)
+            .inc_by(ex.response.bytes);
 
         // TorchServe adds latency only when the worker's batch reply was 200: handler exceptions and
         // "no worker" are frontend-made 5xx with the standard phrase and add nothing.
@@ -516,15 +568,8 @@ impl Registry {
         }
         if let Some(us) = ex.latency_us() {
             self.inference_latency.with_label_values(&labels).inc_by(us);
-            let class = match status {
-                100..=199 => "1xx",
-                200..=299 => "2xx",
-                300..=399 => "3xx",
-                400..=499 => "4xx",
-                _ => "5xx",
-            };
             self.request_duration
-                .with_label_values(&[model.as_str(), version.as_str(), class, hostname])
+                .with_label_values(&by_class)
                 .observe(us / 1e6);
         }
     }
@@ -565,6 +610,10 @@ pub struct GpuValues {
     pub memory_total_bytes: Option<f64>,
     pub temperature_celsius: Option<f64>,
     pub power_watts: Option<f64>,
+    pub sm_clock_hertz: Option<f64>,
+    /// NVML's aggregate (device-lifetime) ECC error counts.
+    pub ecc_corrected: Option<f64>,
+    pub ecc_uncorrected: Option<f64>,
 }
 
 /// A gauge family whose whole sample set a sampler replaces at once, so series of hostnames or
@@ -680,6 +729,13 @@ struct GpuGauges {
     memory_total_bytes: SampledGauge,
     temperature: SampledGauge,
     power: SampledGauge,
+    sm_clock: SampledGauge,
+    ecc_corrected: SampledGauge,
+    ecc_uncorrected: SampledGauge,
+    /// `servescope_gpu_process_memory_bytes{device_id, pid}`; see `Registry::set_gpu_processes`.
+    process_memory: SampledGauge,
+    /// `servescope_gpu_xid_errors_total{device_id, xid}`: node events, not per traced server.
+    xid_errors: IntCounterVec,
 }
 
 impl GpuGauges {
@@ -708,15 +764,51 @@ impl GpuGauges {
                 "Power drawn by the GPU and its memory (NVML), in watts.",
                 OWN_GPU,
             ),
+            sm_clock: SampledGauge::own(
+                "servescope_gpu_sm_clock_hertz",
+                "Current streaming-multiprocessor clock (NVML), in hertz.",
+                OWN_GPU,
+            ),
+            // Gauges: NVML's lifetime counts are read, not counted here (a replaced device starts
+            // at its own count); `delta()` or `increase()`-like comparisons apply.
+            ecc_corrected: SampledGauge::own(
+                "servescope_gpu_ecc_corrected_errors",
+                "Corrected (single-bit) ECC memory errors over the device's life (NVML aggregate \
+                 counter); no sample when ECC is off or unsupported.",
+                OWN_GPU,
+            ),
+            ecc_uncorrected: SampledGauge::own(
+                "servescope_gpu_ecc_uncorrected_errors",
+                "Uncorrected (double-bit) ECC memory errors over the device's life (NVML aggregate \
+                 counter); no sample when ECC is off or unsupported.",
+                OWN_GPU,
+            ),
+            process_memory: SampledGauge::own(
+                "servescope_gpu_process_memory_bytes",
+                "GPU memory used by each TorchServe worker process (a descendant of a traced \
+                 frontend) on each device (NVML compute processes), in bytes.",
+                &["device_id", "pid"],
+            ),
+            xid_errors: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_gpu_xid_errors_total",
+                    "XID errors the NVIDIA driver reported (NVML critical XID events) since the \
+                     agent started, by device and XID number; no samples when NVML cannot deliver \
+                     them.",
+                ),
+                &["device_id", "xid"],
+            )),
         }
     }
 
     fn all(&self) -> Vec<&SampledGauge> {
-        self.fields().into_iter().map(|(g, _, _)| g).collect()
+        let mut all: Vec<&SampledGauge> = self.fields().into_iter().map(|(g, _, _)| g).collect();
+        all.push(&self.process_memory);
+        all
     }
 
     /// Each family, whether it uses TorchServe's labels, and the accessor of its value.
-    fn fields(&self) -> [(&SampledGauge, bool, GpuField); 7] {
+    fn fields(&self) -> [(&SampledGauge, bool, GpuField); 10] {
         [
             (&self.utilization, true, |v| v.utilization),
             (&self.memory_utilization, true, |v| v.memory_utilization),
@@ -725,6 +817,9 @@ impl GpuGauges {
             (&self.memory_total_bytes, false, |v| v.memory_total_bytes),
             (&self.temperature, false, |v| v.temperature_celsius),
             (&self.power, false, |v| v.power_watts),
+            (&self.sm_clock, false, |v| v.sm_clock_hertz),
+            (&self.ecc_corrected, false, |v| v.ecc_corrected),
+            (&self.ecc_uncorrected, false, |v| v.ecc_uncorrected),
         ]
     }
 }
@@ -761,6 +856,39 @@ impl Registry {
                 }
             }
             gauge.replace(&series);
+        }
+    }
+
+    /// Replaces the samples of `servescope_gpu_process_memory_bytes` (from
+    /// [`crate::sampler::nvml::process_memory`]).
+    pub fn set_gpu_processes(&self, rows: &[crate::sampler::nvml::ProcessMemory]) {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "GPU memory sizes stay far below 2^53 bytes"
+        )]
+        let series: Vec<(Vec<String>, f64)> = rows
+            .iter()
+            .map(|p| {
+                (
+                    vec![p.device_id.to_string(), p.pid.to_string()],
+                    p.bytes as f64,
+                )
+            })
+            .collect();
+        self.gpu.process_memory.replace(&series);
+    }
+
+    /// Counts XID events; `xid` `None` is labelled `unknown`. A series appears with its first event
+    /// (`increase(...) > 0` alerts need no zero series).
+    pub fn count_xids(&self, events: &[crate::sampler::nvml::XidEvent]) {
+        for e in events {
+            let xid = e
+                .xid
+                .map_or_else(|| "unknown".to_owned(), |x| x.to_string());
+            self.gpu
+                .xid_errors
+                .with_label_values(&[&e.device_index.to_string(), &xid])
+                .inc();
         }
     }
 }
@@ -985,6 +1113,59 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn request_and_response_bytes_by_model_and_status_class() {
+        let r = Registry::new();
+        let ts = Flavor::TorchServe;
+        // `ex` reads 10 request bytes and writes 100 response bytes.
+        r.record(&ex("POST", "/predictions/echo", 200, "", true), "vm", ts);
+        r.record(&ex("POST", "/predictions/echo", 200, "", true), "vm", ts);
+        r.record(&ex("POST", "/predictions/echo", 503, "", true), "vm", ts);
+        // Not inference requests: no bytes (an unknown model's 404, /ping).
+        r.record(
+            &ex("POST", "/predictions/nosuch", 404, "Not Found", true),
+            "vm",
+            ts,
+        );
+        r.record(&ex("GET", "/ping", 200, "", true), "vm", ts);
+        let bytes = |family: &str, class: &str| {
+            r.gather()
+                .into_iter()
+                .find(|f| f.name() == family)
+                .and_then(|f| {
+                    f.get_metric()
+                        .iter()
+                        .find(|m| {
+                            m.get_label()
+                                .iter()
+                                .any(|l| l.name() == "status_class" && l.value() == class)
+                        })
+                        .map(|m| {
+                            let labels: Vec<(&str, &str)> = m
+                                .get_label()
+                                .iter()
+                                .map(|l| (l.name(), l.value()))
+                                .collect();
+                            assert!(labels.contains(&("model_name", "echo")), "{labels:?}");
+                            assert!(labels.contains(&("hostname", "vm")), "{labels:?}");
+                            m.get_counter().get_value()
+                        })
+                })
+        };
+        assert_eq!(bytes("servescope_request_bytes_total", "2xx"), Some(20.0));
+        assert_eq!(bytes("servescope_response_bytes_total", "2xx"), Some(200.0));
+        assert_eq!(bytes("servescope_request_bytes_total", "5xx"), Some(10.0));
+        assert_eq!(bytes("servescope_response_bytes_total", "5xx"), Some(100.0));
+        assert_eq!(bytes("servescope_request_bytes_total", "4xx"), None);
+        let series: usize = r
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "servescope_request_bytes_total")
+            .map(|f| f.get_metric().len())
+            .sum();
+        assert_eq!(series, 2);
     }
 
     #[test]

@@ -57,8 +57,20 @@ fn populated() -> Registry {
             memory_total_bytes: Some(17_179_869_184.0),
             temperature_celsius: Some(61.0),
             power_watts: Some(70.5),
+            sm_clock_hertz: Some(1.41e9),
+            ecc_corrected: Some(2.0),
+            ecc_uncorrected: Some(0.0),
         }],
     );
+    r.set_gpu_processes(&[servescope::sampler::nvml::ProcessMemory {
+        device_id: 0,
+        pid: 4242,
+        bytes: 1 << 30,
+    }]);
+    r.count_xids(&[servescope::sampler::nvml::XidEvent {
+        device_index: 0,
+        xid: Some(79),
+    }]);
     r
 }
 

@@ -50,6 +50,9 @@ fn start_server(port: u16) -> Result<Server> {
 /// A keep-alive HTTP/1.1 client that reads exactly one response per request.
 struct Client {
     stream: BufReader<TcpStream>,
+    /// Bytes written and read so far (requests; responses' heads and bodies).
+    sent: usize,
+    received: usize,
 }
 
 impl Client {
@@ -59,6 +62,8 @@ impl Client {
         s.set_nodelay(true)?;
         Ok(Client {
             stream: BufReader::new(s),
+            sent: 0,
+            received: 0,
         })
     }
 
@@ -72,8 +77,9 @@ impl Client {
         .into_bytes();
         req.extend_from_slice(body);
         self.stream.get_mut().write_all(&req)?;
+        self.sent += req.len();
         let mut status_line = String::new();
-        self.stream.read_line(&mut status_line)?;
+        self.received += self.stream.read_line(&mut status_line)?;
         let status: u16 = status_line
             .split(' ')
             .nth(1)
@@ -82,7 +88,7 @@ impl Client {
         let mut len = 0usize;
         loop {
             let mut h = String::new();
-            self.stream.read_line(&mut h)?;
+            self.received += self.stream.read_line(&mut h)?;
             if h == "\r\n" || h.is_empty() {
                 break;
             }
@@ -94,6 +100,7 @@ impl Client {
         }
         let mut body = vec![0; len];
         self.stream.read_exact(&mut body)?;
+        self.received += len;
         Ok(status)
     }
 }
@@ -202,6 +209,7 @@ fn counts_and_latency(name: &str, thread_state: &str, loaded: &str) -> Result<()
     let big = vec![b'b'; 3 << 20];
     ensure!(c.send("POST", "/predictions/alpha/1.0", &big, false)? == 200);
     ensure!(c.send("POST", "/predictions/alpha/1.0", b"small", false)? == 200);
+    let (alpha_1_sent, alpha_1_received) = (c.sent, c.received);
     drop(c);
 
     agent.wait_until(Duration::from_secs(10), "all 62 responses counted", |m| {
@@ -253,6 +261,38 @@ fn counts_and_latency(name: &str, thread_state: &str, loaded: &str) -> Result<()
         )
         .unwrap_or(0.0);
     assert_eq!(count, f64::from(ALPHA_N));
+
+    // Request and response bytes, head and body, exactly as they crossed the socket.
+    let alpha_1 = [
+        ("model_name", "alpha"),
+        ("model_version", "1.0"),
+        ("status_class", "2xx"),
+        ("hostname", &hostname()),
+    ];
+    assert_eq!(
+        m.get("servescope_request_bytes_total", &alpha_1),
+        Some(alpha_1_sent as f64)
+    );
+    assert_eq!(
+        m.get("servescope_response_bytes_total", &alpha_1),
+        Some(alpha_1_received as f64)
+    );
+    assert_eq!(m.get("servescope_http_requests_in_flight", &[]), Some(0.0));
+
+    // In flight: a request the server holds for 2 s counts from its read to its response's end.
+    let mut c = Client::connect(SERVER_PORT)?;
+    let slow =
+        std::thread::spawn(move || c.send("POST", "/predictions/slow?delay_ms=2000", b"x", false));
+    agent.wait_until(Duration::from_millis(1_500), "one request in flight", |m| {
+        m.get("servescope_http_requests_in_flight", &[]) == Some(1.0)
+    })?;
+    let status = slow
+        .join()
+        .map_err(|_| anyhow::anyhow!("slow client panicked"))??;
+    ensure!(status == 200, "slow answered {status}");
+    agent.wait_until(Duration::from_secs(2), "nothing in flight", |m| {
+        m.get("servescope_http_requests_in_flight", &[]) == Some(0.0)
+    })?;
     Ok(())
 }
 

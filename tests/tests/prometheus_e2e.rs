@@ -111,6 +111,7 @@ fn every_deploy_query_returns_the_expected_series() -> Result<()> {
     check_counters(&prometheus, &agent_m, &hostname, &mut report, &mut failures)?;
     check_every_expression(&prometheus, &agent_m, &hostname, &mut report, &mut failures)?;
     check_rule_health(&prometheus, &mut report, &mut failures)?;
+    check_openmetrics_negotiated(&prometheus, &mut report, &mut failures)?;
     record_agent_footprint(&agent, &mut report);
     let _ = writeln!(report, "took {:.1?}", started.elapsed());
     eprintln!("{report}");
@@ -1065,6 +1066,40 @@ fn judge(x: &Expect, result: &[Sample], hostname: &str) -> Vec<String> {
 }
 
 /// Every rule evaluates without error, and exactly the two error-rate alerts are pending.
+/// Prometheus asks for OpenMetrics first (its scrape `Accept`); the agent answering in it shows in
+/// the types Prometheus recorded: `info` and `unknown` exist only in OpenMetrics (the Prometheus text
+/// would have said gauge and counter), and the scrape succeeded only if the body ended in `# EOF`.
+/// The series are TorchServe's names all the same (the counters above found them).
+fn check_openmetrics_negotiated(
+    p: &Prometheus,
+    report: &mut String,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    for (metric, want) in [
+        ("servescope_build", "info"),
+        ("Requests2XX", "unknown"),
+        ("ts_inference_requests", "counter"),
+    ] {
+        let data = p.api(&format!("/api/v1/metadata?metric={metric}"))?;
+        let got = data[metric][0]["type"]
+            .as_str()
+            .unwrap_or("(none)")
+            .to_owned();
+        let ok = got == want;
+        let _ = writeln!(
+            report,
+            "{} OpenMetrics scrape: {metric} has type {got} (want {want})",
+            mark(ok)
+        );
+        if !ok {
+            failures.push(format!(
+                "metadata of {metric}: {got}, want {want} (OpenMetrics not negotiated?): {data}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_rule_health(
     p: &Prometheus,
     report: &mut String,

@@ -34,7 +34,10 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::torchserve::{Filter, encode};
+use super::{
+    text::Format,
+    torchserve::{Filter, encode_as},
+};
 use crate::registry::Registry;
 
 /// TorchServe's `TextFormat.CONTENT_TYPE_004` (simpleclient 0.9).
@@ -233,6 +236,13 @@ fn is_metrics_path(path: &str) -> bool {
 async fn handle(state: &State, req: Request<Incoming>) -> Response<Payload> {
     let metrics = is_metrics_path(req.uri().path());
     let filter = Filter::from_query(req.uri().query());
+    // OpenMetrics only when the scraper asks for it (Prometheus does by default); TorchServe's own
+    // text otherwise.
+    let format = Format::negotiate(
+        req.headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
     let mut close = wants_close(&req);
     // Read the body (TorchServe aggregates it too) so the next request on the connection parses; one
     // too large or broken ends the connection after this response.
@@ -247,8 +257,8 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Payload> {
     let (status, content_type, body) = if metrics {
         (
             StatusCode::OK,
-            CONTENT_TYPE_METRICS,
-            encode(&state.registry.gather(), &filter),
+            format.content_type(),
+            encode_as(&state.registry.gather(), &filter, format),
         )
     } else {
         // TorchServe closes the connection after every response of status >= 400.
@@ -611,7 +621,48 @@ mod tests {
         }
         assert_eq!(
             reply.body,
-            encode(&registry.gather(), &Filter::all()).into_bytes()
+            super::super::torchserve::encode(&registry.gather(), &Filter::all()).into_bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn openmetrics_when_the_scraper_asks() {
+        let registry = Registry::new();
+        ping(&registry);
+        let (addr, _stop, _task) = start(registry.clone()).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        // Prometheus 2.42's scrape request header.
+        let accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let reply = roundtrip(
+            &mut stream,
+            &format!(
+                "GET /metrics?name[]=Requests2XX HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n"
+            ),
+            false,
+        )
+        .await;
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&reply.body),
+            "# TYPE Requests2XX unknown\n\
+             # HELP Requests2XX Torchserve prometheus counter metric with unit: Count\n\
+             Requests2XX{Level=\"Host\",Hostname=\"vm\"} 1.0\n\
+             # EOF\n"
+        );
+        // Same connection, no Accept: TorchServe's text again.
+        let reply = roundtrip(
+            &mut stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(reply.header("content-type"), Some(CONTENT_TYPE_METRICS));
+        assert_eq!(
+            reply.body,
+            super::super::torchserve::encode(&registry.gather(), &Filter::all()).into_bytes()
         );
     }
 

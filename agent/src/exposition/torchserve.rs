@@ -8,11 +8,9 @@
 
 use std::{collections::BTreeSet, fmt::Write as _};
 
-use prometheus::{
-    Encoder as _, TextEncoder,
-    proto::{MetricFamily, MetricType},
-};
+use prometheus::proto::{MetricFamily, MetricType};
 
+use super::text::{self, Format};
 use crate::registry::{FamilySpec, TORCHSERVE_FAMILIES};
 
 /// Renders `v` as Java's `Double.toString` does (JDK 19+ specification).
@@ -192,27 +190,35 @@ fn form_decode(s: &str) -> String {
 /// a fixed order keeps successive scrapes diffable. Returns the empty string when nothing is selected;
 /// otherwise the body ends with `\n`.
 pub fn encode(families: &[MetricFamily], filter: &Filter) -> String {
-    let mut out = String::new();
+    encode_as(families, filter, Format::Prometheus)
+}
+
+/// [`encode`] in `format`. In OpenMetrics the samples, their order, names and values are the same;
+/// only what the format spells differently changes: metadata as `text::openmetrics_metadata` says,
+/// no trailing comma in label sets, exponents as `e`, families without samples left out, `# EOF`
+/// at the end (also of an empty selection).
+pub fn encode_as(families: &[MetricFamily], filter: &Filter, format: Format) -> String {
+    // One allocation for the body: about 100 bytes a sample (histograms several lines each).
+    let samples: usize = families.iter().map(|f| f.get_metric().len()).sum();
+    let mut out = String::with_capacity(4096 + samples * 100);
     for spec in TORCHSERVE_FAMILIES
         .iter()
         .filter(|s| filter.matches(s.name))
     {
         let family = families.iter().find(|f| f.name() == spec.name);
-        encode_torchserve_family(&mut out, spec, family, filter.is_all());
+        encode_torchserve_family(&mut out, spec, family, filter.is_all(), format);
     }
 
     let own = families
         .iter()
         .filter(|f| !TORCHSERVE_FAMILIES.iter().any(|s| s.name == f.name()))
-        .filter(|f| filter.matches(f.name()) && !f.get_metric().is_empty());
-    let mut text = Vec::new();
+        .filter(|f| filter.matches(f.name()));
     for family in own {
-        // One family at a time, so a family the encoder rejects costs only itself.
-        if let Err(e) = TextEncoder::new().encode(std::slice::from_ref(family), &mut text) {
-            tracing::debug!(family = family.name(), error = %e, "family not encodable; skipped");
-        }
+        text::encode_family_as(&mut out, family, format);
     }
-    out.push_str(&String::from_utf8_lossy(&text));
+    if matches!(format, Format::OpenMetrics(_)) {
+        out.push_str("# EOF\n");
+    }
     out
 }
 
@@ -222,6 +228,7 @@ fn encode_torchserve_family(
     spec: &FamilySpec,
     family: Option<&MetricFamily>,
     unfiltered: bool,
+    format: Format,
 ) {
     let mut samples: Vec<(Vec<&str>, f64)> = Vec::new();
     if let Some(family) = family {
@@ -238,45 +245,60 @@ fn encode_torchserve_family(
             samples.push((labels, value));
         }
     }
-    if samples.is_empty() && !unfiltered {
+    let om = matches!(format, Format::OpenMetrics(_));
+    // OpenMetrics allows a family without samples, but a parser cannot tell where it ends when the
+    // next family follows (the reference grammar's families are metadata then samples), and
+    // Prometheus keeps nothing of one: left out there. TorchServe's text prints it unfiltered.
+    if samples.is_empty() && (!unfiltered || om) {
         return;
     }
     samples.sort_by(|a, b| a.0.cmp(&b.0));
 
     // `write!` into a String cannot fail.
-    let _ = writeln!(out, "# HELP {} {}", spec.name, escape_help(&spec.help()));
-    let _ = writeln!(out, "# TYPE {} {}", spec.name, spec.kind.as_str());
+    let om = matches!(format, Format::OpenMetrics(_));
+    if om {
+        let meta = text::openmetrics_metadata(spec.name, spec.kind.as_str(), false);
+        text::push_openmetrics_metadata(out, &meta, &spec.help());
+    } else {
+        // simpleclient 0.9's `writeEscapedHelp` (backslash, newline) and `writeEscapedLabelValue`
+        // (also the double quote) are the Prometheus text format's escapes.
+        out.push_str("# HELP ");
+        out.push_str(spec.name);
+        out.push(' ');
+        text::push_escaped(out, &spec.help(), false);
+        // `write!` into a String cannot fail.
+        let _ = writeln!(out, "\n# TYPE {} {}", spec.name, spec.kind.as_str());
+    }
     for (values, value) in samples {
         out.push_str(spec.name);
         // TorchServe's families all have labels; simpleclient omits the braces only without any.
         if !spec.labels.is_empty() {
             out.push('{');
-            for (name, v) in spec.labels.iter().zip(values) {
-                let _ = write!(out, "{name}=\"{}\",", escape_label_value(v));
+            for (i, (name, v)) in spec.labels.iter().zip(values).enumerate() {
+                // OpenMetrics has no trailing comma.
+                if om && i > 0 {
+                    out.push(',');
+                }
+                out.push_str(name);
+                out.push_str("=\"");
+                text::push_escaped(out, v, true);
+                out.push('"');
+                if !om {
+                    out.push(',');
+                }
             }
             out.push('}');
         }
-        let _ = writeln!(out, " {}", sample_value(value));
-    }
-}
-
-/// simpleclient 0.9 `writeEscapedHelp`: backslash and newline.
-fn escape_help(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-/// simpleclient 0.9 `writeEscapedLabelValue`: backslash, double quote and newline.
-fn escape_label_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
+        out.push(' ');
+        let value = sample_value(value);
+        // Java's exponent is `E`; OpenMetrics's grammar spells it `e` (Prometheus reads both).
+        if om {
+            out.push_str(&value.replace('E', "e"));
+        } else {
+            out.push_str(&value);
         }
+        out.push('\n');
     }
-    out
 }
 
 #[cfg(test)]
@@ -657,5 +679,162 @@ mod tests {
             out,
             "# HELP servescope_targets Processes being traced.\n# TYPE servescope_targets gauge\nservescope_targets 3\n"
         );
+    }
+
+    /// Sample lines of a body, OpenMetrics label sets made comparable with TorchServe's trailing comma.
+    fn sample_lines(text: &str) -> BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').unwrap_or((l, ""));
+                format!("{} {}", series.replace(",}", "}"), value.replace('E', "e"))
+            })
+            .collect()
+    }
+
+    /// A registry with every kind of family servescope serves: TorchServe's (golden values), own
+    /// counters, gauges, the build info and the latency histogram.
+    fn full_registry_families() -> Vec<MetricFamily> {
+        let registry = Registry::new();
+        registry.targets.set(2);
+        registry.parse_errors.inc();
+        let ex = crate::http::Exchange {
+            tgid: 1,
+            conn_id: 1,
+            peer: None,
+            request: Some(crate::http::Request {
+                method: "POST".into(),
+                target: "/predictions/m".into(),
+                first_byte_ns: 0,
+                complete_ns: 1_000,
+                bytes: 10,
+            }),
+            response: crate::http::Response {
+                status: 200,
+                reason: "OK".into(),
+                request_id: Some("id".into()),
+                start_ns: 5_000_000,
+                end_ns: Some(6_000_000),
+                bytes: 20,
+            },
+        };
+        registry.record(&ex, "h", crate::registry::Flavor::Generic);
+        // TorchServe's families come from the golden capture instead.
+        let mut families: Vec<MetricFamily> = registry
+            .gather()
+            .into_iter()
+            .filter(|f| torchserve_family(f.name()).is_none())
+            .collect();
+        families.extend(parse_golden(FULL));
+        families
+    }
+
+    #[test]
+    fn openmetrics_parses_and_has_the_same_series() {
+        let families = full_registry_families();
+        let om = encode_as(&families, &Filter::all(), Format::OpenMetrics("1.0.0"));
+        assert!(om.ends_with("\n# EOF\n"), "{om}");
+        let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&om)
+            .unwrap_or_else(|e| panic!("OpenMetrics parser refused the body: {e:?}\n{om}"));
+        let ty = |name: &str| {
+            parsed
+                .families
+                .get(name)
+                .map(|f| (f.family_type.to_string(), f.unit.clone()))
+                .unwrap_or_else(|| panic!("{name} missing: {:?}", parsed.families.keys()))
+        };
+        // TorchServe counters without `_total` keep their sample names: typed unknown.
+        assert_eq!(ty("Requests2XX").0, "unknown");
+        assert_eq!(ty("ts_inference_latency_microseconds").0, "unknown");
+        assert_eq!(ty("ts_inference_requests").0, "counter");
+        assert_eq!(ty("CPUUtilization").0, "gauge");
+        assert_eq!(ty("servescope_http_parse_errors").0, "counter");
+        assert_eq!(ty("servescope_build").0, "info");
+        assert_eq!(ty("servescope_request_duration_seconds").0, "histogram");
+        // Every TorchServe family with samples; those without are left out.
+        let with_samples: BTreeSet<&str> = names_in_order(FULL)
+            .into_iter()
+            .filter(|n| FULL.lines().any(|l| l.starts_with(&format!("{n}{{"))))
+            .collect();
+        assert!(with_samples.len() > 10, "{with_samples:?}");
+        for spec in TORCHSERVE_FAMILIES {
+            let family = spec.name.strip_suffix("_total").unwrap_or(spec.name);
+            assert_eq!(
+                parsed.families.contains_key(family),
+                with_samples.contains(spec.name),
+                "{family}"
+            );
+        }
+        // The same series, names and values as the Prometheus text: a Prometheus negotiating either
+        // stores the same thing.
+        let text = encode(&families, &Filter::all());
+        assert_eq!(sample_lines(&om), sample_lines(&text));
+        assert!(
+            om.contains("Requests2XX{Level=\"Host\",Hostname=\""),
+            "{om}"
+        );
+    }
+
+    #[test]
+    fn openmetrics_empty_selection_is_just_eof() {
+        let families = full_registry_families();
+        for q in ["name[]=no_such_metric", "name[]=GPUUtilization"] {
+            let om = encode_as(
+                &families,
+                &Filter::from_query(Some(q)),
+                Format::OpenMetrics("1.0.0"),
+            );
+            // The specification allows an empty metric set (`metricset = *metricfamily`); the
+            // parser's grammar wants one family, so the text is checked as written.
+            assert_eq!(om, "# EOF\n", "{q}");
+        }
+        // The default format is untouched by the negotiation: still TorchServe's empty body.
+        let text = encode_as(
+            &families,
+            &Filter::from_query(Some("name[]=no_such_metric")),
+            Format::Prometheus,
+        );
+        assert_eq!(text, UNKNOWN);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn openmetrics_parses_whatever_the_labels(
+            model in "[a-zA-Z0-9_\\-\\.\"\\\\\n é]{1,12}",
+            version in "[0-9a-z\\.]{0,4}",
+            status in proptest::sample::select(vec![200u16, 404, 503, 302]),
+            latency_us in 0u64..10_000_000,
+        ) {
+            let registry = Registry::new();
+            let model: String = model.bytes().map(|b| format!("%{b:02X}")).collect();
+            let target = format!("/predictions/{model}/{version}");
+            let ex = crate::http::Exchange {
+                tgid: 1,
+                conn_id: 1,
+                peer: None,
+                request: Some(crate::http::Request {
+                    method: "POST".into(),
+                    target,
+                    first_byte_ns: 0,
+                    complete_ns: 1_000,
+                    bytes: 10,
+                }),
+                response: crate::http::Response {
+                    status,
+                    reason: "x".into(),
+                    request_id: Some("id".into()),
+                    start_ns: 1_000 + latency_us * 1_000,
+                    end_ns: Some(2_000 + latency_us * 1_000),
+                    bytes: 20,
+                },
+            };
+            registry.record(&ex, "host\"1", crate::registry::Flavor::TorchServe);
+            let families = registry.gather();
+            let om = encode_as(&families, &Filter::all(), Format::OpenMetrics("1.0.0"));
+            let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&om);
+            proptest::prop_assert!(parsed.is_ok(), "{:?}\n{}", parsed.err(), om);
+            let text = encode(&families, &Filter::all());
+            proptest::prop_assert_eq!(sample_lines(&om), sample_lines(&text));
+        }
     }
 }

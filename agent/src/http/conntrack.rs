@@ -43,6 +43,11 @@ impl ConnTable {
         self.conns.is_empty()
     }
 
+    /// Requests in flight on every traced connection ([`Conn::in_flight`]).
+    pub fn in_flight(&self) -> usize {
+        self.conns.values().map(Conn::in_flight).sum()
+    }
+
     /// Applies one kernel record; returns the exchanges it completed.
     pub fn apply(&mut self, ev: &Event<'_>) -> Vec<Exchange> {
         if ev.family == FAMILY_UNIX {

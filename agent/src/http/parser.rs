@@ -166,6 +166,16 @@ impl Conn {
         self.pending.len()
     }
 
+    /// Requests in flight: received and not yet answered in full (those waiting for their status
+    /// line, and the one whose response body is being written).
+    pub fn in_flight(&self) -> usize {
+        let writing = matches!(
+            self.resp,
+            RespState::Body { .. } | RespState::UntilNextHead { ex: Some(_), .. }
+        );
+        self.pending.len() + usize::from(writing)
+    }
+
     /// Bytes the server read: `len` in all, of which `head` were copied.
     pub fn on_ingress(&mut self, ts_ns: u64, head: &[u8], len: u64, stats: &mut ParseStats) {
         self.last_read_ns = ts_ns;
@@ -851,6 +861,25 @@ mod tests {
         w.write(&ok(b""));
         assert_eq!(w.statuses(), vec![(Some("/predictions/a".into()), 200)]);
         assert_eq!(w.out[0].request.as_ref().map(|r| r.complete_ns), Some(last));
+    }
+
+    #[test]
+    fn in_flight_until_the_response_ends() {
+        let mut w = Wire::new(true);
+        assert_eq!(w.conn.in_flight(), 0);
+        let mut both = post("/predictions/a", b"1");
+        both.extend(post("/predictions/b", b"22"));
+        w.read(&both);
+        assert_eq!(w.conn.in_flight(), 2);
+        // a's head and half its body: still in flight until the last byte.
+        let resp = ok(b"0123456789");
+        w.write(&resp[..resp.len() - 5]);
+        assert_eq!(w.conn.in_flight(), 2);
+        w.write(&resp[resp.len() - 5..]);
+        assert_eq!(w.conn.in_flight(), 1);
+        w.write(&ok(b"22"));
+        assert_eq!(w.conn.in_flight(), 0);
+        assert_eq!(w.out.len(), 2);
     }
 
     #[test]

@@ -11,11 +11,13 @@ pub mod nvml;
 pub mod procfs;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
+    path::Path,
     time::Duration,
 };
 
 use anyhow::Context;
+use procfs_core::FromRead as _;
 use tokio::{sync::watch, time::Instant};
 
 use self::{
@@ -152,6 +154,31 @@ fn first_pid_by_hostname(targets: &[SampleTarget]) -> BTreeMap<String, u32> {
     out
 }
 
+/// Whether `pid` is a descendant of one of `ancestors` (TorchServe's workers are its frontend's
+/// children, or grandchildren behind a shell), following `PPid` in `<proc>/<pid>/stat` up to 8
+/// levels. A process that is gone or unreadable is not.
+pub fn descends_from(proc: &Path, pid: u32, ancestors: &HashSet<u32>) -> bool {
+    let mut current = pid;
+    for _ in 0..8 {
+        let Ok(stat) =
+            procfs_core::process::Stat::from_file(proc.join(current.to_string()).join("stat"))
+        else {
+            return false;
+        };
+        let Ok(parent) = u32::try_from(stat.ppid) else {
+            return false;
+        };
+        if ancestors.contains(&parent) {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        current = parent;
+    }
+    false
+}
+
 fn hostnames(targets: &[SampleTarget]) -> Vec<String> {
     let set: BTreeSet<&str> = targets.iter().map(|t| t.hostname.as_str()).collect();
     set.into_iter().map(str::to_owned).collect()
@@ -282,10 +309,20 @@ where
     let mut watching = true;
     let mut announced = false;
     let mut failing = false;
+    let mut xids_said = false;
     loop {
         let current = targets.borrow_and_update().clone();
+        let pids: HashSet<u32> = current.iter().map(|t| t.pid).collect();
         let Some((s, readings)) = blocking(&mut shutdown, move || {
-            let r = source.devices();
+            let r = source.devices().map(|devices| {
+                // Workers are the traced frontends' descendants; resolved here, off the runtime,
+                // since it reads /proc.
+                let workers = nvml::process_memory(&devices, |pid| {
+                    descends_from(Path::new("/proc"), pid, &pids)
+                });
+                let xids = source.xid_events();
+                (devices, workers, xids)
+            });
             (source, r)
         })
         .await?
@@ -294,7 +331,7 @@ where
         };
         source = s;
         match readings {
-            Ok(devices) => {
+            Ok((devices, workers, xids)) => {
                 if !announced {
                     announced = true;
                     if devices.is_empty() {
@@ -311,6 +348,17 @@ where
                 }
                 let values: Vec<GpuValues> = devices.iter().map(GpuReading::values).collect();
                 registry.set_gpu(&hostnames(&current), &values);
+                registry.set_gpu_processes(&workers);
+                match xids {
+                    Some(events) => registry.count_xids(&events),
+                    None if !xids_said => {
+                        xids_said = true;
+                        tracing::info!(
+                            "GPU XID events not available from this driver; servescope_gpu_xid_errors_total stays empty"
+                        );
+                    }
+                    None => {}
+                }
             }
             Err(e) => {
                 if !failing {
@@ -318,6 +366,7 @@ where
                     tracing::warn!(error = %e, "GPU readings failed; GPU families empty until they work again");
                 }
                 registry.set_gpu(&[], &[]);
+                registry.set_gpu_processes(&[]);
             }
         }
         if let Wake::Shutdown = next(&mut tick, &mut targets, &mut watching, &mut shutdown).await {
@@ -493,6 +542,10 @@ VmallocChunk:          0 kB\n";
             memory_total_bytes: Some(16_384 * 1024 * 1024),
             temperature_celsius: Some(50 + index),
             power_milliwatts: Some(70_500),
+            sm_clock_mhz: Some(1_500),
+            ecc_corrected: Some(u64::from(index)),
+            ecc_uncorrected: None,
+            processes: Vec::new(),
         }
     }
 
@@ -563,9 +616,40 @@ VmallocChunk:          0 kB\n";
         let (targets_tx, targets_rx) = watch::channel(Vec::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let calls = Arc::new(AtomicUsize::new(0));
+        // A child of this test process (a "worker" of the target below) and pid 1 (not one) use the GPU.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let worker = child.id();
+        let mut reading = gpu(0, 90, 1024);
+        reading.processes = vec![
+            nvml::GpuProcess {
+                pid: worker,
+                used_bytes: Some(123 << 20),
+            },
+            nvml::GpuProcess {
+                pid: 1,
+                used_bytes: Some(7 << 20),
+            },
+        ];
         let source = FakeSource {
-            readings: Some(vec![gpu(0, 90, 1024)]),
+            readings: Some(vec![reading]),
             calls: calls.clone(),
+            xids: Some(vec![
+                nvml::XidEvent {
+                    device_index: 0,
+                    xid: Some(79),
+                },
+                nvml::XidEvent {
+                    device_index: 0,
+                    xid: Some(79),
+                },
+                nvml::XidEvent {
+                    device_index: 0,
+                    xid: None,
+                },
+            ]),
         };
         let task = tokio::spawn(run_gpu(
             move || Ok(Box::new(source) as Box<dyn GpuSource>),
@@ -578,17 +662,66 @@ VmallocChunk:          0 kB\n";
         assert!(calls.load(Ordering::SeqCst) >= 1);
         assert!(samples(&r, "GPUUtilization").is_empty(), "no target yet");
 
+        assert!(
+            samples(&r, "servescope_gpu_process_memory_bytes").is_empty(),
+            "no target, no workers"
+        );
+
         // A target appears: its series come without waiting for the (hour-long) interval.
-        targets_tx.send_replace(vec![target(5, "pod-a")]);
+        targets_tx.send_replace(vec![target(std::process::id(), "pod-a")]);
         settle().await;
         assert_eq!(
             samples(&r, "GPUUtilization"),
             ["GPUUtilization{Level=\"Host\",DeviceId=\"0\",Hostname=\"pod-a\",} 90.0"]
         );
+        assert_eq!(
+            samples(&r, "servescope_gpu_process_memory_bytes"),
+            [format!(
+                "servescope_gpu_process_memory_bytes{{device_id=\"0\",pid=\"{worker}\"}} 128974848"
+            )]
+        );
+        assert_eq!(
+            samples(&r, "servescope_gpu_sm_clock_hertz"),
+            ["servescope_gpu_sm_clock_hertz{device_id=\"0\",hostname=\"pod-a\"} 1500000000"]
+        );
+        // Handed out once by the fake, counted once whatever the number of samples since.
+        assert_eq!(
+            samples(&r, "servescope_gpu_xid_errors_total"),
+            [
+                "servescope_gpu_xid_errors_total{device_id=\"0\",xid=\"79\"} 2",
+                "servescope_gpu_xid_errors_total{device_id=\"0\",xid=\"unknown\"} 1",
+            ]
+        );
+        let _ = child.kill();
+        let _ = child.wait();
 
         stop_tx.send_replace(true);
         let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
         assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    #[test]
+    fn descendants_of_the_targets() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let me = std::process::id();
+        let proc = Path::new("/proc");
+        assert!(descends_from(proc, child.id(), &HashSet::from([me])));
+        // Not the target itself, not an unrelated process, not one that is gone.
+        assert!(!descends_from(proc, me, &HashSet::from([me])));
+        assert!(!descends_from(proc, 1, &HashSet::from([me])));
+        assert!(!descends_from(proc, child.id(), &HashSet::new()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!descends_from(proc, child.id(), &HashSet::from([me])));
+        // A missing /proc tree: no.
+        assert!(!descends_from(
+            Path::new("/nonexistent"),
+            me,
+            &HashSet::from([1])
+        ));
     }
 
     #[tokio::test]
@@ -600,6 +733,7 @@ VmallocChunk:          0 kB\n";
         let source = FakeSource {
             readings: None,
             calls: calls.clone(),
+            xids: None,
         };
         let task = tokio::spawn(run_gpu(
             move || Ok(Box::new(source) as Box<dyn GpuSource>),

@@ -10,12 +10,24 @@
 //! - `DeviceId`: the NVML index (what `nvidia-smi -L` numbers).
 //!
 //! servescope computes the same from NVML directly (no `nvidia-smi` process) and adds what
-//! TorchServe lacks: exact memory bytes, temperature and power (`servescope_gpu_*`).
+//! TorchServe lacks (`servescope_gpu_*`): exact memory bytes, temperature, power, SM clock, ECC
+//! error counts, XID events, and the GPU memory of each TorchServe worker process.
+//!
+//! XID events come from an NVML event set polled with a zero timeout at every sample, so nothing
+//! blocks; a device or driver that does not support them (most consumer GPUs, vGPU guests) leaves
+//! the family without samples, said once in the log.
 //!
 //! [`NvmlSource`] loads `libnvidia-ml.so.1` at run time (nvml-wrapper dlopens it), so the agent
 //! starts on machines without a driver and reports that once; tests use a fake [`GpuSource`].
 
-use nvml_wrapper::{Nvml, enum_wrappers::device::TemperatureSensor, error::NvmlError};
+use nvml_wrapper::{
+    Nvml,
+    bitmasks::event::EventTypes,
+    enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor},
+    enums::{device::UsedGpuMemory, event::XidError},
+    error::NvmlError,
+    event::EventSet,
+};
 
 use crate::registry::GpuValues;
 
@@ -45,12 +57,70 @@ pub struct GpuReading {
     pub memory_total_bytes: Option<u64>,
     pub temperature_celsius: Option<u32>,
     pub power_milliwatts: Option<u32>,
+    pub sm_clock_mhz: Option<u32>,
+    /// ECC errors over the device's life (NVML's aggregate counters), when ECC is on.
+    pub ecc_corrected: Option<u64>,
+    pub ecc_uncorrected: Option<u64>,
+    /// Processes with a compute context on the device.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// A process using the device for compute, and its GPU memory (`None`: NVML cannot tell, e.g. under
+/// some virtualisation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GpuProcess {
+    /// In the host's PID namespace (NVML's view): the agent runs with the host's PIDs.
+    pub pid: u32,
+    pub used_bytes: Option<u64>,
+}
+
+/// An XID (driver-reported GPU error) event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XidEvent {
+    pub device_index: u32,
+    /// The XID number; `None` when NVML did not say which.
+    pub xid: Option<u64>,
+}
+
+/// One process's memory on one device: `servescope_gpu_process_memory_bytes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessMemory {
+    pub device_id: u32,
+    pub pid: u32,
+    pub bytes: u64,
+}
+
+/// GPU memory of the processes `keep` accepts (TorchServe's workers), per device. A process on
+/// several devices has a row for each; one whose memory NVML does not report has none.
+///
+/// This is the join point for per-model GPU memory: `keep` (and later a pid → model map) decides
+/// which PIDs are a target's workers.
+pub fn process_memory(devices: &[GpuReading], keep: impl Fn(u32) -> bool) -> Vec<ProcessMemory> {
+    let mut out: Vec<ProcessMemory> = devices
+        .iter()
+        .flat_map(|d| {
+            d.processes.iter().filter_map(|p| {
+                Some(ProcessMemory {
+                    device_id: d.index,
+                    pid: p.pid,
+                    bytes: p.used_bytes?,
+                })
+            })
+        })
+        .filter(|p| keep(p.pid))
+        .collect();
+    out.sort_by_key(|p| (p.device_id, p.pid));
+    out
 }
 
 /// Where GPU readings come from: NVML, or a fake in tests.
 pub trait GpuSource: Send {
     /// Every device, in index order.
     fn devices(&mut self) -> Result<Vec<GpuReading>, GpuError>;
+
+    /// XID events since the last call, without waiting. `None`: this source cannot report them
+    /// (the family then has no samples, rather than a misleading zero).
+    fn xid_events(&mut self) -> Option<Vec<XidEvent>>;
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -74,6 +144,9 @@ impl GpuReading {
             memory_total_bytes: self.memory_total_bytes.map(u64_f64),
             temperature_celsius: self.temperature_celsius.map(f64::from),
             power_watts: self.power_milliwatts.map(|mw| f64::from(mw) / 1000.0),
+            sm_clock_hertz: self.sm_clock_mhz.map(|mhz| f64::from(mhz) * 1e6),
+            ecc_corrected: self.ecc_corrected.map(u64_f64),
+            ecc_uncorrected: self.ecc_uncorrected.map(u64_f64),
         }
     }
 }
@@ -88,7 +161,47 @@ fn u64_f64(v: u64) -> f64 {
 
 /// The real source: NVML through nvml-wrapper.
 pub struct NvmlSource {
-    nvml: Nvml,
+    /// Leaked: the XID event set borrows it, and the source lives as long as the agent.
+    nvml: &'static Nvml,
+    /// Per device index; empty when no device takes XID registrations.
+    xid: Vec<(u32, EventSet<'static>)>,
+}
+
+/// Most XID events taken per poll: a storm must not stall the sampler (the rest wait in NVML).
+const MAX_XID_PER_POLL: usize = 256;
+
+/// One XID event set per device that supports them (registration failures release the set they
+/// were made on, so a shared set would lose the devices before a refusal). Empty: XIDs off.
+fn xid_event_sets(nvml: &'static Nvml) -> Vec<(u32, EventSet<'static>)> {
+    let mut sets = Vec::new();
+    let mut refused = 0;
+    for index in 0..nvml.device_count().unwrap_or(0) {
+        let registered = nvml
+            .device_by_index(index)
+            .map_err(|e| e.to_string())
+            .and_then(|device| {
+                let set = nvml.create_event_set().map_err(|e| e.to_string())?;
+                device
+                    .register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                    .map_err(|e| e.error.to_string())
+            });
+        match registered {
+            Ok(set) => sets.push((index, set)),
+            Err(e) => {
+                refused += 1;
+                tracing::debug!(index, error = %e, "GPU XID events not supported on this device");
+            }
+        }
+    }
+    // None watched: the sampler says so once (`xid_events` is `None`); only a partial refusal here.
+    if refused > 0 && !sets.is_empty() {
+        tracing::info!(
+            refused,
+            watched = sets.len(),
+            "GPU XID events not available on every device; servescope_gpu_xid_errors_total covers the others"
+        );
+    }
+    sets
 }
 
 impl NvmlSource {
@@ -96,7 +209,13 @@ impl NvmlSource {
     /// (nvml-wrapper reports dlopen failures as errors; nothing is linked at build time).
     pub fn open() -> Result<NvmlSource, GpuError> {
         match Nvml::init() {
-            Ok(nvml) => Ok(NvmlSource { nvml }),
+            Ok(nvml) => {
+                let nvml: &'static Nvml = Box::leak(Box::new(nvml));
+                Ok(NvmlSource {
+                    nvml,
+                    xid: xid_event_sets(nvml),
+                })
+            }
             Err(NvmlError::LibloadingError(e)) => Err(GpuError::NoLibrary(e.to_string())),
             // The library is there but the kernel driver is not (e.g. a container image with the
             // user-space libraries on a host without a GPU): the same outcome for the operator.
@@ -135,9 +254,56 @@ impl GpuSource for NvmlSource {
                 memory_total_bytes: memory.as_ref().map(|m| m.total),
                 temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
                 power_milliwatts: device.power_usage().ok(),
+                sm_clock_mhz: device.clock_info(Clock::SM).ok(),
+                // NotSupported (ECC off or absent) leaves them empty.
+                ecc_corrected: device
+                    .total_ecc_errors(MemoryError::Corrected, EccCounter::Aggregate)
+                    .ok(),
+                ecc_uncorrected: device
+                    .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate)
+                    .ok(),
+                processes: device
+                    .running_compute_processes()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| GpuProcess {
+                        pid: p.pid,
+                        used_bytes: match p.used_gpu_memory {
+                            UsedGpuMemory::Used(b) => Some(b),
+                            UsedGpuMemory::Unavailable => None,
+                        },
+                    })
+                    .collect(),
             });
         }
         Ok(out)
+    }
+
+    fn xid_events(&mut self) -> Option<Vec<XidEvent>> {
+        if self.xid.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for (index, set) in &self.xid {
+            while out.len() < MAX_XID_PER_POLL {
+                // Zero timeout: returns at once with an event or `Timeout`.
+                match set.wait(0) {
+                    Ok(ev) => out.push(XidEvent {
+                        device_index: *index,
+                        xid: match ev.event_data {
+                            Some(XidError::Value(x)) => Some(x),
+                            _ => None,
+                        },
+                    }),
+                    Err(NvmlError::Timeout) => break,
+                    Err(e) => {
+                        tracing::debug!(index, error = %e, "XID event poll failed; retried next sample");
+                        break;
+                    }
+                }
+            }
+        }
+        Some(out)
     }
 }
 
@@ -151,6 +317,8 @@ pub fn open_nvml() -> Result<Box<dyn GpuSource>, GpuError> {
 pub struct FakeSource {
     pub readings: Option<Vec<GpuReading>>,
     pub calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// XID events handed out (all at the first poll); `None`: unsupported.
+    pub xids: Option<Vec<XidEvent>>,
 }
 
 #[cfg(test)]
@@ -161,6 +329,10 @@ impl GpuSource for FakeSource {
             what: "fake device query",
             source: NvmlError::Unknown,
         })
+    }
+
+    fn xid_events(&mut self) -> Option<Vec<XidEvent>> {
+        self.xids.as_mut().map(std::mem::take)
     }
 }
 
@@ -177,6 +349,10 @@ mod tests {
             memory_total_bytes: Some(16_384 * MIB),
             temperature_celsius: Some(64),
             power_milliwatts: Some(215_250),
+            sm_clock_mhz: Some(1_410),
+            ecc_corrected: Some(3),
+            ecc_uncorrected: Some(0),
+            processes: Vec::new(),
         };
         let v = r.values();
         assert_eq!(v.device_id, 1);
@@ -188,6 +364,35 @@ mod tests {
         assert_eq!(v.memory_total_bytes, Some(17_179_869_184.0));
         assert_eq!(v.temperature_celsius, Some(64.0));
         assert_eq!(v.power_watts, Some(215.25));
+        assert_eq!(v.sm_clock_hertz, Some(1.41e9));
+        assert_eq!(v.ecc_corrected, Some(3.0));
+        assert_eq!(v.ecc_uncorrected, Some(0.0));
+    }
+
+    #[test]
+    fn process_memory_keeps_the_chosen_pids_per_device() {
+        let proc = |pid, used_bytes| GpuProcess { pid, used_bytes };
+        let devices = [
+            GpuReading {
+                index: 1,
+                processes: vec![proc(30, Some(300)), proc(10, Some(100)), proc(99, Some(9))],
+                ..GpuReading::default()
+            },
+            GpuReading {
+                index: 0,
+                // Memory NVML cannot report: no row rather than a zero.
+                processes: vec![proc(10, Some(50)), proc(20, None)],
+                ..GpuReading::default()
+            },
+        ];
+        let rows = process_memory(&devices, |pid| pid != 99);
+        let row = |device_id, pid, bytes| ProcessMemory {
+            device_id,
+            pid,
+            bytes,
+        };
+        assert_eq!(rows, [row(0, 10, 50), row(1, 10, 100), row(1, 30, 300)]);
+        assert!(process_memory(&devices, |_| false).is_empty());
     }
 
     #[test]
@@ -204,6 +409,8 @@ mod tests {
         assert_eq!(v.memory_used_mb, Some(1.0));
         assert_eq!(v.temperature_celsius, None);
         assert_eq!(v.power_watts, None);
+        assert_eq!(v.sm_clock_hertz, None);
+        assert_eq!(v.ecc_corrected, None, "ECC off: no sample, not zero");
     }
 
     /// This machine (and CI) has no NVIDIA driver: opening NVML must be a clean "not available", not a
@@ -214,6 +421,10 @@ mod tests {
             // A GPU host: the real source must open and list devices instead.
             let mut s = NvmlSource::open().expect("NVML opens on a GPU host");
             assert!(s.devices().is_ok());
+            // Polling XIDs never blocks, supported or not.
+            let t0 = std::time::Instant::now();
+            let _ = s.xid_events();
+            assert!(t0.elapsed() < std::time::Duration::from_secs(1));
             return;
         }
         match NvmlSource::open() {
