@@ -78,9 +78,11 @@ fn main() -> ExitCode {
 
 /// `servescope doctor`: the report on stdout, exit 1 when something must be fixed.
 fn doctor(json: bool) -> ExitCode {
-    let report = servescope::doctor::run(&servescope::doctor::Env::default(), || {
-        Probes::load(8 * 1024 * 1024).map(drop)
-    });
+    let report = servescope::doctor::run(
+        &servescope::doctor::Env::default(),
+        || Probes::load(8 * 1024 * 1024).map(drop),
+        sampler::nvml::open_nvml,
+    );
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
