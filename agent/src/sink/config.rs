@@ -359,8 +359,14 @@ fn load(path: &Path) -> Result<(FileToml, String), ConfigFileError> {
         path: path.to_owned(),
         source,
     })?;
-    let parsed = parse(&text).map_err(|(span, key, message)| {
-        let (line, column) = line_column(&text, span.map_or(0, |s| s.start));
+    let parsed = parse_text(path, &text)?;
+    Ok((parsed, text))
+}
+
+/// Parses `text`, the contents of the config file at `path` (named in errors).
+fn parse_text(path: &Path, text: &str) -> Result<FileToml, ConfigFileError> {
+    parse(text).map_err(|(span, key, message)| {
+        let (line, column) = line_column(text, span.map_or(0, |s| s.start));
         ConfigFileError::Syntax {
             path: path.to_owned(),
             line,
@@ -368,8 +374,7 @@ fn load(path: &Path) -> Result<(FileToml, String), ConfigFileError> {
             key,
             message,
         }
-    })?;
-    Ok((parsed, text))
+    })
 }
 
 /// The file's tables, or (where, which key, what is wrong).
@@ -430,10 +435,23 @@ impl SinkArgs {
             Some(p) => load(p)?,
             None => (FileToml::default(), String::new()),
         };
+        self.merge(file, &text)
+    }
+
+    /// As [`SinkArgs::resolve`], with `text` standing for the config file's contents (the fuzz target
+    /// `sink_config` drives parsing and merging without a file per input).
+    pub fn resolve_text(&self, text: &str) -> anyhow::Result<SinksConfig> {
+        let path = self.config.clone().unwrap_or_default();
+        let file = parse_text(&path, text)?;
+        self.merge(file, text)
+    }
+
+    /// Merges the parsed config file (`text` is its contents, for line numbers) with the flags.
+    fn merge(&self, file: FileToml, text: &str) -> anyhow::Result<SinksConfig> {
         let config_path = self.config.clone().unwrap_or_default();
         let invalid = |table: &str, key: &str, message: String| ConfigFileError::Invalid {
             path: config_path.clone(),
-            line: table_line(&text, table),
+            line: table_line(text, table),
             key: format!("{table}.{key}"),
             message,
         };
