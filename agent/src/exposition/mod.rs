@@ -1,4 +1,5 @@
 //! The metrics endpoint: TorchServe's text format and the HTTP server that serves it.
 
+pub mod access;
 pub mod server;
 pub mod torchserve;

@@ -136,6 +136,10 @@ pub struct SinksConfig {
     pub request_log: Option<FileSinkConfig>,
     pub latency_csv: Option<FileSinkConfig>,
     pub syslog: Option<SyslogConfig>,
+    /// The agent's own log filter (`RUST_LOG` syntax, e.g. `info,servescope=debug`) from the file's
+    /// top-level `log_level`. Not a sink setting, but in the file SIGHUP rereads, so the level can be
+    /// changed without a restart.
+    pub log_level: Option<String>,
 }
 
 /// A config file that cannot be used; the message names the file, line and key.
@@ -180,6 +184,7 @@ fn key_note(key: &str) -> String {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileToml {
+    log_level: Option<LogLevel>,
     rotation: Option<RotationToml>,
     request_log: Option<FileSinkToml>,
     latency_csv: Option<FileSinkToml>,
@@ -237,6 +242,21 @@ struct SeverityToml {
 }
 
 // Values checked while parsing, so that a bad one is reported with its line and key.
+
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+struct LogLevel(String);
+
+impl TryFrom<String> for LogLevel {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        tracing_subscriber::EnvFilter::try_new(&s)
+            .map(|_| LogLevel(s.clone()))
+            .map_err(|e| {
+                format!("log_level `{s}` is not a log filter (e.g. `info,servescope=debug`): {e}")
+            })
+    }
+}
 
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(try_from = "u32")]
@@ -559,6 +579,7 @@ impl SinkArgs {
             request_log,
             latency_csv,
             syslog,
+            log_level: file.log_level.map(|l| l.0),
         })
     }
 }
