@@ -174,6 +174,9 @@ impl Reload {
                 self.replace_sinks(new);
             }
         }
+        if self.cfg.access == Default::default() {
+            return;
+        }
         match Access::load(&self.cfg.access) {
             Ok(access) => {
                 tracing::info!("SIGHUP: /metrics access reloaded ({})", access.describe());
@@ -192,8 +195,12 @@ impl Reload {
         };
         if same(&new, &self.sinks) {
             // logrotate's rename-then-HUP.
-            tracing::info!("SIGHUP: request-log configuration unchanged; reopening the log files");
-            self.workers.reopen_files();
+            if new.request_log.is_some() || new.latency_csv.is_some() {
+                tracing::info!(
+                    "SIGHUP: request-log configuration unchanged; reopening the log files"
+                );
+                self.workers.reopen_files();
+            }
             self.sinks = new;
             return;
         }
