@@ -45,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
         if op & 1 == 0 {
             conn.on_ingress(ts, head, len, &mut stats);
         } else {
-            conn.on_egress(ts, head, len, &mut stats).iter().for_each(check);
+            conn.on_egress(ts, head, len, &mut stats)
+                .iter()
+                .for_each(check);
         }
         assert!(conn.pending() <= MAX_PENDING);
         if op & 2 != 0 {

@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(!ids.is_empty());
         for id in ids {
             assert!(!id.is_empty() && id.len() <= 128, "{id:?}");
-            assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{id:?}");
+            assert!(
+                id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                "{id:?}"
+            );
         }
     }
 });
