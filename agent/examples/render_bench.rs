@@ -85,7 +85,16 @@ fn main() {
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| panic!("address: {e}"));
-    rt.spawn(server::serve(listener, registry, std::future::pending()));
+    // No TLS, no token: the plain scrape the bench times.
+    let (_access_tx, access) = tokio::sync::watch::channel(std::sync::Arc::new(
+        servescope::exposition::access::Access::open(),
+    ));
+    rt.spawn(server::serve(
+        listener,
+        registry,
+        access,
+        std::future::pending(),
+    ));
     let mut http_ms = Vec::new();
     for _ in 0..rounds {
         let t0 = Instant::now();

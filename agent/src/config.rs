@@ -1,10 +1,11 @@
 //! Command line (with `SERVESCOPE_*` environment equivalents) → one typed [`Config`].
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
 use crate::{
+    exposition::access::AccessConfig,
     probes::ThreadState,
     sink::config::{SinkArgs, SinksConfig},
 };
@@ -35,6 +36,29 @@ pub struct Cli {
         value_name = "ADDR:PORT"
     )]
     pub listen: SocketAddr,
+
+    /// Serve /metrics over TLS with this PEM certificate (chain). Needs --tls-key. Reread on SIGHUP.
+    #[arg(
+        long,
+        env = "SERVESCOPE_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1). Reread on SIGHUP.
+    #[arg(
+        long,
+        env = "SERVESCOPE_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Answer only requests with `Authorization: Bearer <token>`, the token being this file's content
+    /// (one line); others get 401. For a --listen beyond loopback. Reread on SIGHUP.
+    #[arg(long, env = "SERVESCOPE_AUTH_TOKEN_FILE", value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
 
     /// Trace this process (any HTTP/1 server). Repeatable; comma-separated in the environment.
     #[arg(
@@ -120,6 +144,10 @@ pub struct Config {
     pub thread_state: ThreadState,
     pub sample_interval: Duration,
     pub sinks: SinksConfig,
+    /// The request-log flags, kept to reread the config file on SIGHUP.
+    pub sink_args: SinkArgs,
+    /// TLS and token files of the metrics endpoint.
+    pub access: AccessConfig,
 }
 
 impl Cli {
@@ -155,6 +183,11 @@ impl Cli {
             thread_state: self.thread_state,
             sample_interval: Duration::from_secs(self.sample_interval_secs),
             sinks: self.sinks.resolve()?,
+            sink_args: self.sinks,
+            access: AccessConfig {
+                tls: self.tls_cert.zip(self.tls_key),
+                token_file: self.auth_token_file,
+            },
         })
     }
 }
@@ -175,6 +208,7 @@ mod tests {
         assert!(c.discover_torchserve);
         assert!(c.pids.is_empty() && c.ports.is_empty());
         assert_eq!(c.sample_interval, Duration::from_secs(10));
+        assert_eq!(c.access, AccessConfig::default());
         Ok(())
     }
 
@@ -197,6 +231,24 @@ mod tests {
     }
 
     #[test]
+    fn exposure_flags() -> anyhow::Result<()> {
+        let c = parse(&[
+            "--tls-cert",
+            "/etc/s/c.pem",
+            "--tls-key",
+            "/etc/s/k.pem",
+            "--auth-token-file",
+            "/etc/s/token",
+        ])?;
+        assert_eq!(
+            c.access.tls,
+            Some(("/etc/s/c.pem".into(), "/etc/s/k.pem".into()))
+        );
+        assert_eq!(c.access.token_file, Some("/etc/s/token".into()));
+        Ok(())
+    }
+
+    #[test]
     fn sample_interval() -> anyhow::Result<()> {
         let c = parse(&["--sample-interval-secs", "60"])?;
         assert_eq!(c.sample_interval, Duration::from_secs(60));
@@ -211,5 +263,7 @@ mod tests {
         assert!(err(&["--listen", "nonsense"]).contains("invalid"));
         assert!(err(&["--pid", "abc"]).contains("invalid"));
         assert!(err(&["--sample-interval-secs", "0"]).contains("out of range"));
+        assert!(err(&["--tls-cert", "c.pem"]).contains("--tls-key"));
+        assert!(err(&["--tls-key", "k.pem"]).contains("--tls-cert"));
     }
 }

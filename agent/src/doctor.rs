@@ -10,7 +10,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::discovery::{Hostnames, ProcFs, Selection};
+use crate::{
+    discovery::{Hostnames, ProcFs, Selection},
+    sampler::nvml::{GpuError, GpuSource},
+};
 
 /// Outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -186,8 +189,12 @@ const RECOMMENDED: [(u32, &str, &str); 2] = [
 ];
 
 /// Runs every static check; `dry_run` loads and attaches the programs (the real thing, needs
-/// privileges).
-pub fn run(env: &Env, dry_run: impl FnOnce() -> anyhow::Result<()>) -> Report {
+/// privileges); `open_gpu` opens NVML (`sampler::nvml::open_nvml`, a fake in tests).
+pub fn run(
+    env: &Env,
+    dry_run: impl FnOnce() -> anyhow::Result<()>,
+    open_gpu: impl FnOnce() -> Result<Box<dyn GpuSource>, GpuError>,
+) -> Report {
     let mut checks = vec![
         kernel_version(env),
         btf(env),
@@ -219,9 +226,63 @@ pub fn run(env: &Env, dry_run: impl FnOnce() -> anyhow::Result<()>) -> Report {
             "see the checks above",
         )
     });
+    checks.push(nvml(open_gpu));
     Report {
         checks,
         torchserve: instances(&env.proc),
+    }
+}
+
+/// NVML: the library, and the devices it lists. Never a failure: without it only the GPU families
+/// stay empty.
+fn nvml(open: impl FnOnce() -> Result<Box<dyn GpuSource>, GpuError>) -> Check {
+    const NAME: &str = "nvml";
+    const FIX: &str = "install the NVIDIA driver; in a container, mount libnvidia-ml.so.1 from the host \
+                       (NVIDIA container toolkit: NVIDIA_DRIVER_CAPABILITIES=utility)";
+    let mut source = match open() {
+        Ok(s) => s,
+        Err(e @ GpuError::NoLibrary(_)) => {
+            return Check::warn(NAME, format!("not found: {e}"), FIX);
+        }
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                format!("library found, but {e}"),
+                "check the driver with nvidia-smi",
+            );
+        }
+    };
+    match source.devices() {
+        Ok(devices) if devices.is_empty() => Check::warn(
+            NAME,
+            "library found, no GPU listed; GPU families stay empty",
+            "check the driver with nvidia-smi",
+        ),
+        Ok(devices) => {
+            let list: Vec<String> = devices
+                .iter()
+                .map(|d| {
+                    let mem = d
+                        .memory_total_bytes
+                        .map(|b| format!(" ({} MiB)", b / (1024 * 1024)))
+                        .unwrap_or_default();
+                    format!("GPU {}{mem}", d.index)
+                })
+                .collect();
+            Check::ok(
+                NAME,
+                format!(
+                    "library found, {} device(s): {}",
+                    devices.len(),
+                    list.join(", ")
+                ),
+            )
+        }
+        Err(e) => Check::warn(
+            NAME,
+            format!("library found, but listing devices failed: {e}"),
+            "check the driver with nvidia-smi",
+        ),
     }
 }
 
@@ -414,6 +475,28 @@ fn instances(proc: &Path) -> Vec<Instance> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampler::nvml::GpuReading;
+
+    /// NVML as a test wants it: a list of devices, or an error.
+    struct Gpus(Result<Vec<GpuReading>, fn() -> GpuError>);
+
+    impl GpuSource for Gpus {
+        fn devices(&mut self) -> Result<Vec<GpuReading>, GpuError> {
+            self.0.clone().map_err(|e| e())
+        }
+
+        fn xid_events(&mut self) -> Option<Vec<crate::sampler::nvml::XidEvent>> {
+            None
+        }
+    }
+
+    fn one_gpu() -> Result<Box<dyn GpuSource>, GpuError> {
+        Ok(Box::new(Gpus(Ok(vec![GpuReading {
+            index: 0,
+            memory_total_bytes: Some(16 * 1024 * 1024 * 1024),
+            ..GpuReading::default()
+        }]))))
+    }
 
     /// A fixture machine: everything present and fine unless a test breaks it.
     fn good_env(root: &Path) -> Env {
@@ -447,7 +530,7 @@ mod tests {
     #[test]
     fn all_good() {
         let d = tempfile::tempdir().expect("tempdir");
-        let r = run(&good_env(d.path()), || Ok(()));
+        let r = run(&good_env(d.path()), || Ok(()), one_gpu);
         assert_eq!(r.exit_code(), 0, "{}", r.to_text());
         assert!(
             r.checks.iter().all(|c| c.status == Status::Ok),
@@ -463,10 +546,14 @@ mod tests {
         let mut env = good_env(d.path());
         env.tracefs = vec![d.path().join("not-mounted")];
         let mut dry_run_called = false;
-        let r = run(&env, || {
-            dry_run_called = true;
-            Ok(())
-        });
+        let r = run(
+            &env,
+            || {
+                dry_run_called = true;
+                Ok(())
+            },
+            one_gpu,
+        );
         assert_eq!(r.exit_code(), 1);
         let c = check(&r, "tracefs");
         assert_eq!(c.status, Status::Fail);
@@ -486,7 +573,7 @@ mod tests {
         fs::write(&env.osrelease, "4.19.0-old\n").expect("write");
         fs::write(&env.lockdown, "none integrity [confidentiality]\n").expect("write");
         fs::write(&env.self_status, "CapEff:\t0000000000000000\n").expect("write");
-        let r = run(&env, || Ok(()));
+        let r = run(&env, || Ok(()), one_gpu);
         for name in ["btf", "kernel", "lockdown", "capabilities", "load+attach"] {
             assert_eq!(
                 check(&r, name).status,
@@ -501,9 +588,11 @@ mod tests {
     #[test]
     fn dry_run_failure_is_reported_with_its_cause() {
         let d = tempfile::tempdir().expect("tempdir");
-        let r = run(&good_env(d.path()), || {
-            anyhow::bail!("the kernel rejected program `ss_exit_read`")
-        });
+        let r = run(
+            &good_env(d.path()),
+            || anyhow::bail!("the kernel rejected program `ss_exit_read`"),
+            one_gpu,
+        );
         let c = check(&r, "load+attach");
         assert_eq!(c.status, Status::Fail);
         assert!(c.detail.contains("ss_exit_read"));
@@ -517,7 +606,7 @@ mod tests {
         // CAP_BPF (39), CAP_PERFMON (38), CAP_SYS_PTRACE (19) only.
         let caps: u64 = (1 << 39) | (1 << 38) | (1 << 19);
         fs::write(&env.self_status, format!("CapEff:\t{caps:016x}\n")).expect("write");
-        let r = run(&env, || Ok(()));
+        let r = run(&env, || Ok(()), one_gpu);
         assert_eq!(check(&r, "capabilities").status, Status::Warn);
         assert_eq!(r.exit_code(), 0);
     }
@@ -525,9 +614,50 @@ mod tests {
     #[test]
     fn json_report_is_machine_readable() {
         let d = tempfile::tempdir().expect("tempdir");
-        let r = run(&good_env(d.path()), || Ok(()));
+        let r = run(&good_env(d.path()), || Ok(()), one_gpu);
         let v: serde_json::Value = serde_json::to_value(&r).expect("serialises");
         assert_eq!(v["checks"][0]["status"], "ok");
         assert!(v["torchserve"].is_array());
+    }
+
+    #[test]
+    fn nvml_status() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let env = good_env(d.path());
+        let nvml_of = |open: fn() -> Result<Box<dyn GpuSource>, GpuError>| {
+            let r = run(&env, || Ok(()), open);
+            assert_eq!(r.exit_code(), 0, "NVML never fails the doctor");
+            check(&r, "nvml").clone()
+        };
+
+        let c = nvml_of(one_gpu);
+        assert_eq!(c.status, Status::Ok);
+        assert_eq!(c.detail, "library found, 1 device(s): GPU 0 (16384 MiB)");
+
+        let c = nvml_of(|| {
+            Err(GpuError::NoLibrary(
+                "libnvidia-ml.so.1: cannot open shared object file".into(),
+            ))
+        });
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.starts_with("not found: "), "{}", c.detail);
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("libnvidia-ml.so.1"))
+        );
+
+        let c = nvml_of(|| Ok(Box::new(Gpus(Ok(Vec::new())))));
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.contains("no GPU"), "{}", c.detail);
+
+        let c = nvml_of(|| {
+            Ok(Box::new(Gpus(Err(|| GpuError::Nvml {
+                what: "counting GPUs",
+                source: nvml_wrapper::error::NvmlError::Unknown,
+            }))))
+        });
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.contains("counting GPUs"), "{}", c.detail);
     }
 }

@@ -1,30 +1,28 @@
 //! `servescope`: parse the command line, bind the metrics port, load and attach the eBPF programs,
-//! start the readers, serve until SIGINT/SIGTERM.
+//! start the readers, serve until SIGINT/SIGTERM; SIGHUP rereads what can change without reattaching.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{io::IsTerminal, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use servescope::{
     config::{Cli, Command, Config},
-    exposition::server,
+    exposition::{access::Access, server},
     pipeline, privileges,
     probes::{LoadOptions, Probes},
     registry::Registry,
-    sampler, sink,
+    sampler,
+    sink::{self, config::SinksConfig},
 };
 use tokio::sync::{mpsc, watch};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Registry as Subscriber, layer::SubscriberExt, reload};
+
+/// How long the request-log sinks get to write what is queued, at shutdown or when replaced.
+const SINK_FLUSH: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let mut log = LogFilter::init();
     if let Some(Command::Doctor { json }) = cli.command {
         return doctor(json);
     }
@@ -35,10 +33,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    log.apply(cfg.sinks.log_level.as_deref());
     // In order, while the agent is one thread: bind (a taken port is the most common start-up mistake),
     // load and attach, then drop the capabilities only loading needed — every thread created later
     // inherits the reduced set.
-    let (listener, probes) = match start(&cfg) {
+    let (listener, access, probes) = match start(&cfg) {
         Ok(started) => started,
         Err(e) => {
             // Logged once (stderr, with the rest of the log), not printed again.
@@ -63,7 +62,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(run(cfg, listener, probes));
+    let result = rt.block_on(run(cfg, listener, access, probes, log));
     // A sampler's statvfs of a hung network mount cannot be interrupted: do not wait for it on exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
@@ -78,9 +77,11 @@ fn main() -> ExitCode {
 
 /// `servescope doctor`: the report on stdout, exit 1 when something must be fixed.
 fn doctor(json: bool) -> ExitCode {
-    let report = servescope::doctor::run(&servescope::doctor::Env::default(), || {
-        Probes::load(servescope::probes::LoadOptions::default()).map(drop)
-    });
+    let report = servescope::doctor::run(
+        &servescope::doctor::Env::default(),
+        || Probes::load(servescope::probes::LoadOptions::default()).map(drop),
+        sampler::nvml::open_nvml,
+    );
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
@@ -95,8 +96,9 @@ fn doctor(json: bool) -> ExitCode {
     ExitCode::from(report.exit_code())
 }
 
-/// Binds the metrics port, then loads and attaches the programs.
-fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Probes)> {
+/// Reads the TLS and token files, binds the metrics port, then loads and attaches the programs.
+fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)> {
+    let access = Access::load(&cfg.access).context("setting up the metrics endpoint")?;
     let listener = server::bind_std(cfg.listen)?;
     let probes = Probes::load(LoadOptions {
         ringbuf_bytes: cfg.ringbuf_bytes,
@@ -108,19 +110,156 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Probes)> {
         thread_state = probes.thread_state().as_str(),
         "eBPF programs loaded and attached"
     );
-    Ok((listener, probes))
+    Ok((listener, access, probes))
+}
+
+/// The agent's log filter: `RUST_LOG` (default `info`), replaced by the config file's `log_level`
+/// when it has one, at start and on SIGHUP.
+struct LogFilter {
+    handle: reload::Handle<EnvFilter, Subscriber>,
+    /// `RUST_LOG` or `info`: what applies when the config file sets no level.
+    default: String,
+    current: String,
+}
+
+impl LogFilter {
+    fn init() -> LogFilter {
+        let default = std::env::var("RUST_LOG")
+            .ok()
+            .filter(|v| EnvFilter::try_new(v).is_ok())
+            .unwrap_or_else(|| "info".to_owned());
+        let (filter, handle) = reload::Layer::new(EnvFilter::new(&default));
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
+        tracing::subscriber::set_global_default(Subscriber::default().with(filter).with(fmt))
+            .unwrap_or_else(|e| eprintln!("servescope: cannot set up logging: {e}"));
+        LogFilter {
+            handle,
+            current: default.clone(),
+            default,
+        }
+    }
+
+    /// Switches to `level` (validated when the config file was read), or back to the default.
+    fn apply(&mut self, level: Option<&str>) {
+        let want = level.unwrap_or(&self.default).to_owned();
+        if want == self.current {
+            return;
+        }
+        match EnvFilter::try_new(&want).map(|f| self.handle.reload(f)) {
+            Ok(Ok(())) => {
+                tracing::info!(filter = %want, "log filter changed");
+                self.current = want;
+            }
+            Ok(Err(e)) => tracing::error!("cannot change the log filter to `{want}`: {e}"),
+            Err(e) => tracing::error!("`{want}` is not a log filter: {e}"),
+        }
+    }
+}
+
+/// What SIGHUP rereads, and the handles to swap it in without stopping the reader or detaching.
+struct Reload {
+    cfg: Config,
+    sinks: SinksConfig,
+    workers: sink::Workers,
+    replace_sinks: mpsc::UnboundedSender<sink::Sinks>,
+    access: watch::Sender<Arc<Access>>,
+    log: LogFilter,
+    registry: Registry,
+}
+
+impl Reload {
+    /// Rereads the config file (request-log sinks, log level) and the TLS and token files. Whatever
+    /// cannot be used is logged and the running setting kept; the rest applies.
+    fn on_hangup(&mut self) {
+        tracing::info!("SIGHUP: rereading the configuration");
+        match self.cfg.sink_args.resolve() {
+            Err(e) => tracing::error!(
+                "SIGHUP: keeping the previous request-log configuration and log level: {e:#}"
+            ),
+            Ok(new) => {
+                self.log.apply(new.log_level.as_deref());
+                self.replace_sinks(new);
+            }
+        }
+        if self.cfg.access == Default::default() {
+            return;
+        }
+        match Access::load(&self.cfg.access) {
+            Ok(access) => {
+                tracing::info!("SIGHUP: /metrics access reloaded ({})", access.describe());
+                self.access.send_replace(Arc::new(access));
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: keeping the previous /metrics TLS and token: {e:#}")
+            }
+        }
+    }
+
+    fn replace_sinks(&mut self, new: SinksConfig) {
+        let same = |a: &SinksConfig, b: &SinksConfig| {
+            (&a.request_log, &a.latency_csv, &a.syslog)
+                == (&b.request_log, &b.latency_csv, &b.syslog)
+        };
+        if same(&new, &self.sinks) {
+            // logrotate's rename-then-HUP.
+            if new.request_log.is_some() || new.latency_csv.is_some() {
+                tracing::info!(
+                    "SIGHUP: request-log configuration unchanged; reopening the log files"
+                );
+                self.workers.reopen_files();
+            }
+            self.sinks = new;
+            return;
+        }
+        match sink::start(&new, &self.registry) {
+            Err(e) => {
+                tracing::error!("SIGHUP: keeping the previous request-log configuration: {e:#}")
+            }
+            Ok((sinks, workers)) => {
+                if self.replace_sinks.send(sinks).is_err() {
+                    tracing::warn!("SIGHUP: the event reader has stopped; request logs unchanged");
+                    return;
+                }
+                // The reader drops the old sinks; their threads write what is queued and exit.
+                let old = std::mem::replace(&mut self.workers, workers);
+                tokio::spawn(old.finish(SINK_FLUSH));
+                tracing::info!(
+                    request_log = new.request_log.is_some(),
+                    latency_csv = new.latency_csv.is_some(),
+                    syslog = new.syslog.is_some(),
+                    "SIGHUP: request-log sinks restarted with the new configuration"
+                );
+                self.sinks = new;
+            }
+        }
+    }
 }
 
 async fn run(
     cfg: Config,
     listener: std::net::TcpListener,
+    access: Access,
     mut probes: Probes,
+    log: LogFilter,
 ) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::from_std(listener).context("registering the metrics listener")?;
     let ring = probes.take_ring().context("ring buffer already taken")?;
     let registry = Registry::new();
-    tracing::info!(listen = %cfg.listen, "serving metrics at http://{}/metrics", cfg.listen);
+    let scheme = if access.tls().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(
+        listen = %cfg.listen,
+        "serving metrics at {scheme}://{}/metrics ({})",
+        cfg.listen,
+        access.describe()
+    );
+    let (access_tx, access_rx) = watch::channel(Arc::new(access));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (upd_tx, upd_rx) = mpsc::unbounded_channel();
@@ -130,11 +269,13 @@ async fn run(
     let (sinks, sink_workers) = sink::start(&cfg.sinks, &registry)?;
     // Reader → discovery: the kernel's exec/exit/listen events.
     let (proc_tx, proc_rx) = pipeline::proc_events();
+    let (replace_sinks, new_sinks) = mpsc::unbounded_channel();
     let reader = tokio::spawn(pipeline::read_events(
         ring,
         registry.clone(),
         sinks,
         proc_tx,
+        new_sinks,
         upd_rx,
         stop_rx.clone(),
     ));
@@ -172,18 +313,37 @@ async fn run(
         )),
     ];
     let mut serve_stop = stop_rx.clone();
-    let serve = tokio::spawn(server::serve(listener, registry, async move {
-        let _ = serve_stop.changed().await;
-    }));
+    let mut serve = tokio::spawn(server::serve(
+        listener,
+        registry.clone(),
+        access_rx,
+        async move {
+            let _ = serve_stop.changed().await;
+        },
+    ));
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); Ok(()) }
-        _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
-        r = reader => task_ended("event reader", r),
-        r = discovery => task_ended("discovery", r),
-        r = serve => task_ended("metrics server", r),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut reload = Reload {
+        sinks: cfg.sinks.clone(),
+        cfg,
+        workers: sink_workers,
+        replace_sinks,
+        access: access_tx,
+        log,
+        registry,
+    };
+    let (mut reader, mut discovery) = (reader, discovery);
+    let outcome = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
+            Some(()) = sighup.recv() => reload.on_hangup(),
+            r = &mut reader => break task_ended("event reader", r),
+            r = &mut discovery => break task_ended("discovery", r),
+            r = &mut serve => break task_ended("metrics server", r),
+        }
     };
     let _ = stop_tx.send(true);
     for task in samplers {
@@ -192,7 +352,7 @@ async fn run(
         }
     }
     // The stopping reader drops its ends of the sink queues; the sinks write what is queued, then exit.
-    sink_workers.finish(std::time::Duration::from_secs(5)).await;
+    reload.workers.finish(SINK_FLUSH).await;
     outcome
 }
 

@@ -42,12 +42,13 @@ pub enum Update {
 }
 
 /// Drains the ring buffer until `shutdown` flips, turning records into counted exchanges, each also
-/// offered to the request-log `sinks`.
+/// offered to the request-log `sinks` (replaced by each one `new_sinks` brings: SIGHUP).
 pub async fn read_events(
     ring: RingBuf<MapData>,
     registry: Registry,
     sinks: Sinks,
     proc_events: ProcEventSender,
+    mut new_sinks: mpsc::UnboundedReceiver<Sinks>,
     mut updates: mpsc::UnboundedReceiver<Update>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -83,6 +84,8 @@ pub async fn read_events(
                     reader.table.forget_process(pid);
                 }
             },
+            // Dropping the old sinks lets their threads write what is queued and exit.
+            Some(sinks) = new_sinks.recv() => reader.sinks = sinks,
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 reader.drain(guard.get_inner_mut());

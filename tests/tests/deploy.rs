@@ -783,10 +783,15 @@ fn systemd_unit_passes_systemd_analyze() -> Result<()> {
     let units = root.join("etc/systemd/system");
     fs::create_dir_all(&units)?;
     fs::copy(unit_path(), units.join("servescope.service"))?;
-    let bin = root.join(exec.trim_start_matches('/'));
-    fs::create_dir_all(bin.parent().context("bin dir")?)?;
-    fs::write(&bin, "#!/bin/sh\n")?;
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))?;
+    // Every program the unit runs (the agent; ExecReload's kill) must exist in the scratch root.
+    let reload = settings.get("ExecReload").context("no ExecReload")?;
+    ensure!(reload == "/bin/kill -HUP $MAINPID", "ExecReload={reload}");
+    for program in [exec.as_str(), "/bin/kill"] {
+        let bin = root.join(program.trim_start_matches('/'));
+        fs::create_dir_all(bin.parent().context("bin dir")?)?;
+        fs::write(&bin, "#!/bin/sh\n")?;
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))?;
+    }
     // The system's own units (sysinit.target, ...), which the unit's default dependencies name.
     fs::create_dir_all(root.join("usr/lib/systemd"))?;
     run(Command::new("cp")

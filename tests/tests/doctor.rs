@@ -38,6 +38,23 @@ fn healthy_machine_passes_with_a_real_dry_run() -> Result<()> {
         text.contains("load+attach") && text.contains("every program loaded"),
         "{text}"
     );
+    // NVML as this machine has it: a GPU host lists its devices, any other says the library is missing
+    // (a warning: the agent runs, its GPU families stay empty).
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        ensure!(
+            text.contains("[ok  ] nvml") && text.contains("device(s): GPU 0"),
+            "{text}"
+        );
+    } else {
+        ensure!(
+            text.contains("[WARN] nvml") && text.contains("not found"),
+            "{text}"
+        );
+        ensure!(
+            text.contains("libnvidia-ml.so.1"),
+            "no fix offered:\n{text}"
+        );
+    }
     let (code, json) = doctor(&[], true)?;
     ensure!(code == 0);
     let v: serde_json::Value = serde_json::from_str(&json).context("doctor --json is JSON")?;

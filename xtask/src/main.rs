@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod tasks;
 
 use std::process::ExitCode;
@@ -59,6 +60,14 @@ enum Command {
     /// 5k/10k/20k req/s, RSS at 1/100/1,000 models, /metrics render time, start-up, connection churn.
     /// Prints PASS/FAIL per target. Fails if any event is lost or a throughput ratio is below 0.9.
     Bench(bench::Options),
+    /// Fuzz the untrusted-input paths with cargo-fuzz (nightly): HTTP stream, ring records, OTF frames,
+    /// routing, configuration
+    ///
+    /// Seeds each target's corpus (fuzz/corpus/<target>) from the real captures in tests/golden, then
+    /// runs the targets one after the other and prints executions per target. Needs `rustup toolchain
+    /// install nightly` and `cargo install cargo-fuzz`. `cargo xtask test` runs the stable proptest
+    /// harness over the same paths instead (agent/tests/parser_props.rs).
+    Fuzz(fuzz::Options),
     /// TorchServe + servescope + traffic; both /metrics side by side (root)
     ///
     /// Installs what is missing (apt packages, TorchServe under target/torchserve), starts TorchServe
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         } => tasks::test(!integration, !unit, &test_args),
         Command::Demo { release, n } => demo::run(release, n),
         Command::Bench(options) => bench::run(options),
+        Command::Fuzz(options) => fuzz::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

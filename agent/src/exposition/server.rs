@@ -3,6 +3,10 @@
 //! Any path whose first segment is `metrics`, with any method, gets the exposition of
 //! [`super::torchserve::encode`] with TorchServe's response headers, in TorchServe's order and case;
 //! everything else gets TorchServe's 404 JSON and a closed connection.
+//!
+//! When [`Access`] says so, connections start with a TLS handshake and requests without the bearer
+//! token get `401` (whatever the path) and a closed connection. [`serve`] reads the current
+//! [`Access`] for every new connection, so a reload applies to the next scrape.
 
 use std::{
     convert::Infallible,
@@ -28,13 +32,14 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinSet,
 };
 
 use super::{
+    access::Access,
     text::Format,
     torchserve::{Filter, encode_as},
 };
@@ -51,6 +56,12 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// How long [`serve`] waits for open connections to finish their response after `shutdown`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A TLS handshake that takes longer is dropped: a client that connects and stalls holds a task.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `WWW-Authenticate` challenge of a `401` (RFC 6750 §3).
+pub const BEARER_CHALLENGE: &str = "Bearer realm=\"servescope\"";
 
 /// Why the metrics port could not be bound, phrased with the fix.
 #[derive(Debug, thiserror::Error)]
@@ -136,13 +147,15 @@ struct State {
     header_case: Option<Extensions>,
 }
 
-/// Serves the metrics endpoint on `listener` until `shutdown` completes.
+/// Serves the metrics endpoint on `listener` until `shutdown` completes, each new connection under
+/// the [`Access`] `access` holds at the time (TLS, token).
 ///
 /// Connections are kept alive like TorchServe's (no idle timeout). After `shutdown`, no connection is
 /// accepted and open ones get [`SHUTDOWN_GRACE`] to finish the response they are writing.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    access: watch::Receiver<Arc<Access>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let state = Arc::new(State {
@@ -162,7 +175,8 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(connection(http.clone(), stream, peer, Arc::clone(&state), stop_rx.clone()));
+                    let access = Arc::clone(&access.borrow());
+                    conns.spawn(connection(http.clone(), stream, peer, Arc::clone(&state), access, stop_rx.clone()));
                 }
                 Err(e) => accept_failed(&e).await,
             },
@@ -203,15 +217,38 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<State>,
-    mut stop: watch::Receiver<()>,
+    access: Arc<Access>,
+    stop: watch::Receiver<()>,
 ) {
     // TorchServe sets TCP_NODELAY on every accepted socket (FACTS.md §5); a scrape is one small write.
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
     }
+    match access.tls() {
+        None => exchange(http, stream, peer, state, access, stop).await,
+        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+            Ok(Ok(stream)) => exchange(http, stream, peer, state, access, stop).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        },
+    }
+}
+
+/// Serves the requests of one connection (plain or TLS).
+async fn exchange<S>(
+    http: http1::Builder,
+    stream: S,
+    peer: SocketAddr,
+    state: Arc<State>,
+    access: Arc<Access>,
+    mut stop: watch::Receiver<()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+        let access = Arc::clone(&access);
+        async move { Ok::<_, Infallible>(handle(&state, &access, req).await) }
     });
     let conn = http.serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
@@ -233,7 +270,23 @@ fn is_metrics_path(path: &str) -> bool {
     crate::routing::percent_decode(path).split('/').nth(1) == Some("metrics")
 }
 
-async fn handle(state: &State, req: Request<Incoming>) -> Response<Payload> {
+async fn handle(state: &State, access: &Access, req: Request<Incoming>) -> Response<Payload> {
+    if !access.authorized(req.headers()) {
+        // Whatever the path: an unauthenticated client learns nothing, not even what exists. The
+        // body is not read, so the connection ends here.
+        let mut resp = response(
+            state,
+            StatusCode::UNAUTHORIZED,
+            "text/plain; charset=utf-8",
+            "401 Unauthorized: send the bearer token (Authorization: Bearer <token>)\n".to_owned(),
+            true,
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(BEARER_CHALLENGE),
+        );
+        return resp;
+    }
     let metrics = is_metrics_path(req.uri().path());
     let filter = Filter::from_query(req.uri().query());
     // OpenMetrics only when the scraper asks for it (Prometheus does by default); TorchServe's own
@@ -483,14 +536,160 @@ mod tests {
             .expect("bind an ephemeral port");
         let addr = listener.local_addr().expect("local address");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, registry, async move {
-            let _ = rx.await;
-        }));
+        let (keep, access) = watch::channel(Arc::new(Access::open()));
+        let task = tokio::spawn(async move {
+            let _keep = keep;
+            serve(listener, registry, access, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
         (addr, tx, task)
     }
 
+    /// Starts a server under `access`; the returned sender reloads it. The server stops when the test
+    /// ends (its runtime is dropped).
+    async fn start_with(access: Access) -> (SocketAddr, watch::Sender<Arc<Access>>) {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind an ephemeral port");
+        let addr = listener.local_addr().expect("local address");
+        let (tx, rx) = watch::channel(Arc::new(access));
+        tokio::spawn(serve(
+            listener,
+            Registry::new(),
+            rx,
+            std::future::pending::<()>(),
+        ));
+        (addr, tx)
+    }
+
+    fn token_access(dir: &std::path::Path, token: &str) -> Access {
+        let file = dir.join(format!("token-{token}"));
+        std::fs::write(&file, format!("{token}\n")).expect("write token");
+        Access::load(&crate::exposition::access::AccessConfig {
+            tls: None,
+            token_file: Some(file),
+        })
+        .expect("token loads")
+    }
+
+    async fn get_with(addr: SocketAddr, target: &str, auth: Option<&str>) -> Reply {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        roundtrip(
+            &mut stream,
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n"),
+            false,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn bearer_token_guards_every_path() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (addr, reload) = start_with(token_access(d.path(), "t0ken")).await;
+        for (target, auth) in [
+            ("/metrics", None),
+            ("/metrics", Some("Bearer wrong")),
+            ("/metrics", Some("Basic dDB rZW4=")),
+            ("/ping", None),
+        ] {
+            let reply = get_with(addr, target, auth).await;
+            assert_eq!(
+                reply.status_line, "HTTP/1.1 401 Unauthorized",
+                "{target} {auth:?}"
+            );
+            assert_eq!(reply.header("www-authenticate"), Some(BEARER_CHALLENGE));
+            assert_eq!(reply.header("connection"), Some("close"));
+            assert!(!String::from_utf8_lossy(&reply.body).contains("# TYPE"));
+        }
+        let reply = get_with(addr, "/metrics", Some("Bearer t0ken")).await;
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+        assert!(String::from_utf8_lossy(&reply.body).contains("# TYPE Requests2XX counter"));
+        // Authenticated, other paths keep TorchServe's 404.
+        let reply = get_with(addr, "/ping", Some("Bearer t0ken")).await;
+        assert_eq!(reply.status_line, "HTTP/1.1 404 Not Found");
+
+        // A reload applies to the next connection: the old token stops working.
+        reload
+            .send(Arc::new(token_access(d.path(), "n3w")))
+            .expect("server alive");
+        let reply = get_with(addr, "/metrics", Some("Bearer t0ken")).await;
+        assert_eq!(reply.status_line, "HTTP/1.1 401 Unauthorized");
+        let reply = get_with(addr, "/metrics", Some("Bearer n3w")).await;
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn tls_with_a_self_signed_certificate() {
+        use rustls::pki_types::ServerName;
+
+        let d = tempfile::tempdir().expect("tempdir");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let (cert_path, key_path) = (d.path().join("c.pem"), d.path().join("k.pem"));
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+        let token = d.path().join("token");
+        std::fs::write(&token, "tls-t0ken").expect("write token");
+        let access = Access::load(&crate::exposition::access::AccessConfig {
+            tls: Some((cert_path, key_path)),
+            token_file: Some(token),
+        })
+        .expect("TLS loads");
+        let (addr, _reload) = start_with(access).await;
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut tls = tokio::time::timeout(IO_LIMIT, connector.connect(name, tcp))
+            .await
+            .expect("handshake in time")
+            .expect("handshake");
+        let reply = roundtrip(
+            &mut tls,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer tls-t0ken\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+        assert!(String::from_utf8_lossy(&reply.body).contains("# TYPE Requests2XX counter"));
+        let reply = roundtrip(
+            &mut tls,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(reply.status_line, "HTTP/1.1 401 Unauthorized");
+
+        // Plain HTTP to the TLS port gets no HTTP answer: the handshake fails and the socket closes.
+        let mut plain = TcpStream::connect(addr).await.expect("connect");
+        plain
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(IO_LIMIT, plain.read_to_end(&mut got))
+            .await
+            .expect("closed in time");
+        assert!(!got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    }
+
     /// Writes `request` and reads one response (no body for HEAD).
-    async fn roundtrip(stream: &mut TcpStream, request: &str, head: bool) -> Reply {
+    async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        request: &str,
+        head: bool,
+    ) -> Reply {
         tokio::time::timeout(IO_LIMIT, async {
             stream
                 .write_all(request.as_bytes())

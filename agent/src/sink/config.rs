@@ -136,6 +136,10 @@ pub struct SinksConfig {
     pub request_log: Option<FileSinkConfig>,
     pub latency_csv: Option<FileSinkConfig>,
     pub syslog: Option<SyslogConfig>,
+    /// The agent's own log filter (`RUST_LOG` syntax, e.g. `info,servescope=debug`) from the file's
+    /// top-level `log_level`. Not a sink setting, but in the file SIGHUP rereads, so the level can be
+    /// changed without a restart.
+    pub log_level: Option<String>,
 }
 
 /// A config file that cannot be used; the message names the file, line and key.
@@ -180,6 +184,7 @@ fn key_note(key: &str) -> String {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileToml {
+    log_level: Option<LogLevel>,
     rotation: Option<RotationToml>,
     request_log: Option<FileSinkToml>,
     latency_csv: Option<FileSinkToml>,
@@ -237,6 +242,21 @@ struct SeverityToml {
 }
 
 // Values checked while parsing, so that a bad one is reported with its line and key.
+
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+struct LogLevel(String);
+
+impl TryFrom<String> for LogLevel {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        tracing_subscriber::EnvFilter::try_new(&s)
+            .map(|_| LogLevel(s.clone()))
+            .map_err(|e| {
+                format!("log_level `{s}` is not a log filter (e.g. `info,servescope=debug`): {e}")
+            })
+    }
+}
 
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(try_from = "u32")]
@@ -359,8 +379,14 @@ fn load(path: &Path) -> Result<(FileToml, String), ConfigFileError> {
         path: path.to_owned(),
         source,
     })?;
-    let parsed = parse(&text).map_err(|(span, key, message)| {
-        let (line, column) = line_column(&text, span.map_or(0, |s| s.start));
+    let parsed = parse_text(path, &text)?;
+    Ok((parsed, text))
+}
+
+/// Parses `text`, the contents of the config file at `path` (named in errors).
+fn parse_text(path: &Path, text: &str) -> Result<FileToml, ConfigFileError> {
+    parse(text).map_err(|(span, key, message)| {
+        let (line, column) = line_column(text, span.map_or(0, |s| s.start));
         ConfigFileError::Syntax {
             path: path.to_owned(),
             line,
@@ -368,8 +394,7 @@ fn load(path: &Path) -> Result<(FileToml, String), ConfigFileError> {
             key,
             message,
         }
-    })?;
-    Ok((parsed, text))
+    })
 }
 
 /// The file's tables, or (where, which key, what is wrong).
@@ -430,10 +455,23 @@ impl SinkArgs {
             Some(p) => load(p)?,
             None => (FileToml::default(), String::new()),
         };
+        self.merge(file, &text)
+    }
+
+    /// As [`SinkArgs::resolve`], with `text` standing for the config file's contents (the fuzz target
+    /// `sink_config` drives parsing and merging without a file per input).
+    pub fn resolve_text(&self, text: &str) -> anyhow::Result<SinksConfig> {
+        let path = self.config.clone().unwrap_or_default();
+        let file = parse_text(&path, text)?;
+        self.merge(file, text)
+    }
+
+    /// Merges the parsed config file (`text` is its contents, for line numbers) with the flags.
+    fn merge(&self, file: FileToml, text: &str) -> anyhow::Result<SinksConfig> {
         let config_path = self.config.clone().unwrap_or_default();
         let invalid = |table: &str, key: &str, message: String| ConfigFileError::Invalid {
             path: config_path.clone(),
-            line: table_line(&text, table),
+            line: table_line(text, table),
             key: format!("{table}.{key}"),
             message,
         };
@@ -541,6 +579,7 @@ impl SinkArgs {
             request_log,
             latency_csv,
             syslog,
+            log_level: file.log_level.map(|l| l.0),
         })
     }
 }

@@ -278,9 +278,16 @@ impl Sinks {
 pub struct Workers {
     done: mpsc::Receiver<()>,
     names: Vec<&'static str>,
+    reopen: Reopen,
 }
 
 impl Workers {
+    /// Makes the file sinks reopen their paths (logrotate's rename, then SIGHUP). The agent's SIGHUP
+    /// handler calls it when the request-log configuration did not change.
+    pub fn reopen_files(&self) {
+        self.reopen.request();
+    }
+
     /// Waits (at most `timeout`) until every sink thread has written its queue and exited. The threads
     /// exit once the [`Sinks`] they serve is dropped (the reader stopped).
     pub async fn finish(mut self, timeout: Duration) {
@@ -300,7 +307,8 @@ impl Workers {
     }
 }
 
-/// Bumped by SIGHUP: file sinks reopen their path (logrotate's rename-then-HUP).
+/// Bumped on SIGHUP ([`Workers::reopen_files`]): file sinks reopen their path (logrotate's
+/// rename-then-HUP).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Reopen(Arc<AtomicU64>);
 
@@ -315,7 +323,7 @@ impl Reopen {
 }
 
 /// Opens the configured sinks and starts their threads. Must run inside the tokio runtime (it
-/// starts the once-a-second tick and the SIGHUP handler). A path that cannot be opened, or a syslog
+/// starts the once-a-second tick). A path that cannot be opened, or a syslog
 /// address that does not parse, is an error here; a syslog server that is not up yet is not.
 pub fn start(cfg: &SinksConfig, registry: &Registry) -> anyhow::Result<(Sinks, Workers)> {
     let (done_tx, done) = mpsc::channel::<()>(1);
@@ -395,50 +403,28 @@ pub fn start(cfg: &SinksConfig, registry: &Registry) -> anyhow::Result<(Sinks, W
 
     if !outputs.is_empty() {
         let weak: Vec<_> = outputs.iter().map(|o| o.tx.downgrade()).collect();
-        let files = cfg.request_log.is_some() || cfg.latency_csv.is_some();
-        tokio::spawn(tick(weak, files.then_some(reopen)));
+        tokio::spawn(tick(weak));
     }
     Ok((
         Sinks {
             outputs,
             clock: WallClock::new(),
         },
-        Workers { done, names },
+        Workers {
+            done,
+            names,
+            reopen,
+        },
     ))
 }
 
-/// Once a second, and on SIGHUP, wakes every sink. Holds only weak senders, so it never keeps a
-/// sink alive; it ends when all sinks are gone.
-async fn tick(sinks: Vec<mpsc::WeakSender<Msg>>, reopen: Option<Reopen>) {
-    use tokio::signal::unix::{SignalKind, signal};
-
-    // Only file sinks care about SIGHUP; without them SIGHUP keeps its default meaning.
-    let mut hup = match reopen.as_ref().map(|_| signal(SignalKind::hangup())) {
-        Some(Ok(s)) => Some(s),
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "cannot handle SIGHUP; log files will not be reopened on it");
-            None
-        }
-        None => None,
-    };
+/// Once a second, wakes every sink (rotation, reopening, flushing). Holds only weak senders, so it
+/// never keeps a sink alive; it ends when all sinks are gone.
+async fn tick(sinks: Vec<mpsc::WeakSender<Msg>>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let hup_recv = async {
-            match hup.as_mut() {
-                Some(s) => s.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = every.tick() => {}
-            Some(()) = hup_recv => {
-                if let Some(r) = &reopen {
-                    tracing::info!("SIGHUP: reopening the request-log files");
-                    r.request();
-                }
-            }
-        }
+        every.tick().await;
         let mut alive = false;
         for s in &sinks {
             if let Some(tx) = s.upgrade() {
