@@ -25,13 +25,14 @@ char LICENSE[] SEC("license") = "GPL";
 #define SOCK_STREAM 1
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
+#define S_IFIFO 0010000
 
 /* Set by the agent before load (EbpfLoader::override_global); the verifier prunes what is off. */
 const volatile __u8 trace_unix = 0;
 /* Unread bytes in the ring buffer at which a record wakes the agent (see submit()). */
 const volatile __u64 wakeup_bytes = 0;
 
-/* TGIDs to trace, maintained by the agent's discovery. Value: unused flags. */
+/* TGIDs to trace, maintained by the agent's discovery. Value: SS_TARGET_* flags. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -153,7 +154,29 @@ static __always_inline struct sock *stream_sock(int fd, __u8 *family)
 	return NULL;
 }
 
-/* Emits the SS_EV_OPEN record of a newly tracked connection, with the client's address. */
+/*
+ * Whether `fd` is a pipe of a TorchServe worker target (SS_TARGET_WORKER): the worker prints its
+ * `[METRICS]` lines to its stdout pipe. Reached only for target fds that are not traced sockets, so
+ * processes without the flag pay one map lookup on such fds and nothing else.
+ */
+static __always_inline int worker_pipe(__u32 tgid, int fd)
+{
+	__u32 *flags = bpf_map_lookup_elem(&targets, &tgid);
+	if (!flags || !(*flags & SS_TARGET_WORKER))
+		return 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	return (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) == S_IFIFO;
+}
+
+/* Emits the SS_EV_OPEN record of a newly tracked connection, with the client's address (sk NULL: a
+ * worker's pipe). */
 static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *c, struct sock *sk);
 
 static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 family, __u8 accepted)
@@ -184,8 +207,11 @@ static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd)
 		return c;
 	__u8 family = 0;
 	struct sock *sk = stream_sock(fd, &family);
-	if (!sk)
-		return NULL;
+	if (!sk) {
+		if (!worker_pipe(key.tgid, fd))
+			return NULL;
+		family = SS_FAMILY_PIPE;
+	}
 	c = new_conn(&key, family, 0);
 	if (c)
 		emit_open(pid_tgid, fd, c, sk);
@@ -237,6 +263,25 @@ static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *
 	if (!s)
 		return;
 	fill_header(&s->ev, pid_tgid, fd, c, SS_EV_OPEN, SS_DIR_INGRESS, SS_SYS_ACCEPT, 0);
+	if (!sk) {
+		submit(&s->ev);
+		return;
+	}
+	if (c->family == AF_UNIX) {
+		/* The peer's bound path: for the frontend's end of a worker connection the worker's
+		 * /tmp/.ts.sock.<port>, which ties the connection to a worker (and its load frame to it). */
+		struct unix_sock *peer = (struct unix_sock *)BPF_CORE_READ((struct unix_sock *)sk, peer);
+		struct unix_address *addr = peer ? BPF_CORE_READ(peer, addr) : NULL;
+		if (addr) {
+			int n = BPF_CORE_READ(addr, len) - (int)sizeof(__u16);
+			if (n > SS_UNIX_PATH_MAX)
+				n = SS_UNIX_PATH_MAX;
+			if (n > 0 && !bpf_probe_read_kernel(s->ev.data, n & 127, addr->name[0].sun_path))
+				s->ev.head_len = n & 127;
+		}
+		submit(&s->ev);
+		return;
+	}
 	struct ss_peer *peer = (struct ss_peer *)s->ev.data;
 	__builtin_memset(peer, 0, sizeof(*peer));
 	peer->family = c->family;
@@ -342,6 +387,9 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 
 	struct conn_info *c = get_conn(id, a.fd);
 	if (!c)
+		return 0;
+	/* Of a worker's pipes only what it writes matters (its stdout/stderr). */
+	if (c->family == SS_FAMILY_PIPE && dir == SS_DIR_INGRESS)
 		return 0;
 	struct scratch *s = get_scratch();
 	if (!s)

@@ -67,6 +67,18 @@ impl ProcFs {
         after.split_whitespace().nth(19)?.parse().ok()
     }
 
+    /// Parent PID (field 4 of /proc/PID/stat), or `None` when it is gone.
+    pub fn ppid(&self, pid: u32) -> Option<u32> {
+        let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 1..];
+        after.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// `rest` under the process's directory (e.g. `cwd/MAR-INF/MANIFEST.json`).
+    pub fn file(&self, pid: u32, rest: &str) -> PathBuf {
+        self.path(pid, rest)
+    }
+
     pub fn cmdline(&self, pid: u32) -> Option<Vec<String>> {
         let raw = fs::read(self.path(pid, "cmdline")).ok()?;
         Some(

@@ -12,6 +12,7 @@ use servescope::{
     probes::Probes,
     registry::Registry,
     sampler, sink,
+    workers::WorkerMap,
 };
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
@@ -119,10 +120,13 @@ async fn run(
     let (targets_tx, targets_rx) = watch::channel(Vec::new());
     // Request-log files are opened here: a bad path stops the agent with a clear error.
     let (sinks, sink_workers) = sink::start(&cfg.sinks, &registry)?;
+    // PID → TorchServe worker identity: kept by the reader, read by discovery's per-worker sampling.
+    let worker_map = WorkerMap::default();
     let reader = tokio::spawn(pipeline::read_events(
         ring,
         registry.clone(),
         sinks,
+        worker_map.clone(),
         upd_rx,
         stop_rx.clone(),
     ));
@@ -130,6 +134,7 @@ async fn run(
         cfg.clone(),
         probes,
         registry.clone(),
+        worker_map,
         upd_tx,
         targets_tx,
         stop_rx.clone(),

@@ -1,7 +1,7 @@
 //! The running agent: the ring-buffer reader (events → http → registry) and the discovery loop that
 //! keeps the kernel's target map in step with the processes on the host.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -12,12 +12,14 @@ use tokio::{
 use crate::{
     config::Config,
     discovery::{Hostnames, ProcFs, Selection, Target},
-    events::Event,
+    events::{Event, FAMILY_UNIX},
     http::{ConnTable, ParseStats},
     probes::Probes,
+    registry::WorkerUsage,
     registry::{Flavor, Registry},
-    sampler::SampleTarget,
+    sampler::{SampleTarget, procfs::ProcRoot},
     sink::Sinks,
+    workers::{self, WorkerMap, WorkerProcess, WorkerTracker},
 };
 
 /// How the reader labels and counts a traced process.
@@ -33,6 +35,9 @@ pub struct TargetInfo {
 pub enum Update {
     Added(u32, TargetInfo),
     Removed(u32),
+    /// A TorchServe worker of a traced frontend (traced itself, pipes included).
+    WorkerAdded(WorkerProcess),
+    WorkerRemoved(u32),
 }
 
 /// Drains the ring buffer until `shutdown` flips, turning records into counted exchanges, each also
@@ -41,6 +46,7 @@ pub async fn read_events(
     ring: RingBuf<MapData>,
     registry: Registry,
     sinks: Sinks,
+    worker_map: WorkerMap,
     mut updates: mpsc::UnboundedReceiver<Update>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -54,6 +60,7 @@ pub async fn read_events(
         exported: ParseStats::default(),
         registry,
         sinks,
+        workers: WorkerTracker::new(worker_map),
     };
     // The kernel wakes this task only when much is waiting (probes::DRAIN_INTERVAL): drain on a timer too.
     let mut tick = tokio::time::interval(crate::probes::DRAIN_INTERVAL);
@@ -70,7 +77,13 @@ pub async fn read_events(
                 Update::Removed(pid) => {
                     reader.targets.remove(&pid);
                     reader.table.forget_process(pid);
+                    reader.workers.frontend_removed(pid);
                 }
+                Update::WorkerAdded(w) => {
+                    let host = reader.targets.get(&w.frontend).map(|t| t.hostname.clone()).unwrap_or_default();
+                    reader.workers.added(w, &reader.registry, &host);
+                }
+                Update::WorkerRemoved(pid) => reader.workers.removed(pid),
             },
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
@@ -90,14 +103,32 @@ struct Reader {
     exported: ParseStats,
     registry: Registry,
     sinks: Sinks,
+    workers: WorkerTracker,
 }
 
 impl Reader {
+    /// The hostname a process is labelled with: its own target's, or a worker's frontend's.
+    fn hostname(&self, pid: u32) -> String {
+        let target = self.workers.frontend_of(pid).unwrap_or(pid);
+        self.targets
+            .get(&target)
+            .map(|t| t.hostname.clone())
+            .unwrap_or_default()
+    }
+
     /// Handles every record waiting in the ring buffer.
     fn drain(&mut self, rb: &mut RingBuf<MapData>) {
         while let Some(item) = rb.next() {
             match Event::decode(&item) {
+                Ok(ev) if self.workers.is_worker(ev.tgid) => {
+                    let host = self.hostname(ev.tgid);
+                    self.workers.on_worker(&ev, &self.registry, &host);
+                }
                 Ok(ev) => {
+                    if ev.family == FAMILY_UNIX && self.targets.contains_key(&ev.tgid) {
+                        let host = self.hostname(ev.tgid);
+                        self.workers.on_frontend(&ev, &self.registry, &host);
+                    }
                     for ex in self.table.apply(&ev) {
                         match self.targets.get(&ex.tgid) {
                             Some(t) => {
@@ -147,6 +178,7 @@ pub async fn discover(
     cfg: Config,
     mut probes: Probes,
     registry: Registry,
+    worker_map: WorkerMap,
     updates: mpsc::UnboundedSender<Update>,
     sampled: watch::Sender<Vec<SampleTarget>>,
     mut shutdown: watch::Receiver<bool>,
@@ -159,6 +191,8 @@ pub async fn discover(
     };
     let mut hostnames = Hostnames::default();
     let mut current: BTreeMap<u32, Target> = BTreeMap::new();
+    let mut current_workers: BTreeMap<u32, WorkerProcess> = BTreeMap::new();
+    let proc_root = ProcRoot::default();
     let mut lost_exported: HashMap<&'static str, u64> = HashMap::new();
     let mut tick = tokio::time::interval(cfg.discovery_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -204,6 +238,17 @@ pub async fn discover(
             }
             current.insert(pid, t);
         }
+        sync_workers(
+            &proc,
+            &proc_root,
+            &current,
+            &mut current_workers,
+            &mut probes,
+            &updates,
+            &worker_map,
+            &mut hostnames,
+            &registry,
+        );
         if current.is_empty() && !warned_empty {
             tracing::info!(
                 torchserve = sel.torchserve,
@@ -244,4 +289,80 @@ pub async fn discover(
             }
         }
     }
+}
+
+/// Finds the workers of the traced TorchServe frontends, traces new ones (pipes included) and
+/// untraces gone ones, then samples each worker's CPU time and resident memory.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one step of the discovery loop, over the loop's own state"
+)]
+fn sync_workers(
+    proc: &ProcFs,
+    proc_root: &ProcRoot,
+    frontends: &BTreeMap<u32, Target>,
+    current: &mut BTreeMap<u32, WorkerProcess>,
+    probes: &mut Probes,
+    updates: &mpsc::UnboundedSender<Update>,
+    worker_map: &WorkerMap,
+    hostnames: &mut Hostnames,
+    registry: &Registry,
+) {
+    let torchserve: BTreeSet<u32> = frontends
+        .iter()
+        .filter(|(_, t)| t.flavor == Flavor::TorchServe)
+        .map(|(pid, _)| *pid)
+        .collect();
+    let found = workers::scan(proc, &torchserve);
+    let stale: Vec<u32> = current
+        .iter()
+        .filter(|(pid, w)| found.get(pid).is_none_or(|f| f.start_time != w.start_time))
+        .map(|(pid, _)| *pid)
+        .collect();
+    for pid in stale {
+        current.remove(&pid);
+        if let Err(e) = probes.remove_target(pid) {
+            tracing::debug!(
+                pid,
+                error = format!("{e:#}"),
+                "could not untrack a vanished worker"
+            );
+        }
+        let _ = updates.send(Update::WorkerRemoved(pid));
+        tracing::info!(pid, "worker exited");
+    }
+    for (pid, w) in found {
+        if current.contains_key(&pid) {
+            continue;
+        }
+        tracing::info!(
+            pid,
+            frontend = w.frontend,
+            port = w.port,
+            "tracing TorchServe worker"
+        );
+        let _ = updates.send(Update::WorkerAdded(w.clone()));
+        if let Err(e) = probes.add_worker(pid) {
+            tracing::warn!(pid, error = format!("{e:#}"), "could not trace worker");
+            let _ = updates.send(Update::WorkerRemoved(pid));
+            continue;
+        }
+        current.insert(pid, w);
+    }
+    let usage: Vec<WorkerUsage> = current
+        .values()
+        .filter_map(|w| {
+            let id = worker_map.lookup(w.pid)?;
+            let (cpu_seconds, rss_bytes) = proc_root.process_usage(w.pid).ok()?;
+            Some(WorkerUsage {
+                model_name: id.model_name,
+                model_version: id.model_version,
+                worker_name: id.worker_name,
+                hostname: hostnames.of(w.frontend),
+                cpu_seconds,
+                rss_bytes,
+            })
+        })
+        .collect();
+    registry.set_worker_usage(&usage);
 }
