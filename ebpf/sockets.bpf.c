@@ -276,7 +276,11 @@ static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *
 			int n = BPF_CORE_READ(addr, len) - (int)sizeof(__u16);
 			if (n > SS_UNIX_PATH_MAX)
 				n = SS_UNIX_PATH_MAX;
-			if (n > 0 && !bpf_probe_read_kernel(s->ev.data, n & 127, addr->name[0].sun_path))
+			/* name[] is a flexible array: address it by offset (an index into it does not
+			 * relocate). sun_path follows the 2-byte sun_family (uapi). */
+			const char *path = (const char *)addr + bpf_core_field_offset(struct unix_address, name) +
+					   sizeof(__u16);
+			if (n > 0 && !bpf_probe_read_kernel(s->ev.data, n & 127, path))
 				s->ev.head_len = n & 127;
 		}
 		submit(&s->ev);
