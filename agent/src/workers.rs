@@ -252,9 +252,9 @@ impl WorkerTracker {
     }
 
     pub fn removed(&mut self, pid: u32) {
-        if let Some(w) = self.procs.remove(&pid) {
-            self.loads.remove(&(w.frontend, w.port));
-        }
+        // Its load stays: TorchServe restarts a dead worker on the same port (same worker thread),
+        // and the replacement's load frame may arrive before this removal is noticed.
+        self.procs.remove(&pid);
         self.map.set(pid, None);
         // A killed process's fds close without a close() record: drop its connections here.
         let mut lost = 0;
@@ -361,7 +361,13 @@ impl WorkerTracker {
                         if self.loads.len() >= MAX_LOADS
                             && !self.loads.contains_key(&(frontend, port))
                         {
-                            return;
+                            // Full: forget loads of ports no live worker holds (scaled down).
+                            let live: HashSet<(u32, u16)> =
+                                self.procs.values().map(|w| (w.frontend, w.port)).collect();
+                            self.loads.retain(|k, _| live.contains(k));
+                            if self.loads.len() >= MAX_LOADS {
+                                return;
+                            }
                         }
                         let version = read_manifest(
                             &crate::sampler::procfs::ProcRoot::default()
