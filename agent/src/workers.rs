@@ -594,7 +594,7 @@ mod tests {
         mk(
             202,
             100,
-            "python\0ts/metrics/metric_collector.py\0--gpu\00\0",
+            "python\0ts/metrics/metric_collector.py\0--gpu\0\x30\0",
         );
         mk(300, 1, &worker(9005));
         let found = scan(&ProcFs::new(p), &BTreeSet::from([100]));
