@@ -1174,6 +1174,46 @@ mod tests {
     }
 
     #[test]
+    fn worker_usage_replaces_series_and_cpu_only_grows() {
+        let r = Registry::new();
+        let usage = |worker: &str, cpu: f64, rss: f64| WorkerUsage {
+            model_name: "m".into(),
+            model_version: "1.0".into(),
+            worker_name: worker.into(),
+            hostname: "vm".into(),
+            cpu_seconds: cpu,
+            rss_bytes: rss,
+        };
+        // (worker name → value) of one of the worker families.
+        let series = |family: &str| -> BTreeMap<String, f64> {
+            r.gather()
+                .into_iter()
+                .filter(|f| f.name() == family)
+                .flat_map(|f| f.get_metric().to_vec())
+                .map(|m| {
+                    let name = labels_in_order(&m, WORKER_LABELS)[2].to_owned();
+                    // One of the two is set; the other reads 0.
+                    let v = m.get_gauge().get_value() + m.get_counter().get_value();
+                    (name, v)
+                })
+                .collect()
+        };
+        r.set_worker_usage(&[
+            usage("W-9000-m_1.0", 1.5, 100.0),
+            usage("W-9001-m_1.0", 2.0, 200.0),
+        ]);
+        r.set_worker_usage(&[usage("W-9000-m_1.0", 2.5, 150.0)]);
+        let one = BTreeMap::from([("W-9000-m_1.0".to_owned(), 2.5)]);
+        assert_eq!(
+            series("servescope_worker_cpu_seconds_total"),
+            one,
+            "grew by 1.0; gone worker dropped"
+        );
+        let one = BTreeMap::from([("W-9000-m_1.0".to_owned(), 150.0)]);
+        assert_eq!(series("servescope_worker_resident_memory_bytes"), one);
+    }
+
+    #[test]
     fn catalogue_matches_golden_capture() {
         let golden = include_str!("../../tests/golden/torchserve-0.12/metrics_full.txt");
         let mut seen = 0;

@@ -264,7 +264,30 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
     for _ in 0..bursts {
         burst(ts.inference_addr(), BATCHED, 2 * BATCH_SIZE)?;
     }
-    let total = (bursts * 2 * BATCH_SIZE) as f64;
+    // Large payloads: a batch whose first request is 2 MiB (the frontend writes it in several
+    // syscalls, of which the kernel copies 512 bytes each) is still counted whole.
+    let big = thread::spawn({
+        let addr = ts.inference_addr();
+        move || {
+            http::post(
+                addr,
+                &format!("/predictions/{BATCHED}"),
+                &vec![b'x'; 2 << 20],
+                Duration::from_secs(60),
+            )
+        }
+    });
+    thread::sleep(Duration::from_millis(100));
+    burst(ts.inference_addr(), BATCHED, BATCH_SIZE - 1)?;
+    let r = big
+        .join()
+        .map_err(|_| anyhow::anyhow!("request thread panicked"))??;
+    ensure!(
+        r.status == 200 && r.body.len() == 2 << 20,
+        "large request answered {}",
+        r.status
+    );
+    let total = (bursts * 2 * BATCH_SIZE + BATCH_SIZE) as f64;
     let m = agent.wait_until(SETTLE_TIMEOUT, "batch sizes of every request", |m| {
         m.series("servescope_batch_size_sum")
             .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total)
