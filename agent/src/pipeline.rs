@@ -143,6 +143,14 @@ impl Reader {
                                     t.flavor,
                                     dispatched,
                                 );
+                                if let Some(id) = ex.response.request_id.as_deref() {
+                                    self.workers.on_response(
+                                        id,
+                                        ex.response.start_ns,
+                                        &self.registry,
+                                        &t.hostname,
+                                    );
+                                }
                                 // Never waits: a full sink queue drops the record, counted.
                                 self.sinks.offer(&ex, &t.hostname);
                             }

@@ -249,6 +249,7 @@ pub struct Registry {
     handler_time: GaugeVec,
     prediction_time: GaugeVec,
     worker_load_time: GaugeVec,
+    worker_thread_time: GaugeVec,
     batch_size: HistogramVec,
     pub otf_corrupt: IntCounter,
     worker_cpu: CounterVec,
@@ -326,6 +327,7 @@ impl Registry {
             handler_time: ts_gauge("HandlerTime"),
             prediction_time: ts_gauge("PredictionTime"),
             worker_load_time: ts_gauge("WorkerLoadTime"),
+            worker_thread_time: ts_gauge("WorkerThreadTime"),
             batch_size: must(HistogramVec::new(
                 HistogramOpts::new(
                     "servescope_batch_size",
@@ -449,8 +451,9 @@ impl Registry {
         for c in [&r.log_written, &r.log_dropped, &r.log_errors] {
             must(r.registry.register(Box::new(c.clone())));
         }
-        let workers: [Box<dyn Collector>; 7] = [
+        let workers: [Box<dyn Collector>; 8] = [
             Box::new(r.handler_time.clone()),
+            Box::new(r.worker_thread_time.clone()),
             Box::new(r.prediction_time.clone()),
             Box::new(r.worker_load_time.clone()),
             Box::new(r.batch_size.clone()),
@@ -486,6 +489,13 @@ impl Registry {
     pub fn set_worker_load_time(&self, worker: &str, hostname: &str, ms: f64) {
         self.worker_load_time
             .with_label_values(&[worker, "Host", hostname])
+            .set(ms);
+    }
+
+    /// WorkerThreadTime: the frontend's own time in the last worker cycle, whole ms.
+    pub fn set_worker_thread_time(&self, hostname: &str, ms: f64) {
+        self.worker_thread_time
+            .with_label_values(&["Host", hostname])
             .set(ms);
     }
 

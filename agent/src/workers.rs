@@ -33,6 +33,8 @@ use crate::{
 const WORKER_SCRIPT: &str = "ts/model_service_worker.py";
 /// Most load frames remembered (one per live worker; a bound against a flood of junk frames).
 const MAX_LOADS: usize = 4096;
+/// Most batch replies remembered until their first HTTP response is written.
+const MAX_REPLIED: usize = 65_536;
 /// Worker metric lines servescope serves, with TorchServe's meaning (FACTS.md §3).
 const MODEL_METRICS: [&str; 2] = ["HandlerTime", "PredictionTime"];
 
@@ -222,6 +224,11 @@ pub struct WorkerTracker {
     /// Frontend connections that sent a load frame and wait for its reply.
     awaiting_load: HashSet<u64>,
     loads: HashMap<(u32, u16), Load>,
+    /// Frontend connection → first request id of the inference frame it wrote, until the reply.
+    cycle: HashMap<u64, String>,
+    /// Request id → kernel time the frontend read its batch's reply; oldest first in `replied_order`.
+    replied: HashMap<String, u64>,
+    replied_order: std::collections::VecDeque<String>,
     /// Worker-side connections (socket and pipes) by connection id.
     conns: HashMap<u64, WorkerConn>,
     corrupt_exported: u64,
@@ -348,6 +355,7 @@ impl WorkerTracker {
             Kind::Close => {
                 self.conn_port.remove(&ev.conn_id);
                 self.awaiting_load.remove(&ev.conn_id);
+                self.cycle.remove(&ev.conn_id);
             }
             Kind::Data => {
                 let Some(&(frontend, port)) = self.conn_port.get(&ev.conn_id) else {
@@ -356,6 +364,11 @@ impl WorkerTracker {
                 match ev.dir {
                     Direction::Egress => {
                         let Some(frame) = otf::load_frame(ev.head) else {
+                            if let Some(first) = otf::inference_request_ids(ev.head)
+                                .and_then(|ids| ids.into_iter().next())
+                            {
+                                self.cycle.insert(ev.conn_id, first);
+                            }
                             return;
                         };
                         if self.loads.len() >= MAX_LOADS
@@ -392,6 +405,10 @@ impl WorkerTracker {
                     }
                     Direction::Ingress => {
                         if !self.awaiting_load.remove(&ev.conn_id) {
+                            // The first read after an inference frame: its batch reply arrived.
+                            if let Some(id) = self.cycle.remove(&ev.conn_id) {
+                                self.note_reply(id, ev.ts_ns);
+                            }
                             return;
                         }
                         // Reply: int32 code, message, int32 -1. Only a 200 ends a load.
@@ -408,6 +425,33 @@ impl WorkerTracker {
                 }
             }
         }
+    }
+
+    fn note_reply(&mut self, id: String, ts_ns: u64) {
+        if self.replied_order.len() >= MAX_REPLIED
+            && let Some(old) = self.replied_order.pop_front()
+        {
+            self.replied.remove(&old);
+        }
+        if self.replied.insert(id.clone(), ts_ns).is_none() {
+            self.replied_order.push_back(id);
+        }
+    }
+
+    /// An HTTP response with `x-request-id: id` started at `start_ns`. For the first request of a
+    /// batch this ends TorchServe's WorkerThreadTime cycle as seen from outside: TorchServe measures
+    /// its worker thread's time around the backend wait (writing the frame, then handing the replies
+    /// to Netty); the frame's write is one syscall, so what remains is reply read → response write.
+    pub fn on_response(&mut self, id: &str, start_ns: u64, registry: &Registry, hostname: &str) {
+        let Some(replied) = self.replied.remove(id) else {
+            return;
+        };
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "whole milliseconds fit f64 exactly"
+        )]
+        let ms = (start_ns.saturating_sub(replied) / 1_000_000) as f64;
+        registry.set_worker_thread_time(hostname, ms);
     }
 
     /// A record of a worker process: its socket reads (the frames it is sent) and pipe writes (its
@@ -692,6 +736,26 @@ mod tests {
                 "WorkerLoadTime{WorkerName=\"W-9004-batched_3.0\",Level=\"Host\",Hostname=\"vm\",}"
             ),
             "{text_out}"
+        );
+
+        // WorkerThreadTime: the frontend writes a frame, reads the reply 2 s later, and the first
+        // request's HTTP response leaves 3 ms after that.
+        let mut inf = vec![b'I'];
+        text(&mut inf, b"rid-1");
+        inf.extend((-1i32).to_be_bytes());
+        inf.extend((-1i32).to_be_bytes());
+        inf.extend((-1i32).to_be_bytes());
+        apply(&mut t, &fe(1, 1, 6_000_000_000, &inf));
+        apply(&mut t, &fe(1, 0, 8_000_000_000, b"\0\0\0\xc8"));
+        t.on_response("other", 8_001_000_000, &reg, "vm");
+        t.on_response("rid-1", 8_003_500_000, &reg, "vm");
+        let out = crate::exposition::torchserve::encode(
+            &reg.gather(),
+            &crate::exposition::torchserve::Filter::all(),
+        );
+        assert!(
+            out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 3.0"),
+            "{out}"
         );
 
         // The worker reads a batch of two, field by field.

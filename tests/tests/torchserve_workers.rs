@@ -410,9 +410,25 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
     check_pids(&agent, &restarted)?;
     burst(ts.inference_addr(), BATCHED, 1)?;
     let m = agent.wait_until(SETTLE_TIMEOUT, "the restarted worker's batch", |m| {
-        m.series("servescope_batch_size_sum")
-            .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total + 1.0)
+        let answered: f64 = m
+            .series("ts_inference_requests_total")
+            .filter(|(s, _)| s.label("model_name") == Some(BATCHED))
+            .map(|(_, v)| v)
+            .sum();
+        answered >= total + 1.0
+            && m.series("servescope_batch_size_sum")
+                .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total + 1.0)
     })?;
+    // WorkerThreadTime of that last cycle (whole ms; the agent's runs from the frontend's read of the
+    // reply to the write of the response's status line, TorchServe's from the frame write to the
+    // hand-off to Netty minus the wait in between): the same within a few ms.
+    let ts_wtt = ts.scrape()?.sum("WorkerThreadTime");
+    let wtt = m.sum("WorkerThreadTime");
+    eprintln!("WorkerThreadTime: agent {wtt} ms, TorchServe {ts_wtt} ms");
+    ensure!(
+        m.has("WorkerThreadTime") && (wtt - ts_wtt).abs() <= 5.0,
+        "WorkerThreadTime: agent {wtt} ms, TorchServe {ts_wtt} ms"
+    );
     ensure!(
         m.sum("servescope_otf_corrupt_frames_total") == 0.0,
         "frames of a clean TorchServe counted as corrupt"
