@@ -35,6 +35,9 @@ const WORKER_SCRIPT: &str = "ts/model_service_worker.py";
 const MAX_LOADS: usize = 4096;
 /// Most batch replies remembered until their first HTTP response is written.
 const MAX_REPLIED: usize = 65_536;
+/// Most worker-side connections (sockets and pipes) decoded at once; a worker whose handler opens
+/// pipes without end cannot grow the agent past it (the kernel's connection map is bounded too).
+const MAX_WORKER_CONNS: usize = 65_536;
 /// Worker metric lines servescope serves, with TorchServe's meaning (FACTS.md §3).
 const MODEL_METRICS: [&str; 2] = ["HandlerTime", "PredictionTime"];
 
@@ -231,8 +234,6 @@ pub struct WorkerTracker {
     replied_order: std::collections::VecDeque<String>,
     /// Worker-side connections (socket and pipes) by connection id.
     conns: HashMap<u64, WorkerConn>,
-    corrupt_exported: u64,
-    corrupt_closed: u64,
 }
 
 impl WorkerTracker {
@@ -264,15 +265,7 @@ impl WorkerTracker {
         self.procs.remove(&pid);
         self.map.set(pid, None);
         // A killed process's fds close without a close() record: drop its connections here.
-        let mut lost = 0;
-        self.conns.retain(|_, c| {
-            let keep = c.tgid != pid;
-            if !keep {
-                lost += c.stream.corrupt;
-            }
-            keep
-        });
-        self.corrupt_closed += lost;
+        self.conns.retain(|_, c| c.tgid != pid);
     }
 
     /// Forgets the worker connections of a frontend that is no longer traced.
@@ -458,25 +451,32 @@ impl WorkerTracker {
     /// stdout/stderr, where `[METRICS]` lines go).
     pub fn on_worker(&mut self, ev: &Event<'_>, registry: &Registry, hostname: &str) {
         if ev.kind == Kind::Close {
-            if let Some(c) = self.conns.remove(&ev.conn_id) {
-                self.corrupt_closed += c.stream.corrupt;
-            }
+            self.conns.remove(&ev.conn_id);
             return;
         }
         if ev.kind != Kind::Data {
             return;
         }
-        let Some(id) = self.map.lookup(ev.tgid) else {
+        if self.conns.len() >= MAX_WORKER_CONNS && !self.conns.contains_key(&ev.conn_id) {
             return;
-        };
+        }
         let conn = self.conns.entry(ev.conn_id).or_insert_with(|| WorkerConn {
             tgid: ev.tgid,
             ..WorkerConn::default()
         });
+        // Every read is decoded, known model or not, so the stream stays in step; the identity is
+        // looked up only for what completes.
         match (ev.family, ev.dir) {
             (FAMILY_UNIX, Direction::Ingress) => {
-                for f in conn.stream.feed(ev.ts_ns, ev.head, ev.len) {
-                    if let WorkerFrame::Inference { requests, .. } = f {
+                let corrupt = conn.stream.corrupt;
+                let frames = conn.stream.feed(ev.ts_ns, ev.head, ev.len);
+                registry
+                    .otf_corrupt
+                    .inc_by(conn.stream.corrupt.saturating_sub(corrupt));
+                for f in frames {
+                    if let WorkerFrame::Inference { requests, .. } = f
+                        && let Some(id) = self.map.lookup(ev.tgid)
+                    {
                         registry.observe_batch(
                             &id.model_name,
                             &id.model_version,
@@ -494,19 +494,17 @@ impl WorkerTracker {
                     if !MODEL_METRICS.contains(&m.name.as_str()) {
                         continue;
                     }
-                    // TorchServe's gauge takes its dimensions from the line.
-                    let model = m.dim("ModelName").unwrap_or(&id.model_name);
+                    // TorchServe's gauge takes its dimensions from the line (the worker knows its
+                    // model's registered name); the mapped identity only fills a missing one.
+                    let fallback = self.map.lookup(ev.tgid).map(|i| i.model_name);
+                    let Some(model) = m.dim("ModelName").or(fallback.as_deref()) else {
+                        continue;
+                    };
                     let level = m.dim("Level").unwrap_or("Model");
                     registry.set_model_metric(&m.name, model, level, hostname, m.value);
                 }
             }
             _ => {}
-        }
-        let total: u64 =
-            self.corrupt_closed + self.conns.values().map(|c| c.stream.corrupt).sum::<u64>();
-        if total > self.corrupt_exported {
-            registry.otf_corrupt.inc_by(total - self.corrupt_exported);
-            self.corrupt_exported = total;
         }
     }
 }
