@@ -25,6 +25,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define SOCK_STREAM 1
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
+#define S_IFIFO 0010000
 
 /* Set by the agent before load (EbpfLoader::override_global); the verifier prunes what is off. */
 const volatile __u8 trace_unix = 0;
@@ -34,7 +35,7 @@ const volatile __u8 watch_listen = 0;
 /* Unread bytes in the ring buffer at which a record wakes the agent (see submit()). */
 const volatile __u64 wakeup_bytes = 0;
 
-/* TGIDs to trace, maintained by the agent's discovery. Value: unused flags. */
+/* TGIDs to trace, maintained by the agent's discovery. Value: SS_TARGET_* flags. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -80,7 +81,7 @@ struct task_state {
 	__u64 gen;      /* targets_gen when `target` was decided */
 	__u64 conn_id;  /* the connection, copied at entry: the exit needs no second lookup */
 	__s32 fd;
-	__u8 target;    /* the thread's process is in `targets` (as of gen) */
+	__u8 target;    /* the thread's process's SS_TARGET_* flags (0: untraced), as of gen */
 	__u8 state;     /* enum call_state */
 	__u8 sys;       /* enum ss_syscall of the pending call */
 	__u8 family;
@@ -180,6 +181,13 @@ static __always_inline void count_loss(__u32 which)
 		*v += 1;
 }
 
+/* The SS_TARGET_* flags of `tgid`; 0 when it is not traced. */
+static __always_inline __u32 target_flags(__u32 tgid)
+{
+	__u32 *flags = bpf_map_lookup_elem(&targets, &tgid);
+	return flags ? *flags : 0;
+}
+
 static __always_inline int is_target(__u32 tgid)
 {
 	return bpf_map_lookup_elem(&targets, &tgid) != NULL;
@@ -216,7 +224,28 @@ static __always_inline struct sock *stream_sock(int fd, __u8 *family)
 	return NULL;
 }
 
-/* Emits the SS_EV_OPEN record of a newly tracked connection, with the client's address. */
+/*
+ * Whether `fd` is a pipe of a TorchServe worker target (SS_TARGET_WORKER): the worker prints its
+ * `[METRICS]` lines to its stdout pipe. `flags` are the target's (cached per thread), so processes
+ * without the flag pay nothing here.
+ */
+static __always_inline int worker_pipe(__u32 flags, int fd)
+{
+	if (!(flags & SS_TARGET_WORKER))
+		return 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	return (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) == S_IFIFO;
+}
+
+/* Emits the SS_EV_OPEN record of a newly tracked connection, with the client's address (sk NULL: a
+ * worker's pipe). */
 static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *c, struct sock *sk);
 
 static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 family, __u8 accepted)
@@ -239,7 +268,7 @@ static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 
 
 /* The connection behind (tgid, fd); a socket first seen mid-stream (open before the agent started, or
  * evicted) is adopted here with accepted = 0. */
-static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd)
+static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd, __u32 flags)
 {
 	struct ss_conn_key key = { .tgid = pid_tgid >> 32, .fd = fd };
 	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
@@ -247,8 +276,11 @@ static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd)
 		return c;
 	__u8 family = 0;
 	struct sock *sk = stream_sock(fd, &family);
-	if (!sk)
-		return NULL;
+	if (!sk) {
+		if (!worker_pipe(flags, fd))
+			return NULL;
+		family = SS_FAMILY_PIPE;
+	}
 	c = new_conn(&key, family, 0);
 	if (c)
 		emit_open(pid_tgid, fd, c, sk);
@@ -301,6 +333,29 @@ static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *
 	if (!s)
 		return;
 	fill_header(&s->ev, pid_tgid, fd, c, SS_EV_OPEN, SS_DIR_INGRESS, SS_SYS_ACCEPT, 0);
+	if (!sk) {
+		submit(&s->ev);
+		return;
+	}
+	if (c->family == AF_UNIX) {
+		/* The peer's bound path: for the frontend's end of a worker connection the worker's
+		 * /tmp/.ts.sock.<port>, which ties the connection to a worker (and its load frame to it). */
+		struct unix_sock *peer = (struct unix_sock *)BPF_CORE_READ((struct unix_sock *)sk, peer);
+		struct unix_address *addr = peer ? BPF_CORE_READ(peer, addr) : NULL;
+		if (addr) {
+			int n = BPF_CORE_READ(addr, len) - (int)sizeof(__u16);
+			if (n > SS_UNIX_PATH_MAX)
+				n = SS_UNIX_PATH_MAX;
+			/* name[] is a flexible array: address it by offset (an index into it does not
+			 * relocate). sun_path follows the 2-byte sun_family (uapi). */
+			const char *path = (const char *)addr + bpf_core_field_offset(struct unix_address, name) +
+					   sizeof(__u16);
+			if (n > 0 && !bpf_probe_read_kernel(s->ev.data, n & 127, path))
+				s->ev.head_len = n & 127;
+		}
+		submit(&s->ev);
+		return;
+	}
 	struct ss_peer *peer = (struct ss_peer *)s->ev.data;
 	__builtin_memset(peer, 0, sizeof(*peer));
 	peer->family = c->family;
@@ -350,6 +405,11 @@ static __always_inline void copy_iov(struct scratch *s, const struct iovec *iov,
 	s->ev.head_len = off > SS_HEAD_MAX ? SS_HEAD_MAX : off;
 }
 
+static __always_inline int sys_is_ingress(__u8 sys)
+{
+	return sys == SS_SYS_READ || sys == SS_SYS_READV || sys == SS_SYS_RECVFROM || sys == SS_SYS_RECVMSG;
+}
+
 static __always_inline __u64 targets_generation(void)
 {
 	__u32 zero = 0;
@@ -370,7 +430,7 @@ static __always_inline struct task_state *traced_thread(__u64 id)
 	struct task_state *t = state_get(0);
 	if (t && t->gen == gen)
 		return t->target ? t : NULL;
-	int target = is_target(id >> 32);
+	__u32 target = target_flags(id >> 32);
 	if (!t) {
 #ifndef SS_TASK_STORAGE
 		if (!target)
@@ -403,8 +463,11 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 	t->state = CALL_SKIP;
 	if (fd < 0)
 		return 0;
-	struct conn_info *c = get_conn(id, fd);
+	struct conn_info *c = get_conn(id, fd, t->target);
 	if (!c)
+		return 0;
+	/* Of a worker's pipes only what it writes matters (its stdout/stderr, the `[METRICS]` lines). */
+	if (c->family == SS_FAMILY_PIPE && sys_is_ingress(sys))
 		return 0;
 	t->buf = buf;
 	t->iovcnt = iovcnt;
@@ -426,7 +489,8 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
  */
 static __always_inline int args_from_regs(struct task_state *a, __u64 id, __u8 sys)
 {
-	if (!is_target(id >> 32))
+	__u32 flags = target_flags(id >> 32);
+	if (!flags)
 		return 0;
 	/* bpf_task_pt_regs is 5.15+; on older kernels the verifier prunes this branch. */
 	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_task_pt_regs))
@@ -443,8 +507,8 @@ static __always_inline int args_from_regs(struct task_state *a, __u64 id, __u8 s
 	a->enter_ns = 0;
 	if (a->fd < 0)
 		return 0;
-	struct conn_info *c = get_conn(id, a->fd);
-	if (!c)
+	struct conn_info *c = get_conn(id, a->fd, flags);
+	if (!c || (c->family == SS_FAMILY_PIPE && sys_is_ingress(sys)))
 		return 0;
 	a->conn_id = c->id;
 	a->family = c->family;

@@ -80,6 +80,11 @@ impl ProcFs {
         after.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// `rest` under the process's directory (e.g. `cwd/MAR-INF/MANIFEST.json`).
+    pub fn file(&self, pid: u32, rest: &str) -> PathBuf {
+        self.path(pid, rest)
+    }
+
     pub fn cmdline(&self, pid: u32) -> Option<Vec<String>> {
         let raw = fs::read(self.path(pid, "cmdline")).ok()?;
         Some(

@@ -149,6 +149,14 @@ pub struct Event<'a> {
 
 /// `AF_UNIX`: the family of TorchServe's frontend↔worker sockets.
 pub const FAMILY_UNIX: u8 = 1;
+/// `SS_FAMILY_PIPE`: records of a TorchServe worker's pipe writes (its stdout/stderr).
+pub const FAMILY_PIPE: u8 = 255;
+/// `SS_TARGET_TRACED`: the `targets` map value of every traced process.
+pub const TARGET_TRACED: u32 = 1;
+/// `SS_TARGET_WORKER`: a TorchServe worker; its pipe writes are traced too.
+pub const TARGET_WORKER: u32 = 2;
+/// `SS_UNIX_PATH_MAX`: longest peer path in the open record of a unix socket.
+pub const UNIX_PATH_MAX: usize = 108;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -228,6 +236,22 @@ impl Event<'_> {
     }
 }
 
+impl Event<'_> {
+    /// The peer's bound path carried by the open record of a unix socket (for the frontend's end of a
+    /// worker connection, the worker's `/tmp/.ts.sock.<port>`).
+    pub fn unix_peer_path(&self) -> Option<&str> {
+        if self.kind != Kind::Open || self.family != FAMILY_UNIX {
+            return None;
+        }
+        let raw = &self.head[..self.head.len().min(UNIX_PATH_MAX)];
+        // The kernel's length may count the terminating NUL; an abstract address starts with one.
+        let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+        std::str::from_utf8(&raw[..end])
+            .ok()
+            .filter(|p| !p.is_empty())
+    }
+}
+
 /// Builds the bytes of a record as the kernel would send them (tests and benchmarks).
 #[doc(hidden)]
 pub fn encode_for_test(h: RawHeader, head: &[u8]) -> Vec<u8> {
@@ -246,6 +270,42 @@ pub fn encode_for_test(h: RawHeader, head: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `#define`s of the C header equal their Rust mirrors (a struct change is caught by the size
+    /// asserts above; a constant change only here).
+    #[test]
+    fn header_constants_match_events_h() {
+        let h = include_str!("../../ebpf/include/events.h");
+        let define = |name: &str| -> u64 {
+            h.lines()
+                .find_map(|l| {
+                    let mut w = l.split_whitespace();
+                    (w.next() == Some("#define") && w.next() == Some(name))
+                        .then(|| w.next().and_then(|v| v.parse().ok()))
+                        .flatten()
+                })
+                .unwrap_or_else(|| panic!("{name} not defined in events.h"))
+        };
+        assert_eq!(define("SS_HEAD_MAX"), HEAD_MAX as u64);
+        assert_eq!(define("SS_FAMILY_PIPE"), u64::from(FAMILY_PIPE));
+        assert_eq!(define("SS_TARGET_TRACED"), u64::from(TARGET_TRACED));
+        assert_eq!(define("SS_TARGET_WORKER"), u64::from(TARGET_WORKER));
+        assert_eq!(define("SS_UNIX_PATH_MAX"), UNIX_PATH_MAX as u64);
+    }
+
+    #[test]
+    fn unix_peer_path_stops_at_nul_and_needs_an_open_unix_record() {
+        let mut h = header(2, 0);
+        h.family = FAMILY_UNIX;
+        let rec = encode_for_test(h, b"/tmp/.ts.sock.9000\0");
+        let ev = Event::decode(&rec).expect("valid");
+        assert_eq!(ev.unix_peer_path(), Some("/tmp/.ts.sock.9000"));
+        let rec = encode_for_test(h, b"\0abstract");
+        assert_eq!(Event::decode(&rec).expect("valid").unix_peer_path(), None);
+        h.family = 2;
+        let rec = encode_for_test(h, b"/tmp/.ts.sock.9000");
+        assert_eq!(Event::decode(&rec).expect("valid").unix_peer_path(), None);
+    }
 
     fn header(kind: u8, dir: u8) -> RawHeader {
         RawHeader {

@@ -13,6 +13,7 @@ use servescope::{
     registry::Registry,
     sampler,
     sink::{self, config::SinksConfig},
+    workers::WorkerMap,
 };
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::{EnvFilter, Registry as Subscriber, layer::SubscriberExt, reload};
@@ -103,7 +104,8 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
     let probes = Probes::load(LoadOptions {
         ringbuf_bytes: cfg.ringbuf_bytes,
         thread_state: cfg.thread_state,
-        watch_exec: cfg.discover_torchserve,
+        // Also how TorchServe workers are noticed (a traced frontend's child exec'ing).
+        watch_exec: true,
         watch_listen: !cfg.ports.is_empty(),
     })?;
     tracing::info!(
@@ -270,22 +272,30 @@ async fn run(
     // Reader → discovery: the kernel's exec/exit/listen events.
     let (proc_tx, proc_rx) = pipeline::proc_events();
     let (replace_sinks, new_sinks) = mpsc::unbounded_channel();
+    // PID → TorchServe worker identity: kept by the reader, read by discovery's per-worker sampling.
+    let worker_map = WorkerMap::default();
     let reader = tokio::spawn(pipeline::read_events(
         ring,
         registry.clone(),
         sinks,
-        proc_tx,
-        new_sinks,
-        upd_rx,
+        pipeline::ReaderLinks {
+            updates: upd_rx,
+            new_sinks,
+            proc_events: proc_tx,
+            worker_map: worker_map.clone(),
+        },
         stop_rx.clone(),
     ));
     let discovery = tokio::spawn(pipeline::discover(
         cfg.clone(),
         probes,
         registry.clone(),
-        upd_tx,
-        targets_tx,
-        proc_rx,
+        pipeline::DiscoveryLinks {
+            updates: upd_tx,
+            sampled: targets_tx,
+            events: proc_rx,
+            worker_map,
+        },
         stop_rx.clone(),
     ));
     // Samplers log and retry failed readings themselves and end on shutdown (awaited below). One that

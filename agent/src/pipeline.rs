@@ -2,7 +2,7 @@
 //! keeps the kernel's target map in step with the processes on the host.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,12 +18,14 @@ use tokio::{
 use crate::{
     config::Config,
     discovery::{Hostnames, ProcFs, Selection, Target},
-    events::{Event, Kind},
+    events::{Event, FAMILY_UNIX, Kind},
     http::{ConnTable, ParseStats},
     probes::Probes,
+    registry::WorkerUsage,
     registry::{Flavor, Registry},
-    sampler::SampleTarget,
+    sampler::{SampleTarget, procfs::ProcRoot},
     sink::Sinks,
+    workers::{self, WorkerMap, WorkerProcess, WorkerTracker},
 };
 
 /// How the reader labels and counts a traced process.
@@ -39,19 +41,38 @@ pub struct TargetInfo {
 pub enum Update {
     Added(u32, TargetInfo),
     Removed(u32),
+    /// A TorchServe worker of a traced frontend (traced itself, pipes included).
+    WorkerAdded(WorkerProcess),
+    WorkerRemoved(u32),
+}
+
+/// What flows into and out of the reader besides the ring buffer.
+pub struct ReaderLinks {
+    /// Discovery's target changes.
+    pub updates: mpsc::UnboundedReceiver<Update>,
+    /// Request-log sinks replacing the running ones (SIGHUP).
+    pub new_sinks: mpsc::UnboundedReceiver<Sinks>,
+    /// The kernel's process events, for discovery.
+    pub proc_events: ProcEventSender,
+    /// PID → TorchServe worker identity, kept here and read by discovery's per-worker sampling.
+    pub worker_map: WorkerMap,
 }
 
 /// Drains the ring buffer until `shutdown` flips, turning records into counted exchanges, each also
-/// offered to the request-log `sinks` (replaced by each one `new_sinks` brings: SIGHUP).
+/// offered to the request-log `sinks` (replaced by each one `links.new_sinks` brings: SIGHUP).
 pub async fn read_events(
     ring: RingBuf<MapData>,
     registry: Registry,
     sinks: Sinks,
-    proc_events: ProcEventSender,
-    mut new_sinks: mpsc::UnboundedReceiver<Sinks>,
-    mut updates: mpsc::UnboundedReceiver<Update>,
+    links: ReaderLinks,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let ReaderLinks {
+        mut updates,
+        mut new_sinks,
+        proc_events,
+        worker_map,
+    } = links;
     // SAFETY: RingBuf owns its map fd for its whole life and always returns that same fd; the
     // AsyncFd owns the RingBuf, so the fd stays open until the AsyncFd is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -64,6 +85,7 @@ pub async fn read_events(
         registry,
         sinks,
         proc_events,
+        workers: WorkerTracker::new(worker_map),
     };
     // The kernel wakes this task only when much is waiting (probes::DRAIN_INTERVAL): drain on a timer
     // too, backing off while nothing comes so an idle agent does not wake 100 times a second.
@@ -82,7 +104,17 @@ pub async fn read_events(
                 Update::Removed(pid) => {
                     reader.targets.remove(&pid);
                     reader.table.forget_process(pid);
+                    reader.workers.frontend_removed(pid);
                 }
+                Update::WorkerAdded(w) => {
+                    let host = reader
+                        .targets
+                        .get(&w.frontend)
+                        .map(|t| t.hostname.clone())
+                        .unwrap_or_default();
+                    reader.workers.added(w, &reader.registry, &host);
+                }
+                Update::WorkerRemoved(pid) => reader.workers.removed(pid),
             },
             // Dropping the old sinks lets their threads write what is queued and exit.
             Some(sinks) = new_sinks.recv() => reader.sinks = sinks,
@@ -140,9 +172,19 @@ struct Reader {
     registry: Registry,
     sinks: Sinks,
     proc_events: ProcEventSender,
+    workers: WorkerTracker,
 }
 
 impl Reader {
+    /// The hostname a process is labelled with: its own target's, or a worker's frontend's.
+    fn hostname(&self, pid: u32) -> String {
+        let target = self.workers.frontend_of(pid).unwrap_or(pid);
+        self.targets
+            .get(&target)
+            .map(|t| t.hostname.clone())
+            .unwrap_or_default()
+    }
+
     /// Handles every record waiting in the ring buffer; returns how many there were.
     fn drain(&mut self, rb: &mut RingBuf<MapData>) -> usize {
         let mut n = 0;
@@ -154,7 +196,15 @@ impl Reader {
                     Kind::Exit => ProcEvent::Exit(ev.tgid),
                     _ => ProcEvent::Listen(ev.tgid, u16::try_from(ev.len).unwrap_or(0)),
                 }),
+                Ok(ev) if self.workers.is_worker(ev.tgid) => {
+                    let host = self.hostname(ev.tgid);
+                    self.workers.on_worker(&ev, &self.registry, &host);
+                }
                 Ok(ev) => {
+                    if ev.family == FAMILY_UNIX && self.targets.contains_key(&ev.tgid) {
+                        let host = self.hostname(ev.tgid);
+                        self.workers.on_frontend(&ev, &self.registry, &host);
+                    }
                     for ex in self.table.apply(&ev) {
                         match self.targets.get(&ex.tgid) {
                             Some(t) => {
@@ -169,6 +219,14 @@ impl Reader {
                                     t.flavor,
                                     dispatched,
                                 );
+                                if let Some(id) = ex.response.request_id.as_deref() {
+                                    self.workers.on_response(
+                                        id,
+                                        ex.response.start_ns,
+                                        &self.registry,
+                                        &t.hostname,
+                                    );
+                                }
                                 // Never waits: a full sink queue drops the record, counted.
                                 self.sinks.offer(&ex, &t.hostname);
                             }
@@ -213,11 +271,15 @@ pub async fn discover(
     cfg: Config,
     probes: Probes,
     registry: Registry,
-    updates: mpsc::UnboundedSender<Update>,
-    sampled: watch::Sender<Vec<SampleTarget>>,
-    mut events: ProcEvents,
+    links: DiscoveryLinks,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let DiscoveryLinks {
+        updates,
+        sampled,
+        mut events,
+        worker_map,
+    } = links;
     let mut d = Discovery {
         proc: ProcFs::default(),
         sel: Selection {
@@ -228,6 +290,11 @@ pub async fn discover(
         hostnames: Hostnames::default(),
         current: BTreeMap::new(),
         exited: Vec::new(),
+        workers: BTreeMap::new(),
+        workers_dirty: false,
+        proc_root: ProcRoot::default(),
+        worker_map,
+        registry: registry.clone(),
         probes,
         updates,
         warned_empty: false,
@@ -248,6 +315,7 @@ pub async fn discover(
                     d.rescan();
                 }
                 d.confirm_exits();
+                d.sample_workers();
                 for (reason, total) in d.probes.losses() {
                     let prev = lost_exported.insert(reason, total).unwrap_or(0);
                     if total > prev {
@@ -260,8 +328,22 @@ pub async fn discover(
                 }
             }
         }
+        if std::mem::take(&mut d.workers_dirty) {
+            d.sync_workers();
+        }
         d.publish(&registry, &sampled);
     }
+}
+
+/// What flows into and out of discovery.
+pub struct DiscoveryLinks {
+    /// Target changes, to the reader (sent before the kernel map changes).
+    pub updates: mpsc::UnboundedSender<Update>,
+    /// The current targets, to the samplers.
+    pub sampled: watch::Sender<Vec<SampleTarget>>,
+    /// The kernel's process events, from the reader.
+    pub events: ProcEvents,
+    pub worker_map: WorkerMap,
 }
 
 /// How often exits are confirmed and the kernel's loss counters exported.
@@ -321,6 +403,14 @@ struct Discovery {
     current: BTreeMap<u32, Target>,
     /// Targets whose main thread the kernel saw exit: confirmed against /proc at the next housekeeping.
     exited: Vec<u32>,
+    /// TorchServe workers of the traced frontends (traced themselves, pipes included).
+    workers: BTreeMap<u32, WorkerProcess>,
+    /// Something that can change the worker set happened (a frontend tracked or gone, an exec by a
+    /// frontend's child, a worker's exit, a rescan): look for workers again.
+    workers_dirty: bool,
+    proc_root: ProcRoot,
+    worker_map: WorkerMap,
+    registry: Registry,
     probes: Probes,
     updates: mpsc::UnboundedSender<Update>,
     warned_empty: bool,
@@ -345,6 +435,7 @@ impl Discovery {
                 self.track(t);
             }
         }
+        self.workers_dirty = true;
     }
 
     fn on_event(&mut self, ev: ProcEvent) {
@@ -355,6 +446,13 @@ impl Discovery {
                     && self.proc.is_torchserve(pid)
                 {
                     self.track_pid(pid, Flavor::TorchServe);
+                } else if self
+                    .proc
+                    .ppid(pid)
+                    .is_some_and(|p| self.current.contains_key(&p))
+                {
+                    // A traced frontend started a program: a worker, most likely.
+                    self.workers_dirty = true;
                 }
             }
             ProcEvent::Listen(pid, port) => {
@@ -370,6 +468,9 @@ impl Discovery {
             ProcEvent::Exit(pid) => {
                 if self.current.contains_key(&pid) {
                     self.exited.push(pid);
+                }
+                if self.workers.contains_key(&pid) {
+                    self.workers_dirty = true;
                 }
             }
         }
@@ -414,10 +515,12 @@ impl Discovery {
             return;
         }
         self.current.insert(pid, t);
+        self.workers_dirty = true;
     }
 
     fn untrack(&mut self, pid: u32) {
         self.current.remove(&pid);
+        self.workers_dirty = true;
         if let Err(e) = self.probes.remove_target(pid) {
             tracing::warn!(
                 pid,
@@ -427,6 +530,76 @@ impl Discovery {
         }
         let _ = self.updates.send(Update::Removed(pid));
         tracing::info!(pid, "target exited; no longer traced");
+    }
+
+    /// Finds the workers of the traced TorchServe frontends, traces new ones (pipes included) and
+    /// untraces gone ones. One /proc pass, run only when something could have changed the set.
+    fn sync_workers(&mut self) {
+        let torchserve: BTreeSet<u32> = self
+            .current
+            .iter()
+            .filter(|(_, t)| t.flavor == Flavor::TorchServe)
+            .map(|(pid, _)| *pid)
+            .collect();
+        let found = workers::scan(&self.proc, &torchserve);
+        let stale: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(pid, w)| found.get(pid).is_none_or(|f| f.start_time != w.start_time))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in stale {
+            self.workers.remove(&pid);
+            if let Err(e) = self.probes.remove_target(pid) {
+                tracing::debug!(
+                    pid,
+                    error = format!("{e:#}"),
+                    "could not untrack a vanished worker"
+                );
+            }
+            let _ = self.updates.send(Update::WorkerRemoved(pid));
+            tracing::info!(pid, "worker exited");
+        }
+        for (pid, w) in found {
+            if self.workers.contains_key(&pid) {
+                continue;
+            }
+            tracing::info!(
+                pid,
+                frontend = w.frontend,
+                port = w.port,
+                "tracing TorchServe worker"
+            );
+            let _ = self.updates.send(Update::WorkerAdded(w.clone()));
+            if let Err(e) = self.probes.add_worker(pid) {
+                tracing::warn!(pid, error = format!("{e:#}"), "could not trace worker");
+                let _ = self.updates.send(Update::WorkerRemoved(pid));
+                continue;
+            }
+            self.workers.insert(pid, w);
+        }
+        self.sample_workers();
+    }
+
+    /// Each known worker's CPU time and resident memory, by model (servescope_worker_*).
+    fn sample_workers(&mut self) {
+        let usage: Vec<WorkerUsage> = self
+            .workers
+            .values()
+            .filter_map(|w| {
+                let id = self.worker_map.lookup(w.pid)?;
+                let (cpu_seconds, rss_bytes) = self.proc_root.process_usage(w.pid).ok()?;
+                Some(WorkerUsage {
+                    model_name: id.model_name,
+                    model_version: id.model_version,
+                    worker_name: id.worker_name,
+                    hostname: self.hostnames.of(w.frontend),
+                    cpu_seconds,
+                    rss_bytes,
+                })
+            })
+            .collect();
+        self.registry.set_worker_usage(&usage);
     }
 
     /// The target count, and the target set for the samplers when it changed.

@@ -9,7 +9,7 @@ use aya::{
     programs::{TracePoint, trace_point::TracePointLink},
 };
 
-use crate::events::{ConnKey, LOSS_REASONS};
+use crate::events::{ConnKey, LOSS_REASONS, TARGET_TRACED, TARGET_WORKER};
 
 /// How often the reader drains the ring buffer without being woken while records come (the kernel wakes
 /// it only when an eighth of the ring is waiting: one wakeup per record would cost more than the tracing
@@ -238,8 +238,17 @@ impl Probes {
     /// Starts tracing `tgid`.
     pub fn add_target(&mut self, tgid: u32) -> anyhow::Result<()> {
         self.targets
-            .insert(tgid, 1, 0)
+            .insert(tgid, TARGET_TRACED, 0)
             .with_context(|| format!("adding pid {tgid} to the kernel's target map"))?;
+        self.bump_targets_gen()
+    }
+
+    /// Starts tracing a TorchServe worker: its sockets and, unlike other targets, its pipe writes
+    /// (the `[METRICS]` lines on its stdout).
+    pub fn add_worker(&mut self, tgid: u32) -> anyhow::Result<()> {
+        self.targets
+            .insert(tgid, TARGET_TRACED | TARGET_WORKER, 0)
+            .with_context(|| format!("adding worker pid {tgid} to the kernel's target map"))?;
         self.bump_targets_gen()
     }
 

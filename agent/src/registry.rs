@@ -248,6 +248,15 @@ pub struct Registry {
     inference_latency: CounterVec,
     queue_latency: CounterVec,
     queue_time: prometheus::GaugeVec,
+    // From the workers (workers.rs): gauges as TorchServe keeps them, last value wins.
+    handler_time: GaugeVec,
+    prediction_time: GaugeVec,
+    worker_load_time: GaugeVec,
+    worker_thread_time: GaugeVec,
+    batch_size: HistogramVec,
+    pub otf_corrupt: IntCounter,
+    worker_cpu: CounterVec,
+    worker_rss: SampledGauge,
     // servescope's own families.
     request_duration: HistogramVec,
     request_bytes: IntCounterVec,
@@ -297,6 +306,14 @@ impl Registry {
                 spec.labels,
             ))
         };
+        let ts_gauge = |name: &str| {
+            let spec = torchserve_family(name)
+                .unwrap_or_else(|| unreachable!("{name} is in the catalogue"));
+            must(GaugeVec::new(
+                Opts::new(spec.name, spec.help()),
+                spec.labels,
+            ))
+        };
         let r = Registry {
             requests_2xx: ts_counter("Requests2XX"),
             requests_4xx: ts_counter("Requests4XX"),
@@ -315,6 +332,35 @@ impl Registry {
                 let spec = torchserve_family("QueueTime").unwrap_or_else(|| unreachable!("in the catalogue"));
                 must(prometheus::GaugeVec::new(Opts::new(spec.name, spec.help()), spec.labels))
             },
+            handler_time: ts_gauge("HandlerTime"),
+            prediction_time: ts_gauge("PredictionTime"),
+            worker_load_time: ts_gauge("WorkerLoadTime"),
+            worker_thread_time: ts_gauge("WorkerThreadTime"),
+            batch_size: must(HistogramVec::new(
+                HistogramOpts::new(
+                    "servescope_batch_size",
+                    "Requests per inference batch a TorchServe worker received (from its reads of the \
+                     frontend's frame), by model and version.",
+                )
+                .buckets(BATCH_BUCKETS.to_vec()),
+                &["model_name", "model_version", "hostname"],
+            )),
+            otf_corrupt: must(IntCounter::new(
+                "servescope_otf_corrupt_frames_total",
+                "Frames on TorchServe worker sockets that did not decode (skipped up to the next frame).",
+            )),
+            worker_cpu: must(CounterVec::new(
+                Opts::new(
+                    "servescope_worker_cpu_seconds_total",
+                    "CPU time (user + system) of each TorchServe worker process, from /proc/PID/stat.",
+                ),
+                WORKER_LABELS,
+            )),
+            worker_rss: SampledGauge::own(
+                "servescope_worker_resident_memory_bytes",
+                "Resident memory of each TorchServe worker process, from /proc/PID/statm.",
+                WORKER_LABELS,
+            ),
             request_duration: must(HistogramVec::new(
                 HistogramOpts::new(
                     "servescope_request_duration_seconds",
@@ -450,7 +496,88 @@ impl Registry {
         ] {
             must(r.registry.register(Box::new(c.clone())));
         }
+        let workers: [Box<dyn Collector>; 8] = [
+            Box::new(r.handler_time.clone()),
+            Box::new(r.worker_thread_time.clone()),
+            Box::new(r.prediction_time.clone()),
+            Box::new(r.worker_load_time.clone()),
+            Box::new(r.batch_size.clone()),
+            Box::new(r.otf_corrupt.clone()),
+            Box::new(r.worker_cpu.clone()),
+            Box::new(r.worker_rss.vec.clone()),
+        ];
+        for c in workers {
+            must(r.registry.register(c));
+        }
         r
+    }
+
+    /// One batch of `requests` received by a worker of (model, version).
+    pub fn observe_batch(&self, model: &str, version: &str, hostname: &str, requests: u32) {
+        self.batch_size
+            .with_label_values(&[model, version, hostname])
+            .observe(f64::from(requests));
+    }
+
+    /// HandlerTime or PredictionTime from a worker's `[METRICS]` line (last value wins, as in
+    /// TorchServe). Other names are ignored.
+    pub fn set_model_metric(&self, name: &str, model: &str, level: &str, hostname: &str, v: f64) {
+        let gauge = match name {
+            "HandlerTime" => &self.handler_time,
+            "PredictionTime" => &self.prediction_time,
+            _ => return,
+        };
+        gauge.with_label_values(&[model, level, hostname]).set(v);
+    }
+
+    /// WorkerLoadTime of one worker (`W-<port>-<model>_<version>`), ms.
+    pub fn set_worker_load_time(&self, worker: &str, hostname: &str, ms: f64) {
+        self.worker_load_time
+            .with_label_values(&[worker, "Host", hostname])
+            .set(ms);
+    }
+
+    /// WorkerThreadTime: the frontend's own time in the last worker cycle, whole ms.
+    pub fn set_worker_thread_time(&self, hostname: &str, ms: f64) {
+        self.worker_thread_time
+            .with_label_values(&["Host", hostname])
+            .set(ms);
+    }
+
+    /// Replaces the per-worker process families: every worker of `usage` and no other. CPU time is a
+    /// counter: it grows by what the process used since the last sample (a worker's series starts
+    /// with its whole CPU time so far).
+    pub fn set_worker_usage(&self, usage: &[WorkerUsage]) {
+        let mut rss = Vec::new();
+        let mut keep = HashSet::new();
+        for u in usage {
+            let labels = [
+                u.model_name.as_str(),
+                u.model_version.as_str(),
+                u.worker_name.as_str(),
+                u.hostname.as_str(),
+            ];
+            let c = self.worker_cpu.with_label_values(&labels);
+            let grew = u.cpu_seconds - c.get();
+            if grew > 0.0 {
+                c.inc_by(grew);
+            }
+            rss.push((
+                labels.iter().map(|l| (*l).to_owned()).collect(),
+                u.rss_bytes,
+            ));
+            keep.insert(labels.map(str::to_owned));
+        }
+        self.worker_rss.replace(&rss);
+        for family in self.worker_cpu.collect() {
+            for m in family.get_metric() {
+                let values: Vec<&str> = labels_in_order(m, WORKER_LABELS);
+                let owned: [String; 4] = [0, 1, 2, 3].map(|i| values[i].to_owned());
+                if !keep.contains(&owned) {
+                    let _ = self.worker_cpu.remove_label_values(&values);
+                }
+            }
+        }
     }
 
     /// The families with samples, as the `prometheus` crate gathers them.
@@ -573,6 +700,23 @@ impl Registry {
                 .observe(us / 1e6);
         }
     }
+}
+
+/// Labels of the per-worker process families.
+const WORKER_LABELS: &[&str] = &["model_name", "model_version", "worker_name", "hostname"];
+
+/// Batch-size histogram buckets: TorchServe batch sizes are small powers of two in practice.
+pub const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// One worker process's resource use (sampler).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerUsage {
+    pub model_name: String,
+    pub model_version: String,
+    pub worker_name: String,
+    pub hostname: String,
+    pub cpu_seconds: f64,
+    pub rss_bytes: f64,
 }
 
 /// One hostname's values for TorchServe's system families (FACTS.md §2; meaning in `sampler::procfs`).
@@ -1225,6 +1369,46 @@ mod tests {
             value(&r, "ts_inference_requests_total", &["a", "default", "h"]),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn worker_usage_replaces_series_and_cpu_only_grows() {
+        let r = Registry::new();
+        let usage = |worker: &str, cpu: f64, rss: f64| WorkerUsage {
+            model_name: "m".into(),
+            model_version: "1.0".into(),
+            worker_name: worker.into(),
+            hostname: "vm".into(),
+            cpu_seconds: cpu,
+            rss_bytes: rss,
+        };
+        // (worker name → value) of one of the worker families.
+        let series = |family: &str| -> BTreeMap<String, f64> {
+            r.gather()
+                .into_iter()
+                .filter(|f| f.name() == family)
+                .flat_map(|f| f.get_metric().to_vec())
+                .map(|m| {
+                    let name = labels_in_order(&m, WORKER_LABELS)[2].to_owned();
+                    // One of the two is set; the other reads 0.
+                    let v = m.get_gauge().get_value() + m.get_counter().get_value();
+                    (name, v)
+                })
+                .collect()
+        };
+        r.set_worker_usage(&[
+            usage("W-9000-m_1.0", 1.5, 100.0),
+            usage("W-9001-m_1.0", 2.0, 200.0),
+        ]);
+        r.set_worker_usage(&[usage("W-9000-m_1.0", 2.5, 150.0)]);
+        let one = BTreeMap::from([("W-9000-m_1.0".to_owned(), 2.5)]);
+        assert_eq!(
+            series("servescope_worker_cpu_seconds_total"),
+            one,
+            "grew by 1.0; gone worker dropped"
+        );
+        let one = BTreeMap::from([("W-9000-m_1.0".to_owned(), 150.0)]);
+        assert_eq!(series("servescope_worker_resident_memory_bytes"), one);
     }
 
     #[test]

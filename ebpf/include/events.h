@@ -21,7 +21,9 @@ enum ss_event_kind {
 	/* A data syscall on a traced connection moved `len` bytes; `data[0..head_len]` is their head. */
 	SS_EV_DATA = 1,
 	/* A connection starts being traced: at accept() (accepted = 1, the stream starts at a message
-	 * boundary) or when first seen mid-stream (accepted = 0). data[] holds a struct ss_peer. */
+	 * boundary) or when first seen mid-stream (accepted = 0). data[] holds a struct ss_peer for TCP;
+	 * for AF_UNIX the peer's bound path (no NUL; head_len bytes, at most SS_UNIX_PATH_MAX; the
+	 * frontend's end of a worker socket names /tmp/.ts.sock.<port>); nothing for a pipe. */
 	SS_EV_OPEN = 2,
 	/* close() of a traced connection: its state is gone in the kernel. */
 	SS_EV_CLOSE = 3,
@@ -68,6 +70,17 @@ enum ss_loss {
 	SS_LOSS_CONNS_FULL = 2,
 	SS_LOSS_MAX = 4,
 };
+
+/* Values of the `targets` map (bit flags). Every target has SS_TARGET_TRACED. */
+#define SS_TARGET_TRACED 1
+/* A TorchServe worker: its pipe writes (stdout/stderr, where `[METRICS]` lines go) are traced too. */
+#define SS_TARGET_WORKER 2
+
+/* `family` of records from a worker's pipe (not a socket family: AF_* values stay below 64). */
+#define SS_FAMILY_PIPE 255
+
+/* Longest AF_UNIX path an SS_EV_OPEN record of a unix socket carries (sizeof(sun_path)). */
+#define SS_UNIX_PATH_MAX 108
 
 /* Key of the kernel's connection map (`conns`); the agent deletes a vanished process's entries. */
 struct ss_conn_key {

@@ -291,6 +291,31 @@ impl ProcRoot {
         }
     }
 
+    /// CPU time (user + system, seconds) and resident memory (bytes) of one process, from
+    /// `<root>/PID/stat` and `<root>/PID/statm` (per-worker families, workers.rs).
+    pub fn process_usage(&self, pid: u32) -> anyhow::Result<(f64, f64)> {
+        let dir = self.root.join(pid.to_string());
+        let stat = procfs_core::process::Stat::from_file(dir.join("stat"))
+            .with_context(|| format!("reading {}/stat", dir.display()))?;
+        let statm = procfs_core::process::StatM::from_file(dir.join("statm"))
+            .with_context(|| format!("reading {}/statm", dir.display()))?;
+        // SAFETY: sysconf has no preconditions.
+        let (hz, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "tick and page counts of one process fit f64's mantissa"
+        )]
+        Ok((
+            (stat.utime + stat.stime) as f64 / hz.max(1) as f64,
+            statm.resident as f64 * page.max(1) as f64,
+        ))
+    }
+
     /// `pid`'s root directory (its `/`, which is a container's own root filesystem).
     pub fn root_of(&self, pid: u32) -> PathBuf {
         self.root.join(pid.to_string()).join("root")

@@ -1,0 +1,442 @@
+//! Inside a real TorchServe 0.12.0 without instrumentation: servescope maps every Python worker process
+//! to its model and TorchServe's worker name, counts batch sizes, and serves HandlerTime,
+//! PredictionTime and WorkerLoadTime as TorchServe does, through worker scale up/down and a killed
+//! worker.
+//!
+//! Needs root (BPF) and TorchServe's fixed ports; run under the shared lock, one test at a time. Logs
+//! and scrapes are kept in `target/integration/<test>/`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use servescope_integration::{
+    Agent, Metrics, TorchServe, TorchServeHome, ensure_kernel_prereqs, http, log_dir, require_root,
+    torchserve::loopback,
+};
+
+const AGENT_LISTEN: u16 = 9082;
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Worker changes reach the agent at its next discovery scan (200 ms here) plus a ring-buffer drain.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TorchServe starts, scales and restarts workers within seconds; bounded generously for a busy host.
+const MANAGEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The batching model: the echo archive registered again under another name (so its load frame's
+/// name differs from the archive manifest's "echo"), batches of up to 4 gathered for up to 1 s.
+const BATCHED: &str = "batched";
+const BATCH_SIZE: usize = 4;
+
+fn prepare(test: &str) -> Result<(PathBuf, TorchServeHome)> {
+    require_root()?;
+    ensure_kernel_prereqs()?;
+    Agent::binary()?;
+    let logs = log_dir(test)?;
+    let home = TorchServeHome::default();
+    home.setup(&logs.join("torchserve-setup.log"))?;
+    Ok((logs, home))
+}
+
+/// A management API call with any method; the parsed JSON body of a 200.
+fn manage(ts: &TorchServe, method: &str, path: &str) -> Result<Value> {
+    let addr = ts.management_addr();
+    let raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    let r = http::request(addr, raw.as_bytes(), MANAGEMENT_TIMEOUT)
+        .with_context(|| format!("{method} {path}"))?;
+    ensure!(
+        r.status == 200,
+        "{method} {path} answered {}: {}",
+        r.status,
+        r.text()
+    );
+    serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: not JSON"))
+}
+
+/// TorchServe's own list of a model's workers: worker name → PID.
+fn ts_workers(ts: &TorchServe, model: &str) -> Result<BTreeMap<String, u32>> {
+    let v = manage(ts, "GET", &format!("/models/{model}"))?;
+    let m = &v[0];
+    let version = m["modelVersion"].as_str().context("no modelVersion")?;
+    m["workers"]
+        .as_array()
+        .context("no workers")?
+        .iter()
+        .map(|w| {
+            let id = w["id"].as_str().context("worker id")?;
+            let pid = w["pid"].as_u64().context("worker pid")?;
+            Ok((format!("W-{id}-{model}_{version}"), u32::try_from(pid)?))
+        })
+        .collect()
+}
+
+/// Worker names the agent serves per-worker series for, for one model.
+fn agent_workers(m: &Metrics, model: &str) -> BTreeSet<String> {
+    m.series("servescope_worker_resident_memory_bytes")
+        .filter(|(s, _)| s.label("model_name") == Some(model))
+        .filter_map(|(s, _)| s.label("worker_name").map(str::to_owned))
+        .collect()
+}
+
+/// Waits until TorchServe lists exactly `n` live workers for `model` and the agent serves the same
+/// worker names; returns TorchServe's list.
+fn converge(
+    ts: &TorchServe,
+    agent: &Agent,
+    model: &str,
+    n: usize,
+) -> Result<BTreeMap<String, u32>> {
+    let deadline = std::time::Instant::now() + MANAGEMENT_TIMEOUT;
+    loop {
+        let want = ts_workers(ts, model)?;
+        let live = want
+            .values()
+            .all(|pid| *pid > 0 && fs::metadata(format!("/proc/{pid}")).is_ok());
+        if want.len() == n && live {
+            let names: BTreeSet<String> = want.keys().cloned().collect();
+            if agent
+                .wait_until(SETTLE_TIMEOUT, "worker names", |m| {
+                    agent_workers(m, model) == names
+                })
+                .is_ok()
+            {
+                return Ok(want);
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "workers of {model} did not converge to {n}: TorchServe {:?}, agent {:?}",
+                ts_workers(ts, model)?,
+                agent_workers(&agent.scrape()?, model)
+            );
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Resident memory of `pid` now, bytes.
+fn rss(pid: u32) -> Result<f64> {
+    let statm = fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    let pages: f64 = statm.split_whitespace().nth(1).context("statm")?.parse()?;
+    // SAFETY: sysconf has no preconditions.
+    #[expect(clippy::cast_precision_loss, reason = "page size")]
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    Ok(pages * page)
+}
+
+/// Each worker's series carries the memory of the PID TorchServe names for that worker (within 10%:
+/// both are read at slightly different moments), so the PID → worker mapping is right.
+fn check_pids(agent: &Agent, want: &BTreeMap<String, u32>) -> Result<()> {
+    let m = agent.scrape()?;
+    for (name, pid) in want {
+        let got = m
+            .series("servescope_worker_resident_memory_bytes")
+            .find(|(s, _)| s.label("worker_name") == Some(name.as_str()))
+            .map(|(_, v)| v)
+            .with_context(|| format!("no series for {name}"))?;
+        let now = rss(*pid)?;
+        ensure!(
+            (got - now).abs() <= now * 0.1,
+            "{name} (pid {pid}): agent says {got} bytes resident, /proc says {now}"
+        );
+    }
+    Ok(())
+}
+
+/// `n` concurrent inference requests to `model`; each must answer 200.
+fn burst(addr: SocketAddr, model: &str, n: usize) -> Result<()> {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let path = format!("/predictions/{model}");
+            thread::spawn(move || {
+                http::post(
+                    addr,
+                    &path,
+                    format!("req {i}").as_bytes(),
+                    Duration::from_secs(30),
+                )
+            })
+        })
+        .collect();
+    for h in handles {
+        let r = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("request thread panicked"))??;
+        ensure!(r.status == 200, "inference answered {}", r.status);
+    }
+    Ok(())
+}
+
+/// `[METRICS]` lines TorchServe logged (prometheus mode: ts_log.log, `result=[METRICS]…`), distinct,
+/// for `metric` and `model`, with their values, in log order.
+fn logged_metric_lines(ts: &TorchServe, metric: &str, model: &str) -> Result<Vec<(String, f64)>> {
+    let path = ts.home().home.join("logs/ts_log.log");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(at) = line.find("result=[METRICS]") else {
+            continue;
+        };
+        let m = &line[at + "result=[METRICS]".len()..];
+        let m = m.split(", pattern=").next().unwrap_or(m);
+        if !m.starts_with(&format!("{metric}.")) || !m.contains(&format!("ModelName:{model},")) {
+            continue;
+        }
+        let value: f64 = m
+            .split_once(':')
+            .and_then(|(_, r)| r.split('|').next())
+            .context("metric value")?
+            .parse()?;
+        if seen.insert(m.to_owned()) {
+            out.push((m.to_owned(), value));
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<()> {
+    let (logs, home) = prepare("workers_are_mapped_batched_and_timed_through_scaling_and_restart")?;
+    let ts = home.start(&logs)?;
+    let agent = Agent::start(
+        &logs,
+        loopback(AGENT_LISTEN),
+        &["--discovery-interval-ms", "200"],
+    )?;
+    agent.wait_ready(READY_TIMEOUT)?;
+
+    // 1. Workers loaded before the agent started: named from their archives' manifests.
+    for model in ["echo", "slow", "fail"] {
+        let want = converge(&ts, &agent, model, 1)?;
+        check_pids(&agent, &want)?;
+        eprintln!("{model}: {want:?}");
+    }
+
+    // 2. A batching model with two workers, registered while the agent runs: its load frames are seen.
+    manage(
+        &ts,
+        "POST",
+        &format!(
+            "/models?url=echo.mar&model_name={BATCHED}&batch_size={BATCH_SIZE}&max_batch_delay=1000&initial_workers=2&synchronous=true"
+        ),
+    )?;
+    let workers = converge(&ts, &agent, BATCHED, 2)?;
+    check_pids(&agent, &workers)?;
+
+    // WorkerLoadTime: the agent times from the worker process's start to the frontend's read of its
+    // load reply; TorchServe from its worker thread's creation, a few ms before the process starts.
+    let m = agent.wait_until(
+        SETTLE_TIMEOUT,
+        "WorkerLoadTime of the batched workers",
+        |m| {
+            workers.keys().all(|w| {
+                m.series("WorkerLoadTime")
+                    .any(|(s, _)| s.label("WorkerName") == Some(w.as_str()))
+            })
+        },
+    )?;
+    let ts_m = ts.scrape()?;
+    for w in workers.keys() {
+        let pick = |m: &Metrics| {
+            m.series("WorkerLoadTime")
+                .find(|(s, _)| s.label("WorkerName") == Some(w.as_str()))
+                .map(|(_, v)| v)
+        };
+        let (got, want) = (
+            pick(&m).context("agent")?,
+            pick(&ts_m).context("TorchServe")?,
+        );
+        eprintln!("WorkerLoadTime {w}: agent {got} ms, TorchServe {want} ms");
+        ensure!(
+            (got - want).abs() <= f64::max(50.0, want * 0.2),
+            "WorkerLoadTime {w}: agent {got} ms, TorchServe {want} ms"
+        );
+    }
+
+    // 3. Batches: 3 bursts of 8 concurrent requests; the worker-side reads give every batch's size.
+    let bursts = 3;
+    for _ in 0..bursts {
+        burst(ts.inference_addr(), BATCHED, 2 * BATCH_SIZE)?;
+    }
+    // Large payloads: a batch whose first request is 2 MiB (the frontend writes it in several
+    // syscalls, of which the kernel copies 512 bytes each) is still counted whole.
+    let big = thread::spawn({
+        let addr = ts.inference_addr();
+        move || {
+            http::post(
+                addr,
+                &format!("/predictions/{BATCHED}"),
+                &vec![b'x'; 2 << 20],
+                Duration::from_secs(60),
+            )
+        }
+    });
+    thread::sleep(Duration::from_millis(100));
+    burst(ts.inference_addr(), BATCHED, BATCH_SIZE - 1)?;
+    let r = big
+        .join()
+        .map_err(|_| anyhow::anyhow!("request thread panicked"))??;
+    ensure!(
+        r.status == 200 && r.body.len() == 2 << 20,
+        "large request answered {}",
+        r.status
+    );
+    let total = (bursts * 2 * BATCH_SIZE + BATCH_SIZE) as f64;
+    let m = agent.wait_until(SETTLE_TIMEOUT, "batch sizes of every request", |m| {
+        m.series("servescope_batch_size_sum")
+            .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total)
+    })?;
+    let sum_count = |m: &Metrics, name: &str| {
+        m.series(name)
+            .find(|(s, _)| s.label("model_name") == Some(BATCHED))
+            .map_or(0.0, |(_, v)| v)
+    };
+    let (sum, count) = (
+        sum_count(&m, "servescope_batch_size_sum"),
+        sum_count(&m, "servescope_batch_size_count"),
+    );
+    // TorchServe's workers print one PredictionTime line per batch.
+    let prediction_lines = logged_metric_lines(&ts, "PredictionTime", BATCHED)?;
+    eprintln!(
+        "batches: {count} holding {sum} requests; TorchServe logged {} PredictionTime lines",
+        prediction_lines.len()
+    );
+    ensure!(
+        sum == total,
+        "batch sizes sum to {sum}, {total} requests were sent"
+    );
+    ensure!(
+        count < total,
+        "no request was batched ({count} batches for {total} requests)"
+    );
+    ensure!(
+        count == prediction_lines.len() as f64,
+        "{count} batches counted, TorchServe's workers logged {} PredictionTime lines",
+        prediction_lines.len()
+    );
+    let le = |bound: &str| {
+        m.series("servescope_batch_size_bucket")
+            .find(|(s, _)| s.label("model_name") == Some(BATCHED) && s.label("le") == Some(bound))
+            .map_or(0.0, |(_, v)| v)
+    };
+    ensure!(le("4") == count, "no batch exceeds batch_size {BATCH_SIZE}");
+
+    // 4. HandlerTime / PredictionTime: the agent's gauges hold the last line the workers printed, as
+    // TorchServe's do; both equal the last logged line's value.
+    let ts_m = ts.scrape()?;
+    fs::write(logs.join("torchserve_metrics.txt"), ts.scrape_text("")?)?;
+    fs::write(logs.join("servescope_metrics.txt"), agent.scrape_text("")?)?;
+    for family in ["HandlerTime", "PredictionTime"] {
+        let want = ts_m.family(family);
+        let got = m.family(family);
+        ensure!(!want.is_empty(), "TorchServe has no {family} samples");
+        ensure!(got == want, "{family}: agent {got:?}, TorchServe {want:?}");
+        let last = logged_metric_lines(&ts, family, BATCHED)?
+            .last()
+            .map(|(_, v)| *v)
+            .context("no logged line")?;
+        let agent_batched = got
+            .iter()
+            .find(|(s, _)| s.label("ModelName") == Some(BATCHED))
+            .map(|(_, v)| *v);
+        ensure!(
+            agent_batched == Some(last),
+            "{family}: agent {agent_batched:?}, last logged line {last}"
+        );
+    }
+    // A worker that prints no HandlerTime gets no sample: `fail` raises before recording one.
+    http::post(
+        ts.inference_addr(),
+        "/predictions/fail",
+        b"x",
+        Duration::from_secs(10),
+    )?;
+    let m = agent.wait_until(SETTLE_TIMEOUT, "fail counted", |m| {
+        m.series("ts_inference_requests_total")
+            .any(|(s, _)| s.label("model_name") == Some("fail"))
+    })?;
+    ensure!(
+        !m.series("HandlerTime")
+            .any(|(s, _)| s.label("ModelName") == Some("fail")),
+        "HandlerTime for a handler that never printed one"
+    );
+
+    // 5. Scale up, then down: the mapping follows.
+    manage(
+        &ts,
+        "PUT",
+        &format!("/models/{BATCHED}?min_worker=3&max_worker=3&synchronous=true"),
+    )?;
+    let up = converge(&ts, &agent, BATCHED, 3)?;
+    check_pids(&agent, &up)?;
+    manage(
+        &ts,
+        "PUT",
+        &format!("/models/{BATCHED}?min_worker=1&max_worker=1&synchronous=true"),
+    )?;
+    let down = converge(&ts, &agent, BATCHED, 1)?;
+    check_pids(&agent, &down)?;
+
+    // 6. Kill the remaining worker: TorchServe's worker thread starts a new process on the same port
+    // (so the same worker name); the agent follows the new PID.
+    let (dead_name, dead_pid) = down
+        .iter()
+        .next()
+        .map(|(n, p)| (n.clone(), *p))
+        .context("one worker")?;
+    // SAFETY: kill(2) on a PID TorchServe just reported as its worker.
+    ensure!(
+        unsafe { libc::kill(i32::try_from(dead_pid)?, libc::SIGKILL) } == 0,
+        "kill {dead_pid}"
+    );
+    let deadline = std::time::Instant::now() + MANAGEMENT_TIMEOUT;
+    let restarted = loop {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{dead_name} was not restarted"
+        );
+        let w = converge(&ts, &agent, BATCHED, 1)?;
+        if w.values().all(|pid| *pid != dead_pid) {
+            break w;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    check_pids(&agent, &restarted)?;
+    burst(ts.inference_addr(), BATCHED, 1)?;
+    let m = agent.wait_until(SETTLE_TIMEOUT, "the restarted worker's batch", |m| {
+        let answered: f64 = m
+            .series("ts_inference_requests_total")
+            .filter(|(s, _)| s.label("model_name") == Some(BATCHED))
+            .map(|(_, v)| v)
+            .sum();
+        answered >= total + 1.0
+            && m.series("servescope_batch_size_sum")
+                .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total + 1.0)
+    })?;
+    // WorkerThreadTime of that last cycle (whole ms; the agent's runs from the frontend's read of the
+    // reply to the write of the response's status line, TorchServe's from the frame write to the
+    // hand-off to Netty minus the wait in between): the same within a few ms.
+    let ts_wtt = ts.scrape()?.sum("WorkerThreadTime");
+    let wtt = m.sum("WorkerThreadTime");
+    eprintln!("WorkerThreadTime: agent {wtt} ms, TorchServe {ts_wtt} ms");
+    ensure!(
+        m.has("WorkerThreadTime") && (wtt - ts_wtt).abs() <= 5.0,
+        "WorkerThreadTime: agent {wtt} ms, TorchServe {ts_wtt} ms"
+    );
+    ensure!(
+        m.sum("servescope_otf_corrupt_frames_total") == 0.0,
+        "frames of a clean TorchServe counted as corrupt"
+    );
+    ensure!(
+        m.sum("servescope_kernel_lost_events_total") == 0.0,
+        "records lost"
+    );
+    eprintln!("restart: {dead_name} → {restarted:?}");
+    Ok(())
+}
