@@ -144,14 +144,19 @@ const MAX_FIELD: u64 = 1 << 30;
 /// Most requests accepted in one batch frame.
 const MAX_BATCH: u32 = 1 << 16;
 
+/// Most request ids of one batch kept for matching (the rest are still counted).
+const MAX_BATCH_IDS: usize = 1024;
+
 /// A frame the worker finished reading.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkerFrame {
     /// A load frame.
     Load,
     /// An inference frame of `requests` requests; kernel times of its first and last read.
     Inference {
         requests: u32,
+        /// The batch's request ids (well-formed ones, at most [`MAX_BATCH_IDS`]).
+        ids: Vec<String>,
         first_ns: u64,
         last_ns: u64,
     },
@@ -166,6 +171,8 @@ enum Step {
     Load(u8),
     /// Inference frame: a request id's length (-1 ends the frame), then the id.
     IdLen,
+    /// `n` more bytes of a request id.
+    Id(u32),
     /// A header name's length (-1 ends the headers), then name and value.
     HeaderName,
     HeaderValue,
@@ -213,6 +220,8 @@ pub struct WorkerStream {
     skip: u64,
     requests: u32,
     first_ns: u64,
+    ids: Vec<String>,
+    id: Vec<u8>,
     /// Frames that did not decode.
     pub corrupt: u64,
 }
@@ -233,6 +242,8 @@ impl WorkerStream {
             skip: 0,
             requests: 0,
             first_ns: 0,
+            ids: Vec::new(),
+            id: Vec::new(),
             corrupt: 0,
         }
     }
@@ -290,6 +301,7 @@ impl WorkerStream {
             Step::Cmd => match b {
                 b'I' => {
                     self.requests = 0;
+                    self.ids.clear();
                     self.first_ns = ts_ns;
                     self.step = Step::IdLen;
                 }
@@ -320,16 +332,39 @@ impl WorkerStream {
                 if v == -1 {
                     out.push(WorkerFrame::Inference {
                         requests: self.requests,
+                        ids: std::mem::take(&mut self.ids),
                         first_ns: self.first_ns,
                         last_ns: ts_ns,
                     });
                     self.step = Step::Cmd;
                 } else if self.requests >= MAX_BATCH {
                     self.lose();
+                } else if let Some(n) = u32::try_from(v)
+                    .ok()
+                    .filter(|n| (1..=MAX_ID as u32).contains(n))
+                {
+                    // Ids are short: read them (the worker reads each whole, so it is copied).
+                    self.requests += 1;
+                    self.id.clear();
+                    self.step = Step::Id(n);
                 } else if self.field(v) {
+                    // An empty or overlong id: skipped, still a request.
                     self.requests += 1;
                     self.step = Step::HeaderName;
                 }
+            }
+            Step::Id(n) => {
+                self.id.push(b);
+                if n > 1 {
+                    self.step = Step::Id(n - 1);
+                    return;
+                }
+                if self.ids.len() < MAX_BATCH_IDS
+                    && let Some(id) = valid_id(&self.id)
+                {
+                    self.ids.push(id);
+                }
+                self.step = Step::HeaderName;
             }
             Step::HeaderName | Step::ParamName => {
                 let Some(v) = self.int(b) else { return };
@@ -541,10 +576,14 @@ mod tests {
             })
             .collect();
         assert_eq!(counts, vec![3, 1]);
+        assert!(
+            matches!(&frames[0], WorkerFrame::Inference { ids, .. } if ids == &["a", "b", "c"]),
+            "every id of the batch: {frames:?}"
+        );
         assert_eq!(w.corrupt, 0);
         if let WorkerFrame::Inference {
             first_ns, last_ns, ..
-        } = frames[0]
+        } = frames[0].clone()
         {
             assert_eq!(first_ns, 0, "the command read");
             assert!(last_ns > first_ns);
@@ -618,8 +657,9 @@ mod tests {
                 let _ = inference_request_ids(head);
                 let _ = load_frame(head);
                 for f in w.feed(t as u64, head, head.len() as u64 + extra % 3 * extra) {
-                    if let WorkerFrame::Inference { requests, .. } = f {
+                    if let WorkerFrame::Inference { requests, ids, .. } = f {
                         proptest::prop_assert!(requests <= MAX_BATCH);
+                        proptest::prop_assert!(ids.len() <= requests as usize);
                     }
                 }
             }

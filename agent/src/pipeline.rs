@@ -198,7 +198,10 @@ impl Reader {
                 }),
                 Ok(ev) if self.workers.is_worker(ev.tgid) => {
                     let host = self.hostname(ev.tgid);
-                    self.workers.on_worker(&ev, &self.registry, &host);
+                    // Every request of a batch, also those beyond the frontend frame's copied head.
+                    for (id, at) in self.workers.on_worker(&ev, &self.registry, &host) {
+                        self.table.note_worker_dispatch(id, at);
+                    }
                 }
                 Ok(ev) => {
                     if ev.family == FAMILY_UNIX && self.targets.contains_key(&ev.tgid) {

@@ -212,6 +212,8 @@ struct Load {
 #[derive(Debug, Default)]
 struct WorkerConn {
     tgid: u32,
+    /// When the worker finished reading its previous inference frame.
+    last_frame_ns: u64,
     stream: WorkerStream,
     lines: LineSplitter,
 }
@@ -227,6 +229,8 @@ pub struct WorkerTracker {
     /// Frontend connections that sent a load frame and wait for its reply.
     awaiting_load: HashSet<u64>,
     loads: HashMap<(u32, u16), Load>,
+    /// (frontend, worker port) → kernel time of the frontend's latest inference frame write to it.
+    frame_written: HashMap<(u32, u16), u64>,
     /// Frontend connection → first request id of the inference frame it wrote, until the reply.
     cycle: HashMap<u64, String>,
     /// Request id → kernel time the frontend read its batch's reply; oldest first in `replied_order`.
@@ -272,6 +276,7 @@ impl WorkerTracker {
     pub fn frontend_removed(&mut self, frontend: u32) {
         self.conn_port.retain(|_, (f, _)| *f != frontend);
         self.loads.retain(|(f, _), _| *f != frontend);
+        self.frame_written.retain(|(f, _), _| *f != frontend);
     }
 
     /// The identity of `pid` from what is known now (load frame first, then its manifest).
@@ -361,6 +366,7 @@ impl WorkerTracker {
                                 .and_then(|ids| ids.into_iter().next())
                             {
                                 self.cycle.insert(ev.conn_id, first);
+                                self.frame_written.insert((frontend, port), ev.ts_ns);
                             }
                             return;
                         };
@@ -451,16 +457,30 @@ impl WorkerTracker {
 
     /// A record of a worker process: its socket reads (the frames it is sent) and pipe writes (its
     /// stdout/stderr, where `[METRICS]` lines go).
-    pub fn on_worker(&mut self, ev: &Event<'_>, registry: &Registry, hostname: &str) {
+    ///
+    /// Returns (request id, dispatch time) of every request of the batches it completed: the time
+    /// the frontend wrote the frame, or, when that write was not seen yet, the worker's first read.
+    pub fn on_worker(
+        &mut self,
+        ev: &Event<'_>,
+        registry: &Registry,
+        hostname: &str,
+    ) -> Vec<(String, u64)> {
+        let mut dispatched = Vec::new();
         if ev.kind == Kind::Close {
             self.conns.remove(&ev.conn_id);
-            return;
+            return dispatched;
         }
         if ev.kind != Kind::Data {
-            return;
+            return dispatched;
         }
+        let written = self
+            .procs
+            .get(&ev.tgid)
+            .and_then(|w| self.frame_written.get(&(w.frontend, w.port)))
+            .copied();
         if self.conns.len() >= MAX_WORKER_CONNS && !self.conns.contains_key(&ev.conn_id) {
-            return;
+            return dispatched;
         }
         let conn = self.conns.entry(ev.conn_id).or_insert_with(|| WorkerConn {
             tgid: ev.tgid,
@@ -476,9 +496,23 @@ impl WorkerTracker {
                     .otf_corrupt
                     .inc_by(conn.stream.corrupt.saturating_sub(corrupt));
                 for f in frames {
-                    if let WorkerFrame::Inference { requests, .. } = f
-                        && let Some(id) = self.map.lookup(ev.tgid)
-                    {
+                    let WorkerFrame::Inference {
+                        requests,
+                        ids,
+                        first_ns,
+                        last_ns,
+                    } = f
+                    else {
+                        continue;
+                    };
+                    // The frontend's write of this frame: after the previous frame was read and
+                    // no later than this one's first read.
+                    let at = written
+                        .filter(|w| *w > conn.last_frame_ns && *w <= first_ns)
+                        .unwrap_or(first_ns);
+                    conn.last_frame_ns = last_ns;
+                    dispatched.extend(ids.into_iter().map(|id| (id, at)));
+                    if let Some(id) = self.map.lookup(ev.tgid) {
                         registry.observe_batch(
                             &id.model_name,
                             &id.model_version,
@@ -508,6 +542,7 @@ impl WorkerTracker {
             }
             _ => {}
         }
+        dispatched
     }
 }
 
@@ -789,7 +824,7 @@ mod tests {
             &reg,
             "vm",
         );
-        t.on_worker(
+        let dispatched = t.on_worker(
             &Event::decode(&wk(
                 8,
                 FAMILY_UNIX,
@@ -801,6 +836,9 @@ mod tests {
             &reg,
             "vm",
         );
+        // Every id of the batch; the frontend's last frame write (at 6 s) is after this frame's
+        // first read (9 ns), so it is not this frame's: the worker's first read stands in.
+        assert_eq!(dispatched, vec![("a".to_owned(), 9), ("b".to_owned(), 9)]);
         let line = b"[METRICS]PredictionTime.Milliseconds:0.47|#ModelName:batched,Level:Model|#type:GAUGE|#hostname:vm,1795457674,a\n";
         t.on_worker(
             &Event::decode(&wk(9, FAMILY_PIPE, 1, line, line.len() as u64)).expect("valid"),

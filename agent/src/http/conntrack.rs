@@ -117,6 +117,14 @@ impl ConnTable {
         }
     }
 
+    /// Records the dispatch of a request id the frontend's frame head did not show (a later request
+    /// of a batch), as decoded from the worker's reads; one already known is left as it is.
+    pub fn note_worker_dispatch(&mut self, id: String, ts_ns: u64) {
+        if !self.dispatched.contains_key(&id) {
+            self.note_dispatch(id, ts_ns);
+        }
+    }
+
     /// When the inference frame of request `id` went to its worker (once: the entry is consumed).
     pub fn take_dispatch(&mut self, id: &str) -> Option<u64> {
         // The order queue keeps the id until it ages out; removing it there is O(n) and not needed.
