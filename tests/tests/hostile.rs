@@ -205,13 +205,14 @@ fn hostile_traffic_leaves_legitimate_counts_exact() -> Result<()> {
         }
         Ok(())
     });
-    // 404-style spray: 10,000 distinct model names on four keep-alive connections.
+    // 404-style spray: 10,000 distinct model names from four clients, a connection each (Python's
+    // server writes head and body separately without TCP_NODELAY: on keep-alive connections each
+    // response would wait out a delayed ACK).
     let spray: Vec<_> = (0..4)
         .map(|c| {
             thread::spawn(move || -> Result<()> {
-                let mut client = h1::Client::connect(addr)?;
                 for i in (c..BOGUS_MODELS).step_by(4) {
-                    client.call("POST", &format!("/predictions/bogus-{i}"), b"x")?;
+                    http::post(addr, &format!("/predictions/bogus-{i}"), b"x", TIMEOUT)?;
                 }
                 Ok(())
             })

@@ -5,9 +5,9 @@
 //! which `cargo xtask test` runs on stable; this is the long run (docs/fuzzing.md).
 
 use std::{
-    fs,
+    fs::{self, File},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{Context, Result, bail};
@@ -75,6 +75,13 @@ pub fn run(o: &Options) -> Result<()> {
 
 fn run_target(fuzz: &Path, target: &'static str, o: &Options) -> Result<Outcome> {
     let corpus = fuzz.join("corpus").join(target);
+    // libFuzzer's progress goes to a file, not a pipe: a long run can be watched (tail -f), and its
+    // final statistics survive whatever happens to this process.
+    let logs = fuzz.join("logs");
+    fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let log_path = logs.join(format!("{target}.log"));
+    let log_file =
+        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let limit = match o.time {
         Some(s) => format!("-max_total_time={s}"),
         None => format!("-runs={}", o.runs),
@@ -87,20 +94,21 @@ fn run_target(fuzz: &Path, target: &'static str, o: &Options) -> Result<Outcome>
         .args(["+nightly", "fuzz", "run", "-O", target])
         .arg(&corpus)
         .args(["--", &limit, "-print_final_stats=1", "-rss_limit_mb=2048"])
-        .stderr(Stdio::piped());
+        .stdout(log_file.try_clone().context("duplicating the log handle")?)
+        .stderr(log_file);
     eprintln!(
-        "$ (cd fuzz && cargo +nightly fuzz run -O {target} corpus/{target} -- {limit} -print_final_stats=1 -rss_limit_mb=2048)"
+        "$ (cd fuzz && cargo +nightly fuzz run -O {target} corpus/{target} -- {limit} -print_final_stats=1 -rss_limit_mb=2048)   (log: fuzz/logs/{target}.log)"
     );
-    let out = cmd.output().context(
+    let status = cmd.status().context(
         "running cargo +nightly fuzz (rustup toolchain install nightly; cargo install cargo-fuzz)",
     )?;
-    let log = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
+    let log =
+        fs::read_to_string(&log_path).with_context(|| format!("reading {}", log_path.display()))?;
+    if !status.success() {
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!(
-            "fuzz target {target} failed ({}); crash inputs are in fuzz/artifacts/{target}/:\n{}",
-            out.status,
+            "fuzz target {target} failed ({status}); crash inputs are in fuzz/artifacts/{target}/:\n{}",
             tail.join("\n")
         );
     }

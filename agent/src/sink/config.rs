@@ -620,6 +620,28 @@ mod tests {
     }
 
     #[test]
+    fn log_level_is_checked_where_it_is_written() -> anyhow::Result<()> {
+        let c = with_file("log_level = \"info,servescope=debug\"\n", &[])?;
+        assert_eq!(c.log_level.as_deref(), Some("info,servescope=debug"));
+        assert_eq!(with_file("", &[])?.log_level, None);
+        let e = err("log_level = \"servescope=[\"\n");
+        assert!(e.contains("line 1") && e.contains("key `log_level`"), "{e}");
+        assert!(e.contains("is not a log filter"), "{e}");
+        // resolve_text (the fuzz target's path) agrees with the file.
+        let args = SinkArgs {
+            config: Some("x.toml".into()),
+            ..SinkArgs::default()
+        };
+        assert_eq!(
+            args.resolve_text("log_level = \"warn\"\n")?
+                .log_level
+                .as_deref(),
+            Some("warn")
+        );
+        Ok(())
+    }
+
+    #[test]
     fn nothing_configured_means_no_sinks() -> anyhow::Result<()> {
         assert_eq!(resolve(&[])?, SinksConfig::default());
         Ok(())
