@@ -294,7 +294,7 @@ async fn run(
             updates: upd_tx,
             sampled: targets_tx,
             events: proc_rx,
-            worker_map,
+            worker_map: worker_map.clone(),
         },
         stop_rx.clone(),
     ));
@@ -317,6 +317,7 @@ async fn run(
                 sampler::nvml::open_nvml,
                 cfg.sample_interval,
                 registry.clone(),
+                worker_map,
                 targets_rx,
                 stop_rx.clone(),
             ),

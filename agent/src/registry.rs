@@ -257,6 +257,7 @@ pub struct Registry {
     pub otf_corrupt: IntCounter,
     worker_cpu: CounterVec,
     worker_rss: SampledGauge,
+    worker_gpu: SampledGauge,
     // servescope's own families.
     request_duration: HistogramVec,
     request_bytes: IntCounterVec,
@@ -360,6 +361,11 @@ impl Registry {
                 "servescope_worker_resident_memory_bytes",
                 "Resident memory of each TorchServe worker process, from /proc/PID/statm.",
                 WORKER_LABELS,
+            ),
+            worker_gpu: SampledGauge::own(
+                "servescope_worker_gpu_memory_bytes",
+                "GPU memory of each TorchServe worker process on each device, from NVML.",
+                WORKER_GPU_LABELS,
             ),
             request_duration: must(HistogramVec::new(
                 HistogramOpts::new(
@@ -496,7 +502,7 @@ impl Registry {
         ] {
             must(r.registry.register(Box::new(c.clone())));
         }
-        let workers: [Box<dyn Collector>; 8] = [
+        let workers: [Box<dyn Collector>; 9] = [
             Box::new(r.handler_time.clone()),
             Box::new(r.worker_thread_time.clone()),
             Box::new(r.prediction_time.clone()),
@@ -505,6 +511,7 @@ impl Registry {
             Box::new(r.otf_corrupt.clone()),
             Box::new(r.worker_cpu.clone()),
             Box::new(r.worker_rss.vec.clone()),
+            Box::new(r.worker_gpu.vec.clone()),
         ];
         for c in workers {
             must(r.registry.register(c));
@@ -704,6 +711,13 @@ impl Registry {
 
 /// Labels of the per-worker process families.
 const WORKER_LABELS: &[&str] = &["model_name", "model_version", "worker_name", "hostname"];
+const WORKER_GPU_LABELS: &[&str] = &[
+    "model_name",
+    "model_version",
+    "worker_name",
+    "hostname",
+    "device_id",
+];
 
 /// Batch-size histogram buckets: TorchServe batch sizes are small powers of two in practice.
 pub const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
@@ -717,6 +731,15 @@ pub struct WorkerUsage {
     pub hostname: String,
     pub cpu_seconds: f64,
     pub rss_bytes: f64,
+}
+
+/// Who a worker is, as its `servescope_worker_*` series are labelled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerUsageLabels {
+    pub model_name: String,
+    pub model_version: String,
+    pub worker_name: String,
+    pub hostname: String,
 }
 
 /// One hostname's values for TorchServe's system families (FACTS.md §2; meaning in `sampler::procfs`).
@@ -1020,6 +1043,31 @@ impl Registry {
             })
             .collect();
         self.gpu.process_memory.replace(&series);
+    }
+
+    /// Replaces `servescope_worker_gpu_memory_bytes`: the GPU memory of every worker whose model is
+    /// known (`rows` from [`crate::sampler::nvml::process_memory`]), and no other series.
+    pub fn set_worker_gpu(&self, rows: &[(WorkerUsageLabels, u32, u64)]) {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "GPU memory sizes stay far below 2^53 bytes"
+        )]
+        let series: Vec<(Vec<String>, f64)> = rows
+            .iter()
+            .map(|(w, device, bytes)| {
+                (
+                    vec![
+                        w.model_name.clone(),
+                        w.model_version.clone(),
+                        w.worker_name.clone(),
+                        w.hostname.clone(),
+                        device.to_string(),
+                    ],
+                    *bytes as f64,
+                )
+            })
+            .collect();
+        self.worker_gpu.replace(&series);
     }
 
     /// Counts XID events; `xid` `None` is labelled `unknown`. A series appears with its first event

@@ -188,7 +188,7 @@ impl WorkerMap {
             .collect()
     }
 
-    fn set(&self, pid: u32, id: Option<WorkerIdentity>) {
+    pub(crate) fn set(&self, pid: u32, id: Option<WorkerIdentity>) {
         let mut m = self.0.write().unwrap_or_else(PoisonError::into_inner);
         match id {
             Some(id) => m.insert(pid, id),

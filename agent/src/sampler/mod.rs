@@ -24,7 +24,10 @@ use self::{
     nvml::{GpuError, GpuReading, GpuSource},
     procfs::{CpuTimes, DiskStats, ProcRoot},
 };
-use crate::registry::{GpuValues, Registry, SystemValues};
+use crate::{
+    registry::{GpuValues, Registry, SystemValues, WorkerUsageLabels},
+    workers::WorkerMap,
+};
 
 /// A traced process as the samplers need it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -278,6 +281,35 @@ pub async fn run_system_on(
     }
 }
 
+/// Each worker process's GPU memory with its model, for the processes the worker map knows (the
+/// per-process family keeps the others by PID).
+fn worker_gpu_rows(
+    rows: &[nvml::ProcessMemory],
+    workers: &WorkerMap,
+    targets: &[SampleTarget],
+) -> Vec<(WorkerUsageLabels, u32, u64)> {
+    rows.iter()
+        .filter_map(|p| {
+            let id = workers.lookup(p.pid)?;
+            let hostname = targets
+                .iter()
+                .find(|t| t.pid == id.frontend)
+                .map(|t| t.hostname.clone())
+                .unwrap_or_default();
+            Some((
+                WorkerUsageLabels {
+                    model_name: id.model_name,
+                    model_version: id.model_version,
+                    worker_name: id.worker_name,
+                    hostname,
+                },
+                p.device_id,
+                p.bytes,
+            ))
+        })
+        .collect()
+}
+
 /// The GPU sampler: opens its source with `open` (NVML in the agent: [`nvml::open_nvml`]), then
 /// samples every `every` and when the targets change, until `shutdown` flips.
 ///
@@ -288,6 +320,7 @@ pub async fn run_gpu<F>(
     open: F,
     every: Duration,
     registry: Registry,
+    workers_by_pid: WorkerMap,
     mut targets: TargetsRx,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()>
@@ -349,6 +382,7 @@ where
                 let values: Vec<GpuValues> = devices.iter().map(GpuReading::values).collect();
                 registry.set_gpu(&hostnames(&current), &values);
                 registry.set_gpu_processes(&workers);
+                registry.set_worker_gpu(&worker_gpu_rows(&workers, &workers_by_pid, &current));
                 match xids {
                     Some(events) => registry.count_xids(&events),
                     None if !xids_said => {
@@ -651,10 +685,26 @@ VmallocChunk:          0 kB\n";
                 },
             ]),
         };
+        // The worker map (kept by the reader from TorchServe's load frames) knows the child.
+        let workers = WorkerMap::default();
+        workers.set(
+            worker,
+            Some(crate::workers::WorkerIdentity {
+                model_name: "resnet".into(),
+                model_version: "2.0".into(),
+                worker_name: "W-9000-resnet_2.0".into(),
+                frontend: std::process::id(),
+                port: 9000,
+                batch_size: None,
+                gpu_id: Some(0),
+                handler: None,
+            }),
+        );
         let task = tokio::spawn(run_gpu(
             move || Ok(Box::new(source) as Box<dyn GpuSource>),
             Duration::from_secs(3600),
             r.clone(),
+            workers,
             targets_rx,
             stop_rx,
         ));
@@ -679,6 +729,13 @@ VmallocChunk:          0 kB\n";
             [format!(
                 "servescope_gpu_process_memory_bytes{{device_id=\"0\",pid=\"{worker}\"}} 128974848"
             )]
+        );
+        // Joined with the worker map: by model, version and worker; pid 1 is no worker.
+        assert_eq!(
+            samples(&r, "servescope_worker_gpu_memory_bytes"),
+            [
+                "servescope_worker_gpu_memory_bytes{device_id=\"0\",hostname=\"pod-a\",model_name=\"resnet\",model_version=\"2.0\",worker_name=\"W-9000-resnet_2.0\"} 128974848"
+            ]
         );
         assert_eq!(
             samples(&r, "servescope_gpu_sm_clock_hertz"),
@@ -739,6 +796,7 @@ VmallocChunk:          0 kB\n";
             move || Ok(Box::new(source) as Box<dyn GpuSource>),
             Duration::from_millis(20),
             r.clone(),
+            WorkerMap::default(),
             targets_rx,
             stop_rx,
         ));
@@ -768,6 +826,7 @@ VmallocChunk:          0 kB\n";
             nvml::open_nvml,
             Duration::from_millis(10),
             r.clone(),
+            WorkerMap::default(),
             targets_rx,
             stop_rx,
         ));
