@@ -23,6 +23,7 @@ use crate::{
     probes::Probes,
     registry::WorkerUsage,
     registry::{Flavor, Registry},
+    routing,
     sampler::{SampleTarget, procfs::ProcRoot},
     sink::Sinks,
     workers::{self, WorkerMap, WorkerProcess, WorkerTracker},
@@ -216,8 +217,11 @@ impl Reader {
                                     .request_id
                                     .as_deref()
                                     .and_then(|id| self.table.take_dispatch(id));
-                                self.registry.record_with_dispatch(
+                                // Routed once for the registry and the sinks.
+                                let route = ex.request.as_ref().map(|r| routing::route(&r.target));
+                                self.registry.record_routed(
                                     &ex,
+                                    route.as_ref(),
                                     &t.hostname,
                                     t.flavor,
                                     dispatched,
@@ -231,7 +235,7 @@ impl Reader {
                                     );
                                 }
                                 // Never waits: a full sink queue drops the record, counted.
-                                self.sinks.offer(&ex, &t.hostname);
+                                self.sinks.offer_routed(&ex, route.as_ref(), &t.hostname);
                             }
                             // Records still in flight from a process just removed.
                             None => {

@@ -628,6 +628,20 @@ impl Registry {
         flavor: Flavor,
         dispatched_ns: Option<u64>,
     ) {
+        let route = ex.request.as_ref().map(|r| routing::route(&r.target));
+        self.record_routed(ex, route.as_ref(), hostname, flavor, dispatched_ns);
+    }
+
+    /// [`Registry::record_with_dispatch`] with the request's route already taken (the reader routes
+    /// each exchange once for the registry and the request-log sinks).
+    pub fn record_routed(
+        &self,
+        ex: &Exchange,
+        route: Option<&Route>,
+        hostname: &str,
+        flavor: Flavor,
+        dispatched_ns: Option<u64>,
+    ) {
         let status = ex.response.status;
         let torchserve = flavor == Flavor::TorchServe;
         // Netty's own 413 (body over max_request_size) never reaches TorchServe's counters; it is the
@@ -645,7 +659,7 @@ impl Registry {
         class.with_label_values(&["Host", hostname]).inc();
 
         let Some(req) = &ex.request else { return };
-        let Route::Inference { model, version } = routing::route(&req.target) else {
+        let Some(Route::Inference { model, version }) = route else {
             return;
         };
         // OPTIONS is answered by the frontend with an OpenAPI description; no inference happens.
@@ -659,7 +673,7 @@ impl Registry {
         if torchserve && frontend_error && matches!(status, 400 | 404 | 413) {
             return;
         }
-        if !self.admit_model_series(&model, &version, hostname) {
+        if !self.admit_model_series(model, version, hostname) {
             return;
         }
         let labels = [model.as_str(), version.as_str(), hostname];

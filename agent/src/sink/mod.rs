@@ -91,12 +91,23 @@ impl Api {
 impl Record {
     /// The record of one exchange of process `pid`, whose namespace is called `hostname`.
     pub fn from_exchange(ex: &Exchange, hostname: &str, clock: &mut WallClock) -> Record {
+        let route = ex.request.as_ref().map(|r| routing::route(&r.target));
+        Self::from_routed(ex, route.as_ref(), hostname, clock)
+    }
+
+    /// [`Record::from_exchange`] with the request's route already taken.
+    pub fn from_routed(
+        ex: &Exchange,
+        route: Option<&Route>,
+        hostname: &str,
+        clock: &mut WallClock,
+    ) -> Record {
         let resp = &ex.response;
         let req = ex.request.as_ref();
-        let (api, model, version) = match req.map(|r| routing::route(&r.target)) {
+        let (api, model, version) = match route {
             None => (Api::Unknown, None, None),
             Some(Route::Inference { model, version }) => {
-                (Api::Inference, Some(model), Some(version))
+                (Api::Inference, Some(model.clone()), Some(version.clone()))
             }
             Some(Route::InferenceWithoutModel) => (Api::Inference, None, None),
             Some(Route::Other) => (Api::Other, None, None),
@@ -256,10 +267,16 @@ impl Sinks {
 
     /// Hands the record of `ex` to every sink that wants it. A full queue drops it, counted.
     pub fn offer(&mut self, ex: &Exchange, hostname: &str) {
+        let route = ex.request.as_ref().map(|r| routing::route(&r.target));
+        self.offer_routed(ex, route.as_ref(), hostname);
+    }
+
+    /// [`Sinks::offer`] with the request's route already taken.
+    pub fn offer_routed(&mut self, ex: &Exchange, route: Option<&Route>, hostname: &str) {
         if self.outputs.is_empty() {
             return;
         }
-        let record = Arc::new(Record::from_exchange(ex, hostname, &mut self.clock));
+        let record = Arc::new(Record::from_routed(ex, route, hostname, &mut self.clock));
         for out in &mut self.outputs {
             if !(out.wants)(&record) || !out.filter.admit(&record) {
                 continue;
