@@ -123,7 +123,14 @@ fn run_target(fuzz: &Path, target: &'static str, o: &Options) -> Result<Outcome>
     Ok(Outcome {
         target,
         executions,
-        seconds: stat("total_time_seconds").unwrap_or(0),
+        // `Done 10000000 runs in 403 second(s)`
+        seconds: log
+            .lines()
+            .find_map(|l| l.strip_prefix("Done "))
+            .and_then(|l| l.split(" in ").nth(1))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
         corpus,
     })
 }
