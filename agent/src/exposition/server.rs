@@ -59,6 +59,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A TLS handshake that takes longer is dropped: a client that connects and stalls holds a task.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request head (also the idle time allowed between requests
+/// on a kept-alive connection): a slowloris client cannot hold connections open on the metrics port.
+/// Prometheus reconnects when its scrape interval is longer.
+#[cfg(not(test))]
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const HEADER_READ_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// The `WWW-Authenticate` challenge of a `401` (RFC 6750 §3).
 pub const BEARER_CHALLENGE: &str = "Bearer realm=\"servescope\"";
@@ -165,6 +172,8 @@ pub async fn serve(
     let mut http = http1::Builder::new();
     // TorchServe sends no Date header.
     http.auto_date_header(false);
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let (stop_tx, stop_rx) = watch::channel(());
     let mut conns = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -583,6 +592,32 @@ mod tests {
             false,
         )
         .await
+    }
+
+    /// A client that never finishes its request head is disconnected (slowloris on /metrics).
+    #[tokio::test]
+    async fn an_unfinished_request_head_is_cut_off() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (addr, _stop, _task) = start(Registry::new()).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("send part of a head");
+        let mut buf = Vec::new();
+        let closed =
+            tokio::time::timeout(HEADER_READ_TIMEOUT * 10, stream.read_to_end(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(_))),
+            "the server must close the connection: {closed:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("# TYPE"),
+            "no metrics for an unfinished request"
+        );
+        // A complete request right after is served as usual.
+        let reply = get_with(addr, "/metrics", None).await;
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
     }
 
     #[tokio::test]
