@@ -894,6 +894,20 @@ fn expectations(agent: &Metrics) -> BTreeMap<String, Expect> {
         );
     }
     let gpu_labels = ["DeviceId", "Hostname", "Level", "instance", "job", "pod"];
+    // One worker per model here (echo, slow, fail); their CPU rate may be ~0 between rounds.
+    put("panel Worker CPU by model / A", series(&mmh, V::Any));
+    put(
+        "panel Worker memory by model / A",
+        series(&mmh, V::Positive),
+    );
+    put(
+        "panel Worker memory by model / B",
+        if gpu {
+            series(&mmh, V::Any)
+        } else {
+            empty("no NVIDIA GPU on this machine: no worker GPU memory")
+        },
+    );
     put("panel GPU memory usage / A", gpu_series(&gpu_labels));
     put("panel GPU utilization / A", gpu_series(&gpu_labels));
     put("panel GPU utilization / B", gpu_series(&gpu_labels));
