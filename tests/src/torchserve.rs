@@ -202,17 +202,40 @@ impl TorchServeHome {
             Some(hostname) => {
                 // The pod's namespaces live as long as the frontend: run.sh's `torchserve --start`
                 // leaves it running in them after `unshare` itself has exited.
+                // Anything this checkout needs that lives under /tmp (a CI clone in /tmp/<dir>) is
+                // bound into the pod's own /tmp first, or the pod's /tmp would hide it.
+                let keep: std::collections::BTreeSet<PathBuf> = [
+                    crate::workspace_root(),
+                    crate::target_dir(),
+                    self.home.clone(),
+                    self.scripts.clone(),
+                ]
+                .iter()
+                .filter_map(|p| {
+                    let rest = p.strip_prefix("/tmp").ok()?;
+                    let first = rest.components().next()?;
+                    Some(Path::new("/tmp").join(first))
+                })
+                .collect();
+                let keep: Vec<String> = keep
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
                 let mut c = Command::new("unshare");
                 c.args(["--uts", "--net", "--mount", "bash", "-c"])
                     .arg(
                         "set -e; ip link set lo up; hostname \"$1\"; \
-                         mount --bind \"$2\" /etc/hosts; mount --bind \"$3\" /tmp; \
-                         shift 3; exec bash \"$@\"",
+                         mount --bind \"$2\" /etc/hosts; pod_tmp=\"$3\"; \
+                         for k in $4; do mkdir -p \"$pod_tmp/${k#/tmp/}\"; \
+                           mount --bind \"$k\" \"$pod_tmp/${k#/tmp/}\"; done; \
+                         mount --rbind \"$pod_tmp\" /tmp; \
+                         shift 4; exec bash \"$@\"",
                     )
                     .arg("pod")
                     .arg(hostname)
                     .arg(self.home.join("pod-hosts"))
-                    .arg(self.home.join("pod-tmp"));
+                    .arg(self.home.join("pod-tmp"))
+                    .arg(keep.join(" "));
                 c
             }
         };
