@@ -18,6 +18,7 @@ use crate::{
     cleanup::{self, Registration},
     process, tail,
     torchserve::loopback,
+    workspace_root,
 };
 
 /// A server process listening on a loopback port; killed (SIGTERM, then SIGKILL) when dropped.
@@ -28,6 +29,20 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// `tests/servers/predict_server.py` on 127.0.0.1:`port` (reads with recvfrom, answers with two
+    /// sendto calls), logging to `<log_dir>/predict_server.log`.
+    pub fn predict_server(log_dir: &Path, port: u16) -> Result<ServerProcess> {
+        let script = workspace_root().join("tests/servers/predict_server.py");
+        let (script, port_arg) = (script.to_string_lossy().into_owned(), port.to_string());
+        Self::start(
+            log_dir,
+            "predict_server",
+            port,
+            "python3",
+            &[script.as_str(), port_arg.as_str()],
+        )
+    }
+
     /// Runs `program args...` with output in `<log_dir>/<name>.log` and waits (at most 10 s) until
     /// 127.0.0.1:`port` accepts connections. The readiness probe only connects and closes: it sends no
     /// bytes, so even an agent already tracing the server sees no HTTP from it.

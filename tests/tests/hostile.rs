@@ -14,9 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use servescope_integration::{
-    Agent, Metrics, ServerProcess, h1, http, log_dir, require_root, workspace_root,
-};
+use servescope_integration::{Agent, Metrics, ServerProcess, h1, http, log_dir, require_root};
 
 const SERVER_PORT: u16 = 18_190;
 const AGENT_PORT: u16 = 19_190;
@@ -160,18 +158,8 @@ fn hostile_inputs() -> Vec<(&'static str, Vec<u8>)> {
 fn hostile_traffic_leaves_legitimate_counts_exact() -> Result<()> {
     require_root()?;
     let logs = log_dir("hostile")?;
-    let script = workspace_root().join("tests/servers/predict_server.py");
-    let (script, port) = (
-        script.to_string_lossy().into_owned(),
-        SERVER_PORT.to_string(),
-    );
-    let server = ServerProcess::start(
-        &logs,
-        "predict_server",
-        SERVER_PORT,
-        "python3",
-        &[script.as_str(), port.as_str()],
-    )?;
+    let server = ServerProcess::predict_server(&logs, SERVER_PORT)?;
+    let port = SERVER_PORT.to_string();
     let addr = server.addr();
     let agent = Agent::start(
         &logs,

@@ -17,9 +17,7 @@ use std::{
 };
 
 use anyhow::{Result, ensure};
-use servescope_integration::{
-    Agent, Metrics, ServerProcess, http, log_dir, require_root, workspace_root,
-};
+use servescope_integration::{Agent, Metrics, ServerProcess, http, log_dir, require_root};
 
 const SERVER_PORT: u16 = 18_194;
 const AGENT_PORT: u16 = 19_194;
@@ -46,18 +44,8 @@ fn bodies_and_queries_reach_no_sink_log_or_metric() -> Result<()> {
     let query_marker = format!("Qm{:014x}", (nanos >> 8) & 0xff_ffff_ffff_ffff);
     assert_eq!(marker.len(), 16);
 
-    let script = workspace_root().join("tests/servers/predict_server.py");
-    let (script, port) = (
-        script.to_string_lossy().into_owned(),
-        SERVER_PORT.to_string(),
-    );
-    let server = ServerProcess::start(
-        &logs,
-        "predict_server",
-        SERVER_PORT,
-        "python3",
-        &[script.as_str(), port.as_str()],
-    )?;
+    let server = ServerProcess::predict_server(&logs, SERVER_PORT)?;
+    let port = SERVER_PORT.to_string();
 
     let syslog = UdpSocket::bind(loopback(SYSLOG_PORT))?;
     syslog.set_read_timeout(Some(Duration::from_millis(200)))?;
