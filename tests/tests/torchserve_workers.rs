@@ -1,6 +1,6 @@
 //! Inside a real TorchServe 0.12.0 without instrumentation: servescope maps every Python worker process
 //! to its model and TorchServe's worker name, counts batch sizes, and serves HandlerTime,
-//! PredictionTime and WorkerLoadTime as TorchServe does, through worker scale up/down and a killed
+//! PredictionTime, WorkerLoadTime and queue latency as TorchServe does, through worker scale up/down and a killed
 //! worker.
 //!
 //! Needs root (BPF) and TorchServe's fixed ports; run under the shared lock, one test at a time. Logs
@@ -32,6 +32,13 @@ const MANAGEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// name differs from the archive manifest's "echo"), batches of up to 4 gathered for up to 1 s.
 const BATCHED: &str = "batched";
 const BATCH_SIZE: usize = 4;
+/// The slow archive (200 ms per batch) registered with batching: requests queue behind busy workers
+/// and behind max_batch_delay.
+const SLOW_BATCHED: &str = "slowbatched";
+/// The agent's queue clock starts before TorchServe's (the socket read that completed the request,
+/// vs job creation after Netty decoded it) and stops after it (the frame's write, vs the batch leaving
+/// the aggregator); on a loaded 2-core host the two thread hand-offs in between take a few ms.
+const MAX_FRONTEND_OVERHEAD_US: f64 = 20_000.0;
 
 fn prepare(test: &str) -> Result<(PathBuf, TorchServeHome)> {
     require_root()?;
@@ -130,20 +137,78 @@ fn rss(pid: u32) -> Result<f64> {
 }
 
 /// Each worker's series carries the memory of the PID TorchServe names for that worker (within 10%:
-/// both are read at slightly different moments), so the PID → worker mapping is right.
+/// both are read at slightly different moments), so the PID → worker mapping is right. A worker that
+/// just started still grows by megabytes between the agent's once-a-second sample and our read, so
+/// the comparison is retried until a sample catches up (bounded by SETTLE_TIMEOUT).
 fn check_pids(agent: &Agent, want: &BTreeMap<String, u32>) -> Result<()> {
-    let m = agent.scrape()?;
-    for (name, pid) in want {
-        let got = m
-            .series("servescope_worker_resident_memory_bytes")
-            .find(|(s, _)| s.label("worker_name") == Some(name.as_str()))
-            .map(|(_, v)| v)
-            .with_context(|| format!("no series for {name}"))?;
-        let now = rss(*pid)?;
-        ensure!(
-            (got - now).abs() <= now * 0.1,
-            "{name} (pid {pid}): agent says {got} bytes resident, /proc says {now}"
-        );
+    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let m = agent.scrape()?;
+        let mut mismatch = None;
+        for (name, pid) in want {
+            let got = m
+                .series("servescope_worker_resident_memory_bytes")
+                .find(|(s, _)| s.label("worker_name") == Some(name.as_str()))
+                .map(|(_, v)| v)
+                .with_context(|| format!("no series for {name}"))?;
+            let now = rss(*pid)?;
+            if (got - now).abs() > now * 0.1 {
+                mismatch = Some(format!(
+                    "{name} (pid {pid}): agent says {got} bytes resident, /proc says {now}"
+                ));
+            }
+        }
+        match mismatch {
+            None => return Ok(()),
+            Some(m) if std::time::Instant::now() >= deadline => bail!(m),
+            Some(_) => thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+/// Sum of a family's samples for one model (every version).
+fn model_sum(m: &Metrics, family: &str, model: &str) -> f64 {
+    m.series(family)
+        .filter(|(s, _)| s.label("model_name") == Some(model))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// How close the agent's queue-latency sum must be to TorchServe's.
+#[derive(Clone, Copy, Debug)]
+enum Fit {
+    /// Requests really queued: within 5%.
+    Within5Percent,
+    /// Batches formed at once (n requests): queue time is frontend overhead; the agent's sum lies in
+    /// [TorchServe's, TorchServe's + n × MAX_FRONTEND_OVERHEAD_US].
+    FrontendOverheadOnly(f64),
+}
+
+/// Compares `ts_queue_latency_microseconds` (and prints `ts_inference_latency_microseconds`) of
+/// `model`, agent against TorchServe.
+fn check_queue_latency(agent: &Metrics, ts: &Metrics, model: &str, fit: Fit) -> Result<()> {
+    let family = "ts_queue_latency_microseconds";
+    let (got, want) = (
+        model_sum(agent, family, model),
+        model_sum(ts, family, model),
+    );
+    let inference = "ts_inference_latency_microseconds";
+    eprintln!(
+        "{model}: queue latency agent {got:.0} µs, TorchServe {want:.0} µs (ratio {:.3}); inference latency agent {:.0} µs, TorchServe {:.0} µs",
+        got / want,
+        model_sum(agent, inference, model),
+        model_sum(ts, inference, model),
+    );
+    ensure!(want > 0.0, "TorchServe has no queue latency for {model}");
+    match fit {
+        Fit::Within5Percent => ensure!(
+            (got - want).abs() <= 0.05 * want,
+            "{family} {model}: agent {got} µs, TorchServe {want} µs (not within 5%)"
+        ),
+        Fit::FrontendOverheadOnly(n) => ensure!(
+            got >= want && got - want <= n * MAX_FRONTEND_OVERHEAD_US,
+            "{family} {model}: agent {got} µs, TorchServe {want} µs for {n} requests"
+        ),
     }
     Ok(())
 }
@@ -288,10 +353,15 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
         r.status
     );
     let total = (bursts * 2 * BATCH_SIZE + BATCH_SIZE) as f64;
-    let m = agent.wait_until(SETTLE_TIMEOUT, "batch sizes of every request", |m| {
-        m.series("servescope_batch_size_sum")
-            .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total)
-    })?;
+    let m = agent.wait_until(
+        SETTLE_TIMEOUT,
+        "batch sizes and responses of every request",
+        |m| {
+            m.series("servescope_batch_size_sum")
+                .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total)
+                && model_sum(m, "ts_inference_requests_total", BATCHED) >= total
+        },
+    )?;
     let sum_count = |m: &Metrics, name: &str| {
         m.series(name)
             .find(|(s, _)| s.label("model_name") == Some(BATCHED))
@@ -326,6 +396,39 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
             .map_or(0.0, |(_, v)| v)
     };
     ensure!(le("4") == count, "no batch exceeds batch_size {BATCH_SIZE}");
+
+    // Queue latency of batches that formed at once: TorchServe's queue time here is mostly its own
+    // frontend's work, which the agent's clock also counts (it starts at the socket read that completed
+    // the request, before the job exists, and stops at the frame's write, after the job left the
+    // queue); so per model the agent's sum is never below TorchServe's and exceeds it by at most a few
+    // ms per request.
+    let ts_m = ts.scrape()?;
+    check_queue_latency(&m, &ts_m, BATCHED, Fit::FrontendOverheadOnly(total))?;
+
+    // 3b. Queue latency where requests really queue: a batching model whose handler sleeps 200 ms per
+    // batch, two workers, 24 requests at once (three rounds of two batches of 4), then 3 requests that
+    // wait out max_batch_delay for a batch that never fills. Agent and TorchServe agree within 5%.
+    manage(
+        &ts,
+        "POST",
+        &format!(
+            "/models?url=slow.mar&model_name={SLOW_BATCHED}&batch_size={BATCH_SIZE}&max_batch_delay=100&initial_workers=2&synchronous=true"
+        ),
+    )?;
+    converge(&ts, &agent, SLOW_BATCHED, 2)?;
+    burst(ts.inference_addr(), SLOW_BATCHED, 6 * BATCH_SIZE)?;
+    burst(ts.inference_addr(), SLOW_BATCHED, BATCH_SIZE - 1)?;
+    let queued = (7 * BATCH_SIZE - 1) as f64;
+    let m = agent.wait_until(SETTLE_TIMEOUT, "the queued requests", |m| {
+        model_sum(m, "ts_inference_requests_total", SLOW_BATCHED) >= queued
+    })?;
+    let ts_m = ts.scrape()?;
+    ensure!(
+        model_sum(&ts_m, "ts_inference_requests_total", SLOW_BATCHED) == queued,
+        "TorchServe counted {} requests of {SLOW_BATCHED}, {queued} were sent",
+        model_sum(&ts_m, "ts_inference_requests_total", SLOW_BATCHED)
+    );
+    check_queue_latency(&m, &ts_m, SLOW_BATCHED, Fit::Within5Percent)?;
 
     // 4. HandlerTime / PredictionTime: the agent's gauges hold the last line the workers printed, as
     // TorchServe's do; both equal the last logged line's value.
