@@ -270,6 +270,8 @@ pub struct Registry {
     pub unmatched_responses: IntCounter,
     pub dropped_requests: IntCounter,
     pub evicted_connections: IntCounter,
+    /// Connections to the metrics endpoint closed at once because it held its maximum.
+    pub metrics_connections_rejected: IntCounter,
     pub targets: IntGauge,
     pub build_info: IntGaugeVec,
     // Request-log sinks (sink/), labelled by `sink`: request_log, syslog, latency_csv.
@@ -428,6 +430,11 @@ impl Registry {
                 "Connections the agent stopped tracking because it held its maximum; the least \
                  recently active goes first, and is picked up again at its next request.",
             )),
+            metrics_connections_rejected: must(IntCounter::new(
+                "servescope_metrics_connections_rejected_total",
+                "Connections to the metrics endpoint closed unserved because it already held its \
+                 maximum of open connections.",
+            )),
             targets: must(IntGauge::new("servescope_targets", "Processes being traced.")),
             build_info: must(IntGaugeVec::new(
                 Opts::new("servescope_build_info", "servescope version; always 1."),
@@ -466,7 +473,7 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 20] = [
+        let collectors: [Box<dyn Collector>; 21] = [
             Box::new(r.request_bytes.clone()),
             Box::new(r.response_bytes.clone()),
             Box::new(r.in_flight.clone()),
@@ -485,6 +492,7 @@ impl Registry {
             Box::new(r.unmatched_responses.clone()),
             Box::new(r.dropped_requests.clone()),
             Box::new(r.evicted_connections.clone()),
+            Box::new(r.metrics_connections_rejected.clone()),
             Box::new(r.targets.clone()),
             Box::new(r.build_info.clone()),
         ];

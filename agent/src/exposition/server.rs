@@ -147,6 +147,16 @@ fn alternative(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip(), port)
 }
 
+/// Open metrics connections at most. A scraper needs one (Prometheus keeps it alive between scrapes);
+/// the cap keeps idle or hostile clients from taking the agent's descriptors and memory. Over it, a
+/// new connection is closed at once and counted (`servescope_metrics_connections_rejected_total`).
+#[cfg(not(test))]
+const MAX_CONNECTIONS: usize = 256;
+#[cfg(test)]
+const MAX_CONNECTIONS: usize = 4;
+/// Rejections are logged at most this often (a client retrying in a loop must not flood the log).
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Shared by every connection.
 struct State {
     registry: Registry,
@@ -157,8 +167,8 @@ struct State {
 /// Serves the metrics endpoint on `listener` until `shutdown` completes, each new connection under
 /// the [`Access`] `access` holds at the time (TLS, token).
 ///
-/// Connections are kept alive like TorchServe's (no idle timeout). After `shutdown`, no connection is
-/// accepted and open ones get [`SHUTDOWN_GRACE`] to finish the response they are writing.
+/// Connections are kept alive (idle ones end at the header-read timeout), up to [`MAX_CONNECTIONS`] at once.
+/// After `shutdown`, no connection is accepted and open ones get [`SHUTDOWN_GRACE`] to finish the response they are writing.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
@@ -177,6 +187,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(());
     let mut conns = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut last_reject_log: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -184,6 +195,22 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    while conns.try_join_next().is_some() {}
+                    if conns.len() >= MAX_CONNECTIONS {
+                        // Dropping the stream closes it: the client sees the connection end unserved.
+                        drop(stream);
+                        state.registry.metrics_connections_rejected.inc();
+                        if last_reject_log.is_none_or(|t| t.elapsed() >= REJECT_LOG_INTERVAL) {
+                            last_reject_log = Some(tokio::time::Instant::now());
+                            tracing::warn!(
+                                %peer,
+                                open = conns.len(),
+                                "metrics endpoint holds its maximum of open connections; closing new ones \
+                                 (servescope_metrics_connections_rejected_total counts them)"
+                            );
+                        }
+                        continue;
+                    }
                     let access = Arc::clone(&access.borrow());
                     conns.spawn(connection(http.clone(), stream, peer, Arc::clone(&state), access, stop_rx.clone()));
                 }
@@ -592,6 +619,77 @@ mod tests {
             false,
         )
         .await
+    }
+
+    /// Over the connection cap a new connection is closed unserved and counted; once a connection
+    /// ends, new ones are served again. Held connections keep being served meanwhile.
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_counted() {
+        use tokio::io::AsyncReadExt as _;
+        let registry = Registry::new();
+        let (addr, _stop, _task) = start(registry.clone()).await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            // A full exchange proves the server accepted it; the connection stays open (keep-alive).
+            let reply = roundtrip(
+                &mut stream,
+                "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                false,
+            )
+            .await;
+            assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+            held.push(stream);
+        }
+        let mut over = TcpStream::connect(addr)
+            .await
+            .expect("the kernel completes the handshake");
+        let _ = over
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(IO_LIMIT, over.read_to_end(&mut got))
+            .await
+            .expect("closed at once, not left hanging");
+        assert!(
+            got.is_empty(),
+            "served over the cap: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(registry.metrics_connections_rejected.get(), 1);
+
+        // The held connections are still served.
+        let reply = roundtrip(
+            &mut held[0],
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+        assert!(
+            String::from_utf8_lossy(&reply.body)
+                .contains("servescope_metrics_connections_rejected_total 1")
+        );
+
+        // One ends: a new connection is served (the server notices the close asynchronously).
+        drop(held.pop());
+        let deadline = tokio::time::Instant::now() + IO_LIMIT;
+        loop {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            let _ = stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(IO_LIMIT, stream.read_to_end(&mut got)).await;
+            if got.starts_with(b"HTTP/1.1 200 OK") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no connection served after one closed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A client that never finishes its request head is disconnected (slowloris on /metrics).
