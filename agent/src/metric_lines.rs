@@ -75,40 +75,67 @@ pub fn parse(line: &str) -> Option<MetricLine> {
     })
 }
 
-/// Splits a pipe's byte stream into lines. Writes whose tail the kernel did not copy break the line
-/// they are in: it is dropped, never guessed.
+/// What a metric line starts with (see [`parse`]).
+const PREFIXES: [&[u8]; 2] = [b"[METRICS]", b"INFO > [METRICS]"];
+
+/// Whether `start`, the first bytes of a line, can still begin a metric line.
+fn may_be_metric(start: &[u8]) -> bool {
+    PREFIXES.iter().any(|p| {
+        if start.len() >= p.len() {
+            start.starts_with(p)
+        } else {
+            p.starts_with(start)
+        }
+    })
+}
+
+/// Splits a pipe's byte stream into the lines that can be metric lines. Writes whose tail the kernel
+/// did not copy break the line they are in: it is dropped, never guessed. A worker prints several
+/// other lines per request; they are dropped as soon as their first bytes rule them out, unbuffered.
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     partial: Vec<u8>,
-    /// The current line lost bytes: skip to the next newline.
+    /// The current line lost bytes, is too long, or is no metric line: skip to the next newline.
     broken: bool,
 }
 
 impl LineSplitter {
-    /// Feeds one write of `len` bytes whose first bytes are `head`; returns the complete lines.
+    /// Feeds one write of `len` bytes whose first bytes are `head`; returns the complete lines that
+    /// start like a metric line.
     pub fn feed(&mut self, head: &[u8], len: u64) -> Vec<String> {
         let mut out = Vec::new();
-        for &b in head {
-            if b == b'\n' {
-                if !self.broken {
-                    out.push(String::from_utf8_lossy(&self.partial).into_owned());
-                }
-                self.partial.clear();
-                self.broken = false;
-            } else if !self.broken {
-                if self.partial.len() >= MAX_LINE {
-                    self.partial.clear();
-                    self.broken = true;
-                } else {
-                    self.partial.push(b);
-                }
+        let mut rest = head;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            self.push(&rest[..i]);
+            if !self.broken && may_be_metric(&self.partial) {
+                out.push(String::from_utf8_lossy(&self.partial).into_owned());
             }
+            self.partial.clear();
+            self.broken = false;
+            rest = &rest[i + 1..];
         }
+        self.push(rest);
         if len > head.len() as u64 {
             self.partial.clear();
             self.broken = true;
         }
         out
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.broken {
+            return;
+        }
+        if self.partial.len() + bytes.len() > MAX_LINE {
+            self.partial.clear();
+            self.broken = true;
+            return;
+        }
+        self.partial.extend_from_slice(bytes);
+        if !may_be_metric(&self.partial) {
+            self.partial.clear();
+            self.broken = true;
+        }
     }
 }
 
@@ -155,20 +182,51 @@ mod tests {
         }
     }
 
+    /// Feeds a write the kernel copied whole.
+    fn whole(s: &mut LineSplitter, bytes: &[u8]) -> Vec<String> {
+        s.feed(bytes, bytes.len() as u64)
+    }
+
     #[test]
     fn lines_split_across_writes_and_cut_writes() {
         let mut s = LineSplitter::default();
-        assert!(s.feed(b"[METRICS]Handler", 16).is_empty());
+        assert!(whole(&mut s, b"[METRICS]Handler").is_empty());
         assert_eq!(
-            s.feed(b"Time.ms:1.0|x\nnext", 18),
+            whole(&mut s, b"Time.ms:1.0|x\n[METRICS]next"),
             vec!["[METRICS]HandlerTime.ms:1.0|x"]
         );
         // A write whose tail was not copied: its unfinished line is dropped, the next one is whole.
         assert!(s.feed(b" line", 600).is_empty());
-        assert!(s.feed(b"rest of it\nok", 13).is_empty());
-        assert_eq!(s.feed(b"\n", 1), vec!["ok"]);
-        let long = vec![b'a'; MAX_LINE + 10];
+        assert!(whole(&mut s, b"rest of it\n[METRICS]ok").is_empty());
+        assert_eq!(whole(&mut s, b"\n"), vec!["[METRICS]ok"]);
+        let mut long = b"[METRICS]".to_vec();
+        long.resize(MAX_LINE + 10, b'a');
         assert!(s.feed(&long, long.len() as u64).is_empty());
-        assert_eq!(s.feed(b"\nfine\n", 6), vec!["fine"]);
+        assert_eq!(
+            whole(&mut s, b"\nINFO > [METRICS]fine\n"),
+            vec!["INFO > [METRICS]fine"]
+        );
+        // Exactly MAX_LINE bytes is still a line.
+        let mut max = b"[METRICS]".to_vec();
+        max.resize(MAX_LINE, b'b');
+        max.push(b'\n');
+        assert_eq!(s.feed(&max, max.len() as u64).len(), 1);
+    }
+
+    #[test]
+    fn other_lines_are_dropped_even_when_split() {
+        let mut s = LineSplitter::default();
+        // The worker's own log lines: never returned, whichever write boundaries they have.
+        assert!(whole(&mut s, b"Backend received inference at: 1\n").is_empty());
+        assert!(whole(&mut s, b"[MET").is_empty());
+        assert!(whole(&mut s, b"RICS-NOT]x\n[").is_empty());
+        assert_eq!(
+            whole(
+                &mut s,
+                b"METRICS]PredictionTime.ms:2|#ModelName:m|#hostname:h,1\n"
+            ),
+            vec!["[METRICS]PredictionTime.ms:2|#ModelName:m|#hostname:h,1"]
+        );
+        assert!(whole(&mut s, b"INFO > something else\n").is_empty());
     }
 }
