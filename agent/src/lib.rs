@@ -24,3 +24,9 @@ pub mod routing;
 pub mod sampler;
 pub mod sink;
 pub mod workers;
+
+/// Hash maps on the per-record path (connection ids, PIDs, request ids): foldhash instead of std's
+/// SipHash, which took ~10% of the agent's CPU under TorchServe load (perf, bench/RESULTS.md). Each
+/// map is seeded at random, so keys a client can influence still hash unpredictably.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

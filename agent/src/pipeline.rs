@@ -16,6 +16,7 @@ use tokio::{
 };
 
 use crate::{
+    FastMap,
     config::Config,
     discovery::{Hostnames, ProcFs, Selection, Target},
     events::{Event, FAMILY_UNIX, Kind},
@@ -80,7 +81,7 @@ pub async fn read_events(
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
     let mut reader = Reader {
         table: ConnTable::new(),
-        targets: HashMap::new(),
+        targets: FastMap::default(),
         exported: ParseStats::default(),
         exported_evicted: 0,
         registry,
@@ -165,7 +166,7 @@ impl Default for DrainPause {
 /// The state of the ring-buffer reader.
 struct Reader {
     table: ConnTable,
-    targets: HashMap<u32, TargetInfo>,
+    targets: FastMap<u32, TargetInfo>,
     /// Parser counters already added to the registry.
     exported: ParseStats,
     /// `table.evicted` already added to the registry.
@@ -177,13 +178,16 @@ struct Reader {
 }
 
 impl Reader {
-    /// The hostname a process is labelled with: its own target's, or a worker's frontend's.
-    fn hostname(&self, pid: u32) -> String {
-        let target = self.workers.frontend_of(pid).unwrap_or(pid);
-        self.targets
-            .get(&target)
-            .map(|t| t.hostname.clone())
-            .unwrap_or_default()
+    /// The hostname a process is labelled with: its own target's, or a worker's frontend's. A free
+    /// function over the two fields, so that the caller can lend `workers` mutably next to it (this
+    /// runs for every record of a worker; it used to clone the string each time).
+    fn hostname<'a>(
+        targets: &'a FastMap<u32, TargetInfo>,
+        workers: &WorkerTracker,
+        pid: u32,
+    ) -> &'a str {
+        let target = workers.frontend_of(pid).unwrap_or(pid);
+        targets.get(&target).map_or("", |t| t.hostname.as_str())
     }
 
     /// Handles every record waiting in the ring buffer; returns how many there were.
@@ -198,16 +202,16 @@ impl Reader {
                     _ => ProcEvent::Listen(ev.tgid, u16::try_from(ev.len).unwrap_or(0)),
                 }),
                 Ok(ev) if self.workers.is_worker(ev.tgid) => {
-                    let host = self.hostname(ev.tgid);
+                    let host = Self::hostname(&self.targets, &self.workers, ev.tgid);
                     // Every request of a batch, also those beyond the frontend frame's copied head.
-                    for (id, at) in self.workers.on_worker(&ev, &self.registry, &host) {
+                    for (id, at) in self.workers.on_worker(&ev, &self.registry, host) {
                         self.table.note_worker_dispatch(id, at);
                     }
                 }
                 Ok(ev) => {
                     if ev.family == FAMILY_UNIX && self.targets.contains_key(&ev.tgid) {
-                        let host = self.hostname(ev.tgid);
-                        self.workers.on_frontend(&ev, &self.registry, &host);
+                        let host = Self::hostname(&self.targets, &self.workers, ev.tgid);
+                        self.workers.on_frontend(&ev, &self.registry, host);
                     }
                     for ex in self.table.apply(&ev) {
                         match self.targets.get(&ex.tgid) {

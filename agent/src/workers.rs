@@ -13,7 +13,7 @@
 //! process, which discovery notices.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fs,
     path::Path,
     sync::{Arc, PoisonError, RwLock},
@@ -22,6 +22,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    FastMap, FastSet,
     discovery::ProcFs,
     events::{Direction, Event, FAMILY_PIPE, FAMILY_UNIX, Kind},
     metric_lines::{self, LineSplitter},
@@ -167,7 +168,7 @@ pub struct WorkerIdentity {
 /// PID → worker identity, shared by the ring-buffer reader (which keeps it) and anyone who labels
 /// per-process data by model (procfs usage here; NVML per-process GPU memory can join on it).
 #[derive(Clone, Debug, Default)]
-pub struct WorkerMap(Arc<RwLock<HashMap<u32, WorkerIdentity>>>);
+pub struct WorkerMap(Arc<RwLock<FastMap<u32, WorkerIdentity>>>);
 
 impl WorkerMap {
     pub fn lookup(&self, pid: u32) -> Option<WorkerIdentity> {
@@ -223,21 +224,21 @@ struct WorkerConn {
 #[derive(Debug, Default)]
 pub struct WorkerTracker {
     map: WorkerMap,
-    procs: HashMap<u32, WorkerProcess>,
+    procs: FastMap<u32, WorkerProcess>,
     /// Frontend connection id → (frontend, worker port), from the open record's peer path.
-    conn_port: HashMap<u64, (u32, u16)>,
+    conn_port: FastMap<u64, (u32, u16)>,
     /// Frontend connections that sent a load frame and wait for its reply.
-    awaiting_load: HashSet<u64>,
-    loads: HashMap<(u32, u16), Load>,
+    awaiting_load: FastSet<u64>,
+    loads: FastMap<(u32, u16), Load>,
     /// (frontend, worker port) → kernel time of the frontend's latest inference frame write to it.
-    frame_written: HashMap<(u32, u16), u64>,
+    frame_written: FastMap<(u32, u16), u64>,
     /// Frontend connection → first request id of the inference frame it wrote, until the reply.
-    cycle: HashMap<u64, String>,
+    cycle: FastMap<u64, String>,
     /// Request id → kernel time the frontend read its batch's reply; oldest first in `replied_order`.
-    replied: HashMap<String, u64>,
+    replied: FastMap<String, u64>,
     replied_order: std::collections::VecDeque<String>,
     /// Worker-side connections (socket and pipes) by connection id.
-    conns: HashMap<u64, WorkerConn>,
+    conns: FastMap<u64, WorkerConn>,
 }
 
 impl WorkerTracker {

@@ -1,9 +1,8 @@
 //! The agent's side of connection state: one [`Conn`] parser per kernel connection id.
 
-use std::collections::HashMap;
-
 use super::{Conn, Exchange, ParseStats};
 use crate::{
+    FastMap,
     events::{Direction, Event, FAMILY_UNIX, Kind},
     otf,
 };
@@ -19,11 +18,11 @@ pub const MAX_CONNS: usize = 65_536;
 
 #[derive(Debug, Default)]
 pub struct ConnTable {
-    conns: HashMap<u64, Conn>,
+    conns: FastMap<u64, Conn>,
     /// Request id → kernel time its inference frame was written to a TorchServe worker, oldest first
     /// in `dispatch_order`; bounded by [`MAX_DISPATCHED`] (ids whose HTTP response is never seen —
     /// e.g. the connection was adopted mid-stream — age out).
-    dispatched: HashMap<String, u64>,
+    dispatched: FastMap<String, u64>,
     dispatch_order: std::collections::VecDeque<String>,
     pub stats: ParseStats,
     /// Connections dropped to stay under [`MAX_CONNS`].
