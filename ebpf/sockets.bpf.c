@@ -47,7 +47,10 @@ struct conn_info {
 	__u64 id;
 	__u8 family;
 	__u8 accepted;
-	__u8 _pad[6];
+	__u8 _pad[2];
+	/* A frontend's worker socket: bytes of the inference frame being written that are still to
+	 * come (the frame's first write was partial), so that its continuation is not walked as a frame. */
+	__u32 otf_skip;
 };
 
 /*
@@ -173,6 +176,20 @@ struct {
 	__type(key, __u32);
 	__type(value, struct scratch);
 } scratch_buf SEC(".maps");
+
+/* Per-CPU scratch for SS_EV_BATCH records: a record header whose data[] runs on into `more`, with
+ * slack past SS_BATCH_DATA_MAX so that a masked offset plus a bounded id length stays in the value. */
+struct batch_scratch {
+	struct ss_event ev;
+	__u8 more[SS_BATCH_DATA_MAX - SS_HEAD_MAX + SS_BATCH_ID_MAX + 1];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct batch_scratch);
+} batch_buf SEC(".maps");
 
 static __always_inline void count_loss(__u32 which)
 {
@@ -469,6 +486,10 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 	/* Of a worker's pipes only what it writes matters (its stdout/stderr, the `[METRICS]` lines). */
 	if (c->family == SS_FAMILY_PIPE && sys_is_ingress(sys))
 		return 0;
+	/* A worker's own socket traffic (~25 field-by-field reads per request) is not needed: the
+	 * frontend's frames are walked where they are written (otf_frame). */
+	if ((t->target & SS_TARGET_WORKER) && c->family == AF_UNIX)
+		return 0;
 	t->buf = buf;
 	t->iovcnt = iovcnt;
 	t->enter_ns = bpf_ktime_get_ns();
@@ -502,7 +523,11 @@ static __always_inline int args_from_regs(struct task_state *a, __u64 id, __u8 s
 	a->fd = (__s32)PT_REGS_PARM1_CORE_SYSCALL(regs);
 	/* sendfile's second argument is a file descriptor, not a buffer. */
 	a->buf = sys == SS_SYS_SENDFILE ? 0 : PT_REGS_PARM2_CORE_SYSCALL(regs);
-	a->iovcnt = (sys == SS_SYS_READV || sys == SS_SYS_WRITEV) ? PT_REGS_PARM3_CORE_SYSCALL(regs) : 0;
+	/* iovec count, or for flat writes the byte count (see ss_enter_write). */
+	a->iovcnt = (sys == SS_SYS_READV || sys == SS_SYS_WRITEV || sys == SS_SYS_WRITE || sys == SS_SYS_SENDTO)
+			    ? PT_REGS_PARM3_CORE_SYSCALL(regs)
+			    : 0;
+	a->target = flags;
 	a->sys = sys;
 	a->enter_ns = 0;
 	if (a->fd < 0)
@@ -521,6 +546,168 @@ static __always_inline __u32 micros_between(__u64 from, __u64 to)
 {
 	__u64 us = to > from ? (to - from) / 1000 : 0;
 	return us > 0xffffffffULL ? 0xffffffffU : (__u32)us;
+}
+
+/*
+ * The kernel's walk of an OTF inference frame (FACTS.md §6; agent/src/otf.rs has the layout): 'I',
+ * then per request an id (int32 length + bytes), headers as (name, value) pairs ended by int32 -1,
+ * parameters as (name, content type, value) triples ended by int32 -1; int32 -1 after the last
+ * request. One int32 is read per step, bodies are stepped over by their length, so the cost is per
+ * field, not per byte, and nothing but the ids is copied. Every length is checked against the bytes
+ * the frontend asked to write.
+ */
+#define SS_WALK_STEPS 16384
+
+enum walk_state {
+	W_ID,        /* next: a request id's length, or -1 (end of frame) */
+	W_HDR_NAME,  /* next: a header name's length, or -1 (end of headers) */
+	W_HDR_VALUE,
+	W_PAR_NAME,  /* next: a parameter name's length, or -1 (end of the request) */
+	W_PAR_TYPE,
+	W_PAR_VALUE,
+	W_DONE,
+	W_CORRUPT,
+};
+
+struct walk {
+	__u64 buf;   /* the frame in the writer's memory */
+	__u64 count; /* bytes the writer handed to write() */
+	__u64 off;   /* next field */
+	__u32 pos;   /* next free byte of the record's data[] */
+	__u32 requests;
+	__u32 ids;
+	__u32 state;
+};
+
+static long walk_step(__u32 i, struct walk *w)
+{
+	if (w->off + 4 > w->count) {
+		w->state = W_CORRUPT;
+		return 1;
+	}
+	__s32 be;
+	if (bpf_probe_read_user(&be, sizeof(be), (const void *)(w->buf + w->off))) {
+		w->state = W_CORRUPT;
+		return 1;
+	}
+	__s32 len = (__s32)__builtin_bswap32((__u32)be);
+	w->off += 4;
+	if (len == -1) {
+		switch (w->state) {
+		case W_ID:
+			w->state = W_DONE;
+			return 1;
+		case W_HDR_NAME:
+			w->state = W_PAR_NAME;
+			return 0;
+		case W_PAR_NAME:
+			w->state = W_ID;
+			return 0;
+		default:
+			w->state = W_CORRUPT;
+			return 1;
+		}
+	}
+	if (len < 0 || w->off + (__u64)len > w->count) {
+		w->state = W_CORRUPT;
+		return 1;
+	}
+	switch (w->state) {
+	case W_ID: {
+		w->requests++;
+		__u32 zero = 0;
+		struct batch_scratch *b = bpf_map_lookup_elem(&batch_buf, &zero);
+		__u32 pos = w->pos;
+		if (b && len > 0 && len <= SS_BATCH_ID_MAX && w->ids < SS_BATCH_MAX_IDS &&
+		    pos + 1 + (__u32)len <= SS_BATCH_DATA_MAX) {
+			__u32 n = (__u32)len & SS_BATCH_ID_MAX;
+			b->ev.data[pos & (SS_BATCH_DATA_MAX - 1)] = (__u8)n;
+			if (!bpf_probe_read_user(&b->ev.data[(pos + 1) & (SS_BATCH_DATA_MAX - 1)], n,
+						 (const void *)(w->buf + w->off))) {
+				w->pos = pos + 1 + n;
+				w->ids++;
+			}
+		}
+		w->state = W_HDR_NAME;
+		break;
+	}
+	case W_HDR_NAME:
+		w->state = W_HDR_VALUE;
+		break;
+	case W_HDR_VALUE:
+		w->state = W_HDR_NAME;
+		break;
+	case W_PAR_NAME:
+		w->state = W_PAR_TYPE;
+		break;
+	case W_PAR_TYPE:
+		w->state = W_PAR_VALUE;
+		break;
+	case W_PAR_VALUE:
+		w->state = W_PAR_NAME;
+		break;
+	default:
+		w->state = W_CORRUPT;
+		return 1;
+	}
+	w->off += (__u64)len;
+	return 0;
+}
+
+/*
+ * After a frontend's write of `ret` bytes to a worker socket (`a` holds the call): if the write starts
+ * an inference frame, walk it and emit an SS_EV_BATCH record; a partial write leaves the rest of the
+ * frame to later writes, which are only counted down.
+ */
+static __always_inline void otf_frame(__u64 id, struct task_state *a, long ret)
+{
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = a->fd };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	if (!c || c->id != a->conn_id)
+		return;
+	if (c->otf_skip) {
+		c->otf_skip = (__u64)ret >= c->otf_skip ? 0 : c->otf_skip - (__u32)ret;
+		return;
+	}
+	/* bpf_loop is 5.17+; where it is missing (the compatibility build's kernels) the verifier
+	 * prunes this and no batch records are made. */
+	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+		return;
+	__u8 cmd = 0;
+	if (a->iovcnt < 5 || bpf_probe_read_user(&cmd, 1, (const void *)a->buf) || cmd != 'I')
+		return;
+	__u32 zero = 0;
+	struct batch_scratch *b = bpf_map_lookup_elem(&batch_buf, &zero);
+	if (!b)
+		return;
+	struct walk w = {
+		.buf = a->buf,
+		.count = a->iovcnt,
+		.off = 1,
+		.pos = sizeof(struct ss_batch),
+		.state = W_ID,
+	};
+	bpf_loop(SS_WALK_STEPS, walk_step, &w, 0);
+	struct conn_info conn = { .id = a->conn_id, .family = a->family, .accepted = a->accepted };
+	fill_header(&b->ev, id, a->fd, &conn, SS_EV_BATCH, SS_DIR_EGRESS, a->sys, w.off);
+	if (a->enter_ns)
+		b->ev.ts_ns = a->enter_ns;
+	struct ss_batch *h = (struct ss_batch *)b->ev.data;
+	h->requests = w.requests;
+	h->status = w.state == W_DONE ? SS_BATCH_OK : w.state == W_CORRUPT ? SS_BATCH_CORRUPT : SS_BATCH_UNFINISHED;
+	h->ids = (__u8)w.ids;
+	h->_pad[0] = 0;
+	h->_pad[1] = 0;
+	__u32 pos = w.pos;
+	if (pos > SS_BATCH_DATA_MAX)
+		pos = SS_BATCH_DATA_MAX;
+	b->ev.head_len = pos;
+	__u64 flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP
+										   : BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&events, &b->ev, offsetof(struct ss_event, data) + pos, flags))
+		count_loss(SS_LOSS_RINGBUF_FULL);
+	if (w.state == W_DONE && w.off > (__u64)ret)
+		c->otf_skip = (__u32)(w.off - (__u64)ret);
 }
 
 static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
@@ -584,6 +771,10 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 		break;
 	}
 	submit(&s->ev);
+	/* A TorchServe frontend's frame to a worker (flat write: the whole frame is in one buffer). */
+	if (a.family == AF_UNIX && dir == SS_DIR_EGRESS && !(a.target & SS_TARGET_WORKER) &&
+	    (a.sys == SS_SYS_WRITE || a.sys == SS_SYS_SENDTO))
+		otf_frame(id, &a, ret);
 	return 0;
 }
 
@@ -638,7 +829,8 @@ int ss_exit_recvmsg(struct trace_event_raw_sys_exit *ctx)
 SEC("tracepoint/syscalls/sys_enter_write")
 int ss_enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_WRITE);
+	/* For flat writes `iovcnt` holds the count: the frame walk (otf_frame) needs the buffer's length. */
+	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_WRITE);
 }
 
 SEC("tracepoint/syscalls/sys_exit_write")
@@ -662,7 +854,7 @@ int ss_exit_writev(struct trace_event_raw_sys_exit *ctx)
 SEC("tracepoint/syscalls/sys_enter_sendto")
 int ss_enter_sendto(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_SENDTO);
+	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_SENDTO);
 }
 
 SEC("tracepoint/syscalls/sys_exit_sendto")

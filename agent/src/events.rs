@@ -7,6 +7,11 @@ use thiserror::Error;
 
 /// `SS_HEAD_MAX`: bytes of each syscall buffer the kernel copies.
 pub const HEAD_MAX: usize = 512;
+/// `SS_BATCH_DATA_MAX`: data bytes of a batch record (its ids are longer than a syscall head).
+pub const BATCH_DATA_MAX: usize = 4096;
+/// `SS_BATCH_MAX_IDS` / `SS_BATCH_ID_MAX`: ids a batch record keeps, and the longest kept.
+pub const BATCH_MAX_IDS: usize = 64;
+pub const BATCH_ID_MAX: usize = 63;
 
 /// `struct ss_event` without its data array: the fixed part of every record.
 #[repr(C)]
@@ -95,6 +100,9 @@ pub enum Kind {
     Exit,
     /// A process called listen(); `len` is the local TCP port.
     Listen,
+    /// An inference frame a TorchServe frontend wrote to a worker, walked by the kernel; see
+    /// [`Event::batch`].
+    Batch,
 }
 
 impl Kind {
@@ -182,7 +190,12 @@ impl<'a> Event<'a> {
         let h: RawHeader = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<RawHeader>()) };
         let data = &buf[hsize..];
         let head_len = usize::from(h.head_len);
-        if head_len > data.len() || head_len > HEAD_MAX {
+        let max = if h.kind == KIND_BATCH {
+            BATCH_DATA_MAX
+        } else {
+            HEAD_MAX
+        };
+        if head_len > data.len() || head_len > max {
             return Err(DecodeError::HeadLen {
                 head_len,
                 available: data.len(),
@@ -195,6 +208,7 @@ impl<'a> Event<'a> {
             4 => Kind::Exec,
             5 => Kind::Exit,
             6 => Kind::Listen,
+            KIND_BATCH => Kind::Batch,
             k => return Err(DecodeError::Kind(k)),
         };
         let dir = match h.dir {
@@ -214,6 +228,75 @@ impl<'a> Event<'a> {
             head: &data[..head_len],
             accepted: h.accepted != 0,
             family: h.family,
+        })
+    }
+}
+
+/// `SS_EV_BATCH`.
+const KIND_BATCH: u8 = 7;
+
+/// `struct ss_batch`: the head of a batch record's data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RawBatch {
+    requests: u32,
+    status: u8,
+    ids: u8,
+    _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<RawBatch>() == 8);
+const _: () = assert!(offset_of!(RawBatch, status) == 4);
+const _: () = assert!(offset_of!(RawBatch, ids) == 5);
+
+/// `enum ss_batch_status`: how the kernel's walk of a frame ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchStatus {
+    /// The frame's end was reached: `requests` is the batch size.
+    Ok,
+    /// A length was negative or ran past the written bytes.
+    Corrupt,
+    /// The walk's step budget ran out first.
+    Unfinished,
+}
+
+/// What a batch record says: the requests of one inference frame and the ids the kernel kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch<'a> {
+    pub requests: u32,
+    pub status: BatchStatus,
+    /// Request ids in frame order; fewer than `requests` when some were longer than
+    /// [`BATCH_ID_MAX`] or beyond [`BATCH_MAX_IDS`].
+    pub ids: Vec<&'a str>,
+}
+
+impl<'a> Event<'a> {
+    /// The frame a batch record describes; `None` for other records or a malformed payload (the
+    /// ids' lengths are checked against the bytes given, never trusted).
+    pub fn batch(&self) -> Option<Batch<'a>> {
+        if self.kind != Kind::Batch || self.head.len() < size_of::<RawBatch>() {
+            return None;
+        }
+        // SAFETY: at least size_of::<RawBatch>() bytes; RawBatch is plain old data.
+        let h: RawBatch =
+            unsafe { std::ptr::read_unaligned(self.head.as_ptr().cast::<RawBatch>()) };
+        let status = match h.status {
+            0 => BatchStatus::Ok,
+            1 => BatchStatus::Corrupt,
+            2 => BatchStatus::Unfinished,
+            _ => return None,
+        };
+        let mut rest = &self.head[size_of::<RawBatch>()..];
+        let mut ids = Vec::with_capacity(usize::from(h.ids).min(BATCH_MAX_IDS));
+        for _ in 0..h.ids {
+            let (&len, tail) = rest.split_first()?;
+            let id = tail.get(..usize::from(len))?;
+            ids.push(std::str::from_utf8(id).ok()?);
+            rest = &tail[usize::from(len)..];
+        }
+        Some(Batch {
+            requests: h.requests,
+            status,
+            ids,
         })
     }
 }
@@ -256,7 +339,12 @@ impl Event<'_> {
 #[doc(hidden)]
 pub fn encode_for_test(h: RawHeader, head: &[u8]) -> Vec<u8> {
     let mut h = h;
-    h.head_len = u16::try_from(head.len().min(HEAD_MAX)).unwrap_or(0);
+    let max = if h.kind == KIND_BATCH {
+        BATCH_DATA_MAX
+    } else {
+        HEAD_MAX
+    };
+    h.head_len = u16::try_from(head.len().min(max)).unwrap_or(0);
     let mut out = Vec::with_capacity(size_of::<RawHeader>() + head.len());
     // SAFETY: RawHeader is repr(C) plain old data; viewing it as bytes is sound.
     let bytes = unsafe {
@@ -287,10 +375,74 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} not defined in events.h"))
         };
         assert_eq!(define("SS_HEAD_MAX"), HEAD_MAX as u64);
+        assert_eq!(define("SS_BATCH_DATA_MAX"), BATCH_DATA_MAX as u64);
+        assert_eq!(define("SS_BATCH_MAX_IDS"), BATCH_MAX_IDS as u64);
+        assert_eq!(define("SS_BATCH_ID_MAX"), BATCH_ID_MAX as u64);
         assert_eq!(define("SS_FAMILY_PIPE"), u64::from(FAMILY_PIPE));
         assert_eq!(define("SS_TARGET_TRACED"), u64::from(TARGET_TRACED));
         assert_eq!(define("SS_TARGET_WORKER"), u64::from(TARGET_WORKER));
         assert_eq!(define("SS_UNIX_PATH_MAX"), UNIX_PATH_MAX as u64);
+    }
+
+    /// A batch record's payload as the kernel writes it.
+    fn batch_payload(requests: u32, status: u8, ids: &[&[u8]]) -> Vec<u8> {
+        let mut p = requests.to_ne_bytes().to_vec();
+        p.push(status);
+        p.push(u8::try_from(ids.len()).expect("few ids"));
+        p.extend_from_slice(&[0, 0]);
+        for id in ids {
+            p.push(u8::try_from(id.len()).expect("short id"));
+            p.extend_from_slice(id);
+        }
+        p
+    }
+
+    #[test]
+    fn batch_records_decode_and_reject_lying_lengths() {
+        let id = b"f9151965-e580-4808-8a1a-044686bb90ce";
+        // Longer than a syscall head: batch records may carry up to BATCH_DATA_MAX bytes.
+        let ids: Vec<&[u8]> = vec![id; 20];
+        let rec = encode_for_test(header(7, 1), &batch_payload(20, 0, &ids));
+        assert!(rec.len() > size_of::<RawHeader>() + HEAD_MAX);
+        let ev = Event::decode(&rec).expect("decodes");
+        let b = ev.batch().expect("a batch");
+        assert_eq!(b.requests, 20);
+        assert_eq!(b.status, BatchStatus::Ok);
+        assert_eq!(b.ids.len(), 20);
+        assert!(b.ids.iter().all(|i| i.as_bytes() == id));
+
+        let batch_of = |kind: u8, payload: &[u8]| {
+            let rec = encode_for_test(header(kind, 1), payload);
+            let ev = Event::decode(&rec).expect("decodes");
+            ev.batch().map(|b| {
+                let ids: Vec<String> = b.ids.iter().map(|i| (*i).to_owned()).collect();
+                (b.requests, b.status, ids)
+            })
+        };
+        assert_eq!(
+            batch_of(7, &batch_payload(3, 1, &[b"a"])),
+            Some((3, BatchStatus::Corrupt, vec!["a".to_owned()]))
+        );
+        // An id count or an id length beyond the bytes given: no batch, no panic.
+        let mut lying = batch_payload(2, 0, &[b"abc"]);
+        lying[5] = 2;
+        assert_eq!(batch_of(7, &lying), None);
+        let mut lying = batch_payload(1, 0, &[b"abc"]);
+        lying[8] = 200;
+        assert_eq!(batch_of(7, &lying), None);
+        // Unknown status, short payload, other kinds.
+        assert_eq!(batch_of(7, &batch_payload(1, 9, &[])), None);
+        assert_eq!(batch_of(7, &[1, 2]), None);
+        assert_eq!(batch_of(1, &batch_payload(1, 0, &[])), None);
+        // A data record may still not exceed HEAD_MAX.
+        let mut big = encode_for_test(header(1, 1), &[b'x'; HEAD_MAX]);
+        let at = offset_of!(RawHeader, head_len);
+        big[at..at + 2].copy_from_slice(&u16::try_from(HEAD_MAX + 1).expect("fits").to_ne_bytes());
+        big.push(b'x');
+        assert!(matches!(
+            Event::decode(&big),
+            Err(DecodeError::HeadLen { .. })
+        ));
     }
 
     #[test]

@@ -107,6 +107,8 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // Also how TorchServe workers are noticed (a traced frontend's child exec'ing).
         watch_exec: true,
         watch_listen: !cfg.ports.is_empty(),
+        // TorchServe alone needs read/write only (probes::Need::SocketCalls).
+        socket_calls: !cfg.ports.is_empty(),
     })?;
     tracing::info!(
         thread_state = probes.thread_state().as_str(),

@@ -203,10 +203,7 @@ impl Reader {
                 }),
                 Ok(ev) if self.workers.is_worker(ev.tgid) => {
                     let host = Self::hostname(&self.targets, &self.workers, ev.tgid);
-                    // Every request of a batch, also those beyond the frontend frame's copied head.
-                    for (id, at) in self.workers.on_worker(&ev, &self.registry, host) {
-                        self.table.note_worker_dispatch(id, at);
-                    }
+                    self.workers.on_worker(&ev, &self.registry, host);
                 }
                 Ok(ev) => {
                     if ev.family == FAMILY_UNIX && self.targets.contains_key(&ev.tgid) {

@@ -45,32 +45,136 @@ impl ThreadState {
     }
 }
 
-/// (program, tracepoint category, tracepoint) triples; every one must load and attach.
-pub const PROGRAMS: [(&str, &str, &str); 24] = [
-    ("ss_enter_read", "syscalls", "sys_enter_read"),
-    ("ss_exit_read", "syscalls", "sys_exit_read"),
-    ("ss_enter_readv", "syscalls", "sys_enter_readv"),
-    ("ss_exit_readv", "syscalls", "sys_exit_readv"),
-    ("ss_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
-    ("ss_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
-    ("ss_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
-    ("ss_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
-    ("ss_enter_write", "syscalls", "sys_enter_write"),
-    ("ss_exit_write", "syscalls", "sys_exit_write"),
-    ("ss_enter_writev", "syscalls", "sys_enter_writev"),
-    ("ss_exit_writev", "syscalls", "sys_exit_writev"),
-    ("ss_enter_sendto", "syscalls", "sys_enter_sendto"),
-    ("ss_exit_sendto", "syscalls", "sys_exit_sendto"),
-    ("ss_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
-    ("ss_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
-    ("ss_enter_sendfile", "syscalls", "sys_enter_sendfile64"),
-    ("ss_exit_sendfile", "syscalls", "sys_exit_sendfile64"),
-    ("ss_exit_accept", "syscalls", "sys_exit_accept"),
-    ("ss_exit_accept4", "syscalls", "sys_exit_accept4"),
-    ("ss_enter_close", "syscalls", "sys_enter_close"),
-    ("ss_enter_listen", "syscalls", "sys_enter_listen"),
-    ("ss_exec", "sched", "sched_process_exec"),
-    ("ss_exit", "sched", "sched_process_exit"),
+/// Which programs a run needs: those of the other classes are not even loaded, so their syscalls
+/// cost nothing anywhere on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    Always,
+    /// recvfrom/sendto/recvmsg/sendmsg: servers found by `--port` may use them. TorchServe's frontend
+    /// (Netty, JVM) reads and writes with read/readv/write/writev only, and its workers' socket
+    /// reads are not needed (the kernel walks the frontend's frames), so without `--port` these
+    /// programs — ~25 runs per request from a Python worker's field-by-field reads — stay out.
+    SocketCalls,
+    /// listen(): discovery by `--port`.
+    Listen,
+}
+
+/// (program, tracepoint category, tracepoint, when needed); every needed one must load and attach.
+pub const PROGRAMS: [(&str, &str, &str, Need); 24] = [
+    ("ss_enter_read", "syscalls", "sys_enter_read", Need::Always),
+    ("ss_exit_read", "syscalls", "sys_exit_read", Need::Always),
+    (
+        "ss_enter_readv",
+        "syscalls",
+        "sys_enter_readv",
+        Need::Always,
+    ),
+    ("ss_exit_readv", "syscalls", "sys_exit_readv", Need::Always),
+    (
+        "ss_enter_recvfrom",
+        "syscalls",
+        "sys_enter_recvfrom",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_exit_recvfrom",
+        "syscalls",
+        "sys_exit_recvfrom",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_enter_recvmsg",
+        "syscalls",
+        "sys_enter_recvmsg",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_exit_recvmsg",
+        "syscalls",
+        "sys_exit_recvmsg",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_enter_write",
+        "syscalls",
+        "sys_enter_write",
+        Need::Always,
+    ),
+    ("ss_exit_write", "syscalls", "sys_exit_write", Need::Always),
+    (
+        "ss_enter_writev",
+        "syscalls",
+        "sys_enter_writev",
+        Need::Always,
+    ),
+    (
+        "ss_exit_writev",
+        "syscalls",
+        "sys_exit_writev",
+        Need::Always,
+    ),
+    (
+        "ss_enter_sendto",
+        "syscalls",
+        "sys_enter_sendto",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_exit_sendto",
+        "syscalls",
+        "sys_exit_sendto",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_enter_sendmsg",
+        "syscalls",
+        "sys_enter_sendmsg",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_exit_sendmsg",
+        "syscalls",
+        "sys_exit_sendmsg",
+        Need::SocketCalls,
+    ),
+    (
+        "ss_enter_sendfile",
+        "syscalls",
+        "sys_enter_sendfile64",
+        Need::Always,
+    ),
+    (
+        "ss_exit_sendfile",
+        "syscalls",
+        "sys_exit_sendfile64",
+        Need::Always,
+    ),
+    (
+        "ss_exit_accept",
+        "syscalls",
+        "sys_exit_accept",
+        Need::Always,
+    ),
+    (
+        "ss_exit_accept4",
+        "syscalls",
+        "sys_exit_accept4",
+        Need::Always,
+    ),
+    (
+        "ss_enter_close",
+        "syscalls",
+        "sys_enter_close",
+        Need::Always,
+    ),
+    (
+        "ss_enter_listen",
+        "syscalls",
+        "sys_enter_listen",
+        Need::Listen,
+    ),
+    ("ss_exec", "sched", "sched_process_exec", Need::Always),
+    ("ss_exit", "sched", "sched_process_exit", Need::Always),
 ];
 
 /// What to load the programs with.
@@ -83,6 +187,20 @@ pub struct LoadOptions {
     pub watch_exec: bool,
     /// Report every listen() on a TCP socket (discovery by `--port`).
     pub watch_listen: bool,
+    /// Trace recvfrom/sendto/recvmsg/sendmsg too ([`Need::SocketCalls`]): needed for servers found
+    /// by `--port`, not for TorchServe.
+    pub socket_calls: bool,
+}
+
+impl LoadOptions {
+    /// Whether a program of class `need` is loaded and attached.
+    pub fn needs(&self, need: Need) -> bool {
+        match need {
+            Need::Always => true,
+            Need::SocketCalls => self.socket_calls,
+            Need::Listen => self.watch_listen,
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -92,6 +210,7 @@ impl Default for LoadOptions {
             thread_state: ThreadState::Auto,
             watch_exec: true,
             watch_listen: true,
+            socket_calls: true,
         }
     }
 }
@@ -192,8 +311,10 @@ impl Probes {
                  with BTF and BPF ring buffers (5.8+), and no lockdown in confidentiality mode",
             )?;
         let mut links = Vec::with_capacity(PROGRAMS.len());
-        for (prog, category, tracepoint) in PROGRAMS {
-            links.push(attach(&mut ebpf, prog, category, tracepoint)?);
+        for (prog, category, tracepoint, need) in PROGRAMS {
+            if opts.needs(need) {
+                links.push(attach(&mut ebpf, prog, category, tracepoint)?);
+            }
         }
         let targets = HashMap::try_from(take(&mut ebpf, "targets")?).context("map `targets`")?;
         let targets_gen =

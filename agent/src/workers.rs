@@ -24,9 +24,9 @@ use serde::Deserialize;
 use crate::{
     FastMap, FastSet,
     discovery::ProcFs,
-    events::{Direction, Event, FAMILY_PIPE, FAMILY_UNIX, Kind},
+    events::{BatchStatus, Direction, Event, FAMILY_PIPE, FAMILY_UNIX, Kind},
     metric_lines::{self, LineSplitter},
-    otf::{self, LoadFrame, WorkerFrame, WorkerStream},
+    otf::{self, LoadFrame},
     registry::Registry,
 };
 
@@ -209,18 +209,15 @@ struct Load {
     reported: bool,
 }
 
-/// Per-connection decoding state of the worker side.
+/// Per-pipe decoding state of the worker side (the kernel sends a worker's pipe writes only).
 #[derive(Debug, Default)]
 struct WorkerConn {
     tgid: u32,
-    /// When the worker finished reading its previous inference frame.
-    last_frame_ns: u64,
-    stream: WorkerStream,
     lines: LineSplitter,
 }
 
-/// The reader's view of the workers: feeds on the frontend's worker connections and on the workers'
-/// own sockets and pipes, and keeps [`WorkerMap`].
+/// The reader's view of the workers: feeds on the frontend's worker connections (its frames and the
+/// kernel's walk of them) and on the workers' pipes, and keeps [`WorkerMap`].
 #[derive(Debug, Default)]
 pub struct WorkerTracker {
     map: WorkerMap,
@@ -230,14 +227,12 @@ pub struct WorkerTracker {
     /// Frontend connections that sent a load frame and wait for its reply.
     awaiting_load: FastSet<u64>,
     loads: FastMap<(u32, u16), Load>,
-    /// (frontend, worker port) → kernel time of the frontend's latest inference frame write to it.
-    frame_written: FastMap<(u32, u16), u64>,
     /// Frontend connection → first request id of the inference frame it wrote, until the reply.
     cycle: FastMap<u64, String>,
     /// Request id → kernel time the frontend read its batch's reply; oldest first in `replied_order`.
     replied: FastMap<String, u64>,
     replied_order: std::collections::VecDeque<String>,
-    /// Worker-side connections (socket and pipes) by connection id.
+    /// Worker pipes by connection id.
     conns: FastMap<u64, WorkerConn>,
 }
 
@@ -277,7 +272,6 @@ impl WorkerTracker {
     pub fn frontend_removed(&mut self, frontend: u32) {
         self.conn_port.retain(|_, (f, _)| *f != frontend);
         self.loads.retain(|(f, _), _| *f != frontend);
-        self.frame_written.retain(|(f, _), _| *f != frontend);
     }
 
     /// The identity of `pid` from what is known now (load frame first, then its manifest).
@@ -367,7 +361,6 @@ impl WorkerTracker {
                                 .and_then(|ids| ids.into_iter().next())
                             {
                                 self.cycle.insert(ev.conn_id, first);
-                                self.frame_written.insert((frontend, port), ev.ts_ns);
                             }
                             return;
                         };
@@ -424,6 +417,38 @@ impl WorkerTracker {
                     }
                 }
             }
+            // The kernel's walk of an inference frame the frontend wrote: the batch's size.
+            Kind::Batch => {
+                let Some(batch) = ev.batch() else {
+                    registry.otf_corrupt.inc();
+                    return;
+                };
+                match batch.status {
+                    BatchStatus::Ok => {
+                        let Some(&(frontend, port)) = self.conn_port.get(&ev.conn_id) else {
+                            return;
+                        };
+                        if let Some(id) =
+                            self.pid_of(frontend, port).and_then(|p| self.map.lookup(p))
+                        {
+                            registry.observe_batch(
+                                &id.model_name,
+                                &id.model_version,
+                                hostname,
+                                batch.requests,
+                            );
+                        }
+                    }
+                    BatchStatus::Corrupt => registry.otf_corrupt.inc(),
+                    // A frame too long to walk in the kernel's step budget: its size is unknown.
+                    BatchStatus::Unfinished => {
+                        tracing::debug!(
+                            requests = batch.requests,
+                            "inference frame not walked to its end"
+                        );
+                    }
+                }
+            }
             // Discovery's records; the reader hands them over before this.
             Kind::Exec | Kind::Exit | Kind::Listen => {}
         }
@@ -456,94 +481,38 @@ impl WorkerTracker {
         registry.set_worker_thread_time(hostname, ms);
     }
 
-    /// A record of a worker process: its socket reads (the frames it is sent) and pipe writes (its
-    /// stdout/stderr, where `[METRICS]` lines go).
-    ///
-    /// Returns (request id, dispatch time) of every request of the batches it completed: the time
-    /// the frontend wrote the frame, or, when that write was not seen yet, the worker's first read.
-    pub fn on_worker(
-        &mut self,
-        ev: &Event<'_>,
-        registry: &Registry,
-        hostname: &str,
-    ) -> Vec<(String, u64)> {
-        let mut dispatched = Vec::new();
+    /// A record of a worker process: its pipe writes (its stdout/stderr, where `[METRICS]` lines go).
+    pub fn on_worker(&mut self, ev: &Event<'_>, registry: &Registry, hostname: &str) {
         if ev.kind == Kind::Close {
             self.conns.remove(&ev.conn_id);
-            return dispatched;
+            return;
         }
-        if ev.kind != Kind::Data {
-            return dispatched;
+        if ev.kind != Kind::Data || ev.family != FAMILY_PIPE || ev.dir != Direction::Egress {
+            return;
         }
-        let written = self
-            .procs
-            .get(&ev.tgid)
-            .and_then(|w| self.frame_written.get(&(w.frontend, w.port)))
-            .copied();
         if self.conns.len() >= MAX_WORKER_CONNS && !self.conns.contains_key(&ev.conn_id) {
-            return dispatched;
+            return;
         }
         let conn = self.conns.entry(ev.conn_id).or_insert_with(|| WorkerConn {
             tgid: ev.tgid,
             ..WorkerConn::default()
         });
-        // Every read is decoded, known model or not, so the stream stays in step; the identity is
-        // looked up only for what completes.
-        match (ev.family, ev.dir) {
-            (FAMILY_UNIX, Direction::Ingress) => {
-                let corrupt = conn.stream.corrupt;
-                let frames = conn.stream.feed(ev.ts_ns, ev.head, ev.len);
-                registry
-                    .otf_corrupt
-                    .inc_by(conn.stream.corrupt.saturating_sub(corrupt));
-                for f in frames {
-                    let WorkerFrame::Inference {
-                        requests,
-                        ids,
-                        first_ns,
-                        last_ns,
-                    } = f
-                    else {
-                        continue;
-                    };
-                    // The frontend's write of this frame: after the previous frame was read and
-                    // no later than this one's first read.
-                    let at = written
-                        .filter(|w| *w > conn.last_frame_ns && *w <= first_ns)
-                        .unwrap_or(first_ns);
-                    conn.last_frame_ns = last_ns;
-                    dispatched.extend(ids.into_iter().map(|id| (id, at)));
-                    if let Some(id) = self.map.lookup(ev.tgid) {
-                        registry.observe_batch(
-                            &id.model_name,
-                            &id.model_version,
-                            hostname,
-                            requests,
-                        );
-                    }
-                }
+        for line in conn.lines.feed(ev.head, ev.len) {
+            let Some(m) = metric_lines::parse(&line) else {
+                continue;
+            };
+            if !MODEL_METRICS.contains(&m.name.as_str()) {
+                continue;
             }
-            (FAMILY_PIPE, Direction::Egress) => {
-                for line in conn.lines.feed(ev.head, ev.len) {
-                    let Some(m) = metric_lines::parse(&line) else {
-                        continue;
-                    };
-                    if !MODEL_METRICS.contains(&m.name.as_str()) {
-                        continue;
-                    }
-                    // TorchServe's gauge takes its dimensions from the line (the worker knows its
-                    // model's registered name); the mapped identity only fills a missing one.
-                    let fallback = self.map.lookup(ev.tgid).map(|i| i.model_name);
-                    let Some(model) = m.dim("ModelName").or(fallback.as_deref()) else {
-                        continue;
-                    };
-                    let level = m.dim("Level").unwrap_or("Model");
-                    registry.set_model_metric(&m.name, model, level, hostname, m.value);
-                }
-            }
-            _ => {}
+            // TorchServe's gauge takes its dimensions from the line (the worker knows its model's
+            // registered name); the mapped identity only fills a missing one.
+            let fallback = self.map.lookup(ev.tgid).map(|i| i.model_name);
+            let Some(model) = m.dim("ModelName").or(fallback.as_deref()) else {
+                continue;
+            };
+            let level = m.dim("Level").unwrap_or("Model");
+            registry.set_model_metric(&m.name, model, level, hostname, m.value);
         }
-        dispatched
     }
 }
 
@@ -794,7 +763,17 @@ mod tests {
             "{out}"
         );
 
-        // The worker reads a batch of two, field by field.
+        // The kernel's walk of a batch of two the frontend wrote: its size (one corrupt walk is
+        // counted, not observed).
+        let batch = |requests: u32, status: u8| {
+            let mut p = requests.to_ne_bytes().to_vec();
+            p.extend_from_slice(&[status, 2, 0, 0, 1, b'a', 1, b'b']);
+            p
+        };
+        apply(&mut t, &fe(7, 1, 9_000_000_000, &batch(2, 0)));
+        apply(&mut t, &fe(7, 1, 9_500_000_000, &batch(1, 1)));
+        assert_eq!(reg.otf_corrupt.get(), 1);
+        // The worker's pipe: its [METRICS] line.
         let wk = |conn: u64, family: u8, dir: u8, data: &[u8], len: u64| {
             rec(
                 RawHeader {
@@ -810,36 +789,6 @@ mod tests {
                 data,
             )
         };
-        let mut frame = vec![b'I'];
-        for id in ["a", "b"] {
-            text(&mut frame, id.as_bytes());
-            frame.extend((-1i32).to_be_bytes());
-            text(&mut frame, b"body");
-            text(&mut frame, b"");
-            text(&mut frame, b"x");
-            frame.extend((-1i32).to_be_bytes());
-        }
-        frame.extend((-1i32).to_be_bytes());
-        t.on_worker(
-            &Event::decode(&wk(8, FAMILY_UNIX, 0, b"I", 1)).expect("valid"),
-            &reg,
-            "vm",
-        );
-        let dispatched = t.on_worker(
-            &Event::decode(&wk(
-                8,
-                FAMILY_UNIX,
-                0,
-                &frame[1..],
-                (frame.len() - 1) as u64,
-            ))
-            .expect("valid"),
-            &reg,
-            "vm",
-        );
-        // Every id of the batch; the frontend's last frame write (at 6 s) is after this frame's
-        // first read (9 ns), so it is not this frame's: the worker's first read stands in.
-        assert_eq!(dispatched, vec![("a".to_owned(), 9), ("b".to_owned(), 9)]);
         let line = b"[METRICS]PredictionTime.Milliseconds:0.47|#ModelName:batched,Level:Model|#type:GAUGE|#hostname:vm,1795457674,a\n";
         t.on_worker(
             &Event::decode(&wk(9, FAMILY_PIPE, 1, line, line.len() as u64)).expect("valid"),

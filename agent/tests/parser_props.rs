@@ -7,7 +7,7 @@
 
 use proptest::prelude::*;
 use servescope::{
-    events::{Event, HEAD_MAX},
+    events::{Event, HEAD_MAX, RawHeader, encode_for_test},
     http::{Conn, ParseStats},
     routing::route,
 };
@@ -132,8 +132,23 @@ proptest! {
 
     #[test]
     fn decoder_and_router_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..700), target in ".{0,300}") {
-        let _ = Event::decode(&bytes);
+        if let Ok(ev) = Event::decode(&bytes) {
+            let _ = ev.batch();
+        }
         let _ = route(&target);
+    }
+
+    /// The kernel's batch records with any payload: decoded without panic, every id inside the
+    /// record's bytes.
+    #[test]
+    fn batch_records_never_panic(payload in prop::collection::vec(any::<u8>(), 0..4200)) {
+        let h = RawHeader { kind: 7, dir: 1, ..Default::default() };
+        let rec = encode_for_test(h, &payload);
+        let ev = Event::decode(&rec).expect("a well-framed record");
+        if let Some(b) = ev.batch() {
+            let bytes: usize = b.ids.iter().map(|i| i.len() + 1).sum();
+            prop_assert!(bytes + 8 <= ev.head.len());
+        }
     }
 
     /// Keep-alive stream of valid requests, each answered, cut into reads at random points: every

@@ -36,6 +36,39 @@ enum ss_event_kind {
 	SS_EV_EXEC = 4,
 	SS_EV_EXIT = 5,
 	SS_EV_LISTEN = 6,
+	/*
+	 * An inference frame a TorchServe frontend wrote to a worker's unix socket, walked by the kernel
+	 * in the writer's own buffer (the frame's head alone cannot say how many requests a batch with
+	 * large bodies holds): data[0..head_len] is a struct ss_batch, then `ids` request ids, each a
+	 * 1-byte length and its bytes. ts_ns is the write's entry, len the frame's length in bytes.
+	 * Only these frames are seen of the frontend↔worker traffic besides the frontend's own reads and
+	 * writes: the workers' field-by-field socket reads are not traced.
+	 */
+	SS_EV_BATCH = 7,
+};
+
+/* Data bytes an SS_EV_BATCH record may carry (its data[] is longer than SS_HEAD_MAX). Power of two. */
+#define SS_BATCH_DATA_MAX 4096
+/* Request ids an SS_EV_BATCH record keeps, and the longest one kept (TorchServe's are 36-char UUIDs). */
+#define SS_BATCH_MAX_IDS 64
+#define SS_BATCH_ID_MAX 63
+
+/* How the kernel's walk of an inference frame ended. */
+enum ss_batch_status {
+	/* The frame's end (int32 -1 after the last request) was reached inside the written bytes. */
+	SS_BATCH_OK = 0,
+	/* A length was negative or ran past the written bytes: not a well-formed frame. */
+	SS_BATCH_CORRUPT = 1,
+	/* The walk's step budget ran out first (a frame with thousands of headers or requests). */
+	SS_BATCH_UNFINISHED = 2,
+};
+
+/* Head of an SS_EV_BATCH record's data. */
+struct ss_batch {
+	__u32 requests; /* requests walked (all of them when status is SS_BATCH_OK) */
+	__u8 status;    /* enum ss_batch_status */
+	__u8 ids;       /* request ids that follow (at most SS_BATCH_MAX_IDS; longer ids are not kept) */
+	__u8 _pad[2];
 };
 
 enum ss_direction {

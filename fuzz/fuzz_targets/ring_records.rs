@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use servescope::{
-    events::{Event, HEAD_MAX},
+    events::{BATCH_DATA_MAX, Event, HEAD_MAX, Kind},
     http::{ConnTable, conntrack::MAX_CONNS},
 };
 
@@ -23,8 +23,14 @@ fuzz_target!(|data: &[u8]| {
         let Ok(ev) = Event::decode(record) else {
             continue;
         };
-        assert!(ev.head.len() <= HEAD_MAX && ev.head.len() <= record.len());
+        let max = if ev.kind == Kind::Batch {
+            BATCH_DATA_MAX
+        } else {
+            HEAD_MAX
+        };
+        assert!(ev.head.len() <= max && ev.head.len() <= record.len());
         let _ = ev.peer();
+        let _ = ev.batch();
         let _ = table.apply(&ev);
         assert!(table.len() <= MAX_CONNS);
     }

@@ -50,8 +50,16 @@ impl ConnTable {
     /// Applies one kernel record; returns the exchanges it completed.
     pub fn apply(&mut self, ev: &Event<'_>) -> Vec<Exchange> {
         if ev.family == FAMILY_UNIX {
-            // Frontend→worker socket: not HTTP. Only the inference frames the frontend writes matter.
-            if ev.kind == Kind::Data
+            // Frontend→worker socket: not HTTP. Only the inference frames the frontend writes matter:
+            // the kernel's walk of each (every id of a batch), and the frame's own head (its first
+            // ids; what is left where the kernel cannot walk frames).
+            if ev.kind == Kind::Batch
+                && let Some(batch) = ev.batch()
+            {
+                for id in batch.ids {
+                    self.note_dispatch(id.to_owned(), ev.ts_ns);
+                }
+            } else if ev.kind == Kind::Data
                 && ev.dir == Direction::Egress
                 && let Some(ids) = otf::inference_request_ids(ev.head)
             {
@@ -62,8 +70,8 @@ impl ConnTable {
             return Vec::new();
         }
         match ev.kind {
-            // Process events are discovery's (pipeline.rs hands them over before this).
-            Kind::Exec | Kind::Exit | Kind::Listen => Vec::new(),
+            // Process events are discovery's; batch records come from unix sockets only (above).
+            Kind::Exec | Kind::Exit | Kind::Listen | Kind::Batch => Vec::new(),
             Kind::Open => {
                 self.make_room();
                 // `accepted`: seen at accept(), so the stream starts at a message boundary; otherwise
@@ -113,14 +121,6 @@ impl ConnTable {
         }
         if self.dispatched.insert(id.clone(), ts_ns).is_none() {
             self.dispatch_order.push_back(id);
-        }
-    }
-
-    /// Records the dispatch of a request id the frontend's frame head did not show (a later request
-    /// of a batch), as decoded from the worker's reads; one already known is left as it is.
-    pub fn note_worker_dispatch(&mut self, id: String, ts_ns: u64) {
-        if !self.dispatched.contains_key(&id) {
-            self.note_dispatch(id, ts_ns);
         }
     }
 
