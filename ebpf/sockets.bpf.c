@@ -283,19 +283,31 @@ static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 
 	return bpf_map_lookup_elem(&conns, key);
 }
 
-/* The connection behind (tgid, fd); a socket first seen mid-stream (open before the agent started, or
- * evicted) is adopted here with accepted = 0. */
+/*
+ * `family` of a `conns` entry for an fd of a target that is not traced (a log file, a UDP socket, a
+ * pipe of a non-worker): remembered so that the next write to it costs one lookup instead of a walk
+ * of the fd table (the JVM writes its log files ~30 times per request). Never sent to the agent.
+ * Valid until the fd number is reused, which goes through close() (the entry is deleted), dup2/dup3
+ * (likewise), or accept() (which overwrites it).
+ */
+#define FAMILY_IGNORED 0
+
+/* The connection behind (tgid, fd), NULL when the fd is not traced; a socket first seen mid-stream
+ * (open before the agent started, or evicted) is adopted here with accepted = 0. */
 static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd, __u32 flags)
 {
 	struct ss_conn_key key = { .tgid = pid_tgid >> 32, .fd = fd };
 	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
 	if (c)
-		return c;
+		return c->family == FAMILY_IGNORED ? NULL : c;
 	__u8 family = 0;
 	struct sock *sk = stream_sock(fd, &family);
 	if (!sk) {
-		if (!worker_pipe(flags, fd))
+		if (!worker_pipe(flags, fd)) {
+			struct conn_info ignored = { .family = FAMILY_IGNORED };
+			bpf_map_update_elem(&conns, &key, &ignored, BPF_ANY);
 			return NULL;
+		}
 		family = SS_FAMILY_PIPE;
 	}
 	c = new_conn(&key, family, 0);
@@ -919,22 +931,46 @@ int ss_exit_accept4(struct trace_event_raw_sys_exit *ctx)
 }
 
 /* close: free the connection's state at entry, before the fd number can be reused. */
-SEC("tracepoint/syscalls/sys_enter_close")
-int ss_enter_close(struct trace_event_raw_sys_enter *ctx)
+/* `fd` of a target stops naming what it named: a traced connection is reported closed, and any entry
+ * (an ignored fd's too) is forgotten. */
+static __always_inline void fd_gone(int fd)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!is_target(id >> 32))
-		return 0;
-	struct ss_conn_key key = { .tgid = id >> 32, .fd = (int)ctx->args[0] };
+		return;
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = fd };
 	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
 	if (!c)
-		return 0;
-	struct scratch *s = get_scratch();
-	if (s) {
-		fill_header(&s->ev, id, key.fd, c, SS_EV_CLOSE, SS_DIR_INGRESS, SS_SYS_CLOSE, 0);
-		submit(&s->ev);
+		return;
+	if (c->family != FAMILY_IGNORED) {
+		struct scratch *s = get_scratch();
+		if (s) {
+			fill_header(&s->ev, id, key.fd, c, SS_EV_CLOSE, SS_DIR_INGRESS, SS_SYS_CLOSE, 0);
+			submit(&s->ev);
+		}
 	}
 	bpf_map_delete_elem(&conns, &key);
+}
+
+SEC("tracepoint/syscalls/sys_enter_close")
+int ss_enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	fd_gone((int)ctx->args[0]);
+	return 0;
+}
+
+/* dup2/dup3 close their target fd first (if open) and make it name another file. */
+SEC("tracepoint/syscalls/sys_enter_dup2")
+int ss_enter_dup2(struct trace_event_raw_sys_enter *ctx)
+{
+	fd_gone((int)ctx->args[1]);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_dup3")
+int ss_enter_dup3(struct trace_event_raw_sys_enter *ctx)
+{
+	fd_gone((int)ctx->args[1]);
 	return 0;
 }
 

@@ -60,7 +60,7 @@ pub enum Need {
 }
 
 /// (program, tracepoint category, tracepoint, when needed); every needed one must load and attach.
-pub const PROGRAMS: [(&str, &str, &str, Need); 24] = [
+pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
     ("ss_enter_read", "syscalls", "sys_enter_read", Need::Always),
     ("ss_exit_read", "syscalls", "sys_exit_read", Need::Always),
     (
@@ -167,6 +167,8 @@ pub const PROGRAMS: [(&str, &str, &str, Need); 24] = [
         "sys_enter_close",
         Need::Always,
     ),
+    ("ss_enter_dup2", "syscalls", "sys_enter_dup2", Need::Always),
+    ("ss_enter_dup3", "syscalls", "sys_enter_dup3", Need::Always),
     (
         "ss_enter_listen",
         "syscalls",
