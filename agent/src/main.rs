@@ -107,8 +107,9 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // Also how TorchServe workers are noticed (a traced frontend's child exec'ing).
         watch_exec: true,
         watch_listen: !cfg.ports.is_empty(),
-        // TorchServe alone needs read/write only (probes::Need::SocketCalls).
-        socket_calls: !cfg.ports.is_empty(),
+        // TorchServe alone needs read/write only (probes::Need::SocketCalls); any server given by
+        // --pid or --port may use send/recv.
+        socket_calls: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
     })?;
     tracing::info!(
         thread_state = probes.thread_state().as_str(),

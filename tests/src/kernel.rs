@@ -6,7 +6,9 @@ use std::{fs, process::Command};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-/// Keys `(tgid, fd)` of the `conns` map (struct ss_conn_key) of the agent process `agent_pid`.
+/// Keys `(tgid, fd)` of the connections in the `conns` map (struct ss_conn_key) of the agent process
+/// `agent_pid`. Entries that only remember an untraced fd of a target (a log file; `family` 0,
+/// FAMILY_IGNORED in sockets.bpf.c) are not connections and are left out.
 ///
 /// The map is found through the agent's own file descriptors (`/proc/PID/fdinfo/*` names each BPF map's
 /// id), so other servescope agents running on the machine, with maps of the same name, do not interfere.
@@ -18,6 +20,7 @@ pub fn conns_keys(agent_pid: u32) -> Result<Vec<(u32, i32)>> {
         .context("bpftool map dump: not a JSON array")?;
     entries
         .iter()
+        .filter(|e| e["formatted"]["value"]["family"].as_u64() != Some(0))
         .map(|e| {
             let key = &e["formatted"]["key"];
             let tgid = key["tgid"]
