@@ -254,6 +254,11 @@ pub struct Registry {
     worker_load_time: GaugeVec,
     worker_thread_time: GaugeVec,
     batch_size: HistogramVec,
+    /// Per request: the read that completed it → its frame's write to a worker (ts_queue_latency as
+    /// a distribution).
+    queue_duration: HistogramVec,
+    /// Per batch: the frontend's write of the frame → its read of the worker's reply.
+    backend_duration: HistogramVec,
     pub otf_corrupt: IntCounter,
     worker_cpu: CounterVec,
     worker_rss: SampledGauge,
@@ -346,6 +351,25 @@ impl Registry {
                      frontend's frame), by model and version.",
                 )
                 .buckets(BATCH_BUCKETS.to_vec()),
+                &["model_name", "model_version", "hostname"],
+            )),
+            queue_duration: must(HistogramVec::new(
+                HistogramOpts::new(
+                    "servescope_queue_duration_seconds",
+                    "Time each inference request waited in TorchServe: from the read that completed it \
+                     to the frontend's write of its batch to a worker (ts_queue_latency_microseconds as \
+                     a distribution), by model and version.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["model_name", "model_version", "hostname"],
+            )),
+            backend_duration: must(HistogramVec::new(
+                HistogramOpts::new(
+                    "servescope_worker_backend_duration_seconds",
+                    "Time a TorchServe worker held each batch: from the frontend's write of the frame \
+                     to its read of the worker's reply, by model and version.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
                 &["model_name", "model_version", "hostname"],
             )),
             otf_corrupt: must(IntCounter::new(
@@ -510,12 +534,14 @@ impl Registry {
         ] {
             must(r.registry.register(Box::new(c.clone())));
         }
-        let workers: [Box<dyn Collector>; 9] = [
+        let workers: [Box<dyn Collector>; 11] = [
             Box::new(r.handler_time.clone()),
             Box::new(r.worker_thread_time.clone()),
             Box::new(r.prediction_time.clone()),
             Box::new(r.worker_load_time.clone()),
             Box::new(r.batch_size.clone()),
+            Box::new(r.queue_duration.clone()),
+            Box::new(r.backend_duration.clone()),
             Box::new(r.otf_corrupt.clone()),
             Box::new(r.worker_cpu.clone()),
             Box::new(r.worker_rss.vec.clone()),
@@ -532,6 +558,13 @@ impl Registry {
         self.batch_size
             .with_label_values(&[model, version, hostname])
             .observe(f64::from(requests));
+    }
+
+    /// One batch a worker of (model, version) held for `seconds` (frame written → reply read).
+    pub fn observe_backend(&self, model: &str, version: &str, hostname: &str, seconds: f64) {
+        self.backend_duration
+            .with_label_values(&[model, version, hostname])
+            .observe(seconds);
     }
 
     /// HandlerTime or PredictionTime from a worker's `[METRICS]` line (last value wins, as in
@@ -717,6 +750,9 @@ impl Registry {
             )]
             let us = queue_ns as f64 / 1000.0;
             self.queue_latency.with_label_values(&labels).inc_by(us);
+            self.queue_duration
+                .with_label_values(&labels)
+                .observe(us / 1e6);
             // QueueTime is whole milliseconds of the last job (TorchServe's gauge).
             self.queue_time
                 .with_label_values(&["Host", hostname])
@@ -1327,6 +1363,27 @@ mod tests {
             ),
             None
         );
+        // The same queue time as a distribution: one observation of 300 µs, none for `fail`.
+        let text = crate::exposition::torchserve::encode(
+            &r.gather(),
+            &crate::exposition::torchserve::Filter::all(),
+        );
+        let labels = "hostname=\"vm\",model_name=\"echo\",model_version=\"default\"";
+        assert!(
+            text.contains(&format!(
+                "servescope_queue_duration_seconds_count{{{labels}}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "servescope_queue_duration_seconds_sum{{{labels}}} 0.0003\n"
+            )),
+            "{text}"
+        );
+        assert!(!text.contains(
+            "servescope_queue_duration_seconds_count{hostname=\"vm\",model_name=\"fail\""
+        ));
     }
 
     #[test]

@@ -228,7 +228,7 @@ pub struct WorkerTracker {
     awaiting_load: FastSet<u64>,
     loads: FastMap<(u32, u16), Load>,
     /// Frontend connection → first request id of the inference frame it wrote, until the reply.
-    cycle: FastMap<u64, String>,
+    cycle: FastMap<u64, (String, u64)>,
     /// Request id → kernel time the frontend read its batch's reply; oldest first in `replied_order`.
     replied: FastMap<String, u64>,
     replied_order: std::collections::VecDeque<String>,
@@ -360,7 +360,7 @@ impl WorkerTracker {
                             if let Some(first) = otf::inference_request_ids(ev.head)
                                 .and_then(|ids| ids.into_iter().next())
                             {
-                                self.cycle.insert(ev.conn_id, first);
+                                self.cycle.insert(ev.conn_id, (first, ev.ts_ns));
                             }
                             return;
                         };
@@ -399,8 +399,23 @@ impl WorkerTracker {
                     Direction::Ingress => {
                         if !self.awaiting_load.remove(&ev.conn_id) {
                             // The first read after an inference frame: its batch reply arrived.
-                            if let Some(id) = self.cycle.remove(&ev.conn_id) {
+                            if let Some((id, written)) = self.cycle.remove(&ev.conn_id) {
                                 self.note_reply(id, ev.ts_ns);
+                                if let Some(w) =
+                                    self.pid_of(frontend, port).and_then(|p| self.map.lookup(p))
+                                {
+                                    #[expect(
+                                        clippy::cast_precision_loss,
+                                        reason = "nanosecond spans fit f64's 52-bit mantissa"
+                                    )]
+                                    let held = ev.ts_ns.saturating_sub(written) as f64 / 1e9;
+                                    registry.observe_backend(
+                                        &w.model_name,
+                                        &w.model_version,
+                                        hostname,
+                                        held,
+                                    );
+                                }
                             }
                             return;
                         }
@@ -760,6 +775,20 @@ mod tests {
         );
         assert!(
             out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 3.0"),
+            "{out}"
+        );
+        // The worker held the batch from the frame's write (6 s) to the reply's read (8 s).
+        let held = "{hostname=\"vm\",model_name=\"batched\",model_version=\"3.0\"}";
+        assert!(
+            out.contains(&format!(
+                "servescope_worker_backend_duration_seconds_sum{held} 2\n"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "servescope_worker_backend_duration_seconds_count{held} 1\n"
+            )),
             "{out}"
         );
 

@@ -429,6 +429,38 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
         model_sum(&ts_m, "ts_inference_requests_total", SLOW_BATCHED)
     );
     check_queue_latency(&m, &ts_m, SLOW_BATCHED, Fit::Within5Percent)?;
+    // The same as distributions: one queue observation per request, summing to the counter; one
+    // backend observation per batch (one PredictionTime line each), each at least the handler's
+    // 200 ms sleep.
+    let queue_count = model_sum(&m, "servescope_queue_duration_seconds_count", SLOW_BATCHED);
+    let queue_sum = model_sum(&m, "servescope_queue_duration_seconds_sum", SLOW_BATCHED);
+    let queue_us = model_sum(&m, "ts_queue_latency_microseconds", SLOW_BATCHED);
+    ensure!(
+        queue_count == queued && (queue_sum * 1e6 - queue_us).abs() <= 1.0,
+        "queue histogram: {queue_count} observations summing to {queue_sum} s; {queued} requests, counter {queue_us} µs"
+    );
+    let batches = logged_metric_lines(&ts, "PredictionTime", SLOW_BATCHED)?.len() as f64;
+    let held_count = model_sum(
+        &m,
+        "servescope_worker_backend_duration_seconds_count",
+        SLOW_BATCHED,
+    );
+    let held_sum = model_sum(
+        &m,
+        "servescope_worker_backend_duration_seconds_sum",
+        SLOW_BATCHED,
+    );
+    let under_200ms = m
+        .series("servescope_worker_backend_duration_seconds_bucket")
+        .find(|(s, _)| s.label("model_name") == Some(SLOW_BATCHED) && s.label("le") == Some("0.1"))
+        .map_or(f64::NAN, |(_, v)| v);
+    eprintln!(
+        "{SLOW_BATCHED}: {held_count} batches held {held_sum} s; TorchServe logged {batches} PredictionTime lines"
+    );
+    ensure!(
+        held_count == batches && held_sum >= 0.2 * held_count && under_200ms == 0.0,
+        "backend histogram: {held_count} batches, {held_sum} s, {under_200ms} under 100 ms; TorchServe logged {batches} batches"
+    );
 
     // 4. HandlerTime / PredictionTime: the agent's gauges hold the last line the workers printed, as
     // TorchServe's do; both equal the last logged line's value.
