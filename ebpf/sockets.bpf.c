@@ -685,13 +685,14 @@ static __always_inline void otf_frame(__u64 id, struct task_state *a, long ret)
 	 * prunes this and no batch records are made. */
 	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
 		return;
+	/* The message this write begins ends `count` bytes on, or where the frame walked below ends; what a
+	 * partial write leaves comes in the next writes, which must not be taken for frames. */
+	__u64 end = a->iovcnt;
 	__u8 cmd = 0;
-	if (a->iovcnt < 5 || bpf_probe_read_user(&cmd, 1, (const void *)a->buf) || cmd != 'I')
-		return;
 	__u32 zero = 0;
 	struct batch_scratch *b = bpf_map_lookup_elem(&batch_buf, &zero);
-	if (!b)
-		return;
+	if (!b || a->iovcnt < 5 || bpf_probe_read_user(&cmd, 1, (const void *)a->buf) || cmd != 'I')
+		goto rest;
 	struct walk w = {
 		.buf = a->buf,
 		.count = a->iovcnt,
@@ -718,8 +719,11 @@ static __always_inline void otf_frame(__u64 id, struct task_state *a, long ret)
 										   : BPF_RB_NO_WAKEUP;
 	if (bpf_ringbuf_output(&events, &b->ev, offsetof(struct ss_event, data) + pos, flags))
 		count_loss(SS_LOSS_RINGBUF_FULL);
-	if (w.state == W_DONE && w.off > (__u64)ret)
-		c->otf_skip = (__u32)(w.off - (__u64)ret);
+	if (w.state == W_DONE)
+		end = w.off;
+rest:
+	if (end > (__u64)ret)
+		c->otf_skip = end - (__u64)ret > 0xffffffffULL ? 0xffffffffU : (__u32)(end - (__u64)ret);
 }
 
 static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
