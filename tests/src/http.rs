@@ -175,7 +175,10 @@ impl Reader {
                     );
                 }
             }
-            response.body = self.buf.drain(..len).collect();
+            // Split, not `drain(..).collect()`: that copies byte by byte in a debug build (xtask's),
+            // which made a 3 MB scrape read as 30 ms slower than it is.
+            let rest = self.buf.split_off(len);
+            response.body = std::mem::replace(&mut self.buf, rest);
         } else {
             while self.fill()? {}
             response.body = std::mem::take(&mut self.buf);
@@ -213,8 +216,8 @@ impl Reader {
                     bail!("connection closed inside a chunk");
                 }
             }
-            body.extend(self.buf.drain(..size));
-            self.buf.drain(..2);
+            body.extend_from_slice(&self.buf[..size]);
+            self.buf.drain(..size + 2);
         }
     }
 }
