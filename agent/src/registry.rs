@@ -7,14 +7,16 @@
 use std::collections::{BTreeMap, HashSet};
 
 use prometheus::{
-    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, core::Collector,
+    CounterVec, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, core::Collector,
 };
 
+pub use self::store::{Kind, Order, SeriesView, StoredFamily};
 use crate::{
     http::Exchange,
     routing::{self, Route},
 };
+
+mod store;
 
 /// Prometheus metric type of a TorchServe family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,34 +241,34 @@ pub struct Registry {
     requests_2xx: CounterVec,
     requests_4xx: CounterVec,
     requests_5xx: CounterVec,
-    inference_requests: CounterVec,
+    inference_requests: StoredFamily,
     /// (model, version, hostname) label sets that have series; bounded by `max_model_series`.
     model_series:
         std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, String, String)>>>,
     max_model_series: usize,
     pub model_series_overflow: IntCounter,
-    inference_latency: CounterVec,
-    queue_latency: CounterVec,
+    inference_latency: StoredFamily,
+    queue_latency: StoredFamily,
     queue_time: prometheus::GaugeVec,
     // From the workers (workers.rs): gauges as TorchServe keeps them, last value wins.
     handler_time: GaugeVec,
     prediction_time: GaugeVec,
     worker_load_time: GaugeVec,
     worker_thread_time: GaugeVec,
-    batch_size: HistogramVec,
+    batch_size: StoredFamily,
     /// Per request: the read that completed it → its frame's write to a worker (ts_queue_latency as
     /// a distribution).
-    queue_duration: HistogramVec,
+    queue_duration: StoredFamily,
     /// Per batch: the frontend's write of the frame → its read of the worker's reply.
-    backend_duration: HistogramVec,
+    backend_duration: StoredFamily,
     pub otf_corrupt: IntCounter,
     worker_cpu: CounterVec,
     worker_rss: SampledGauge,
     worker_gpu: SampledGauge,
     // servescope's own families.
-    request_duration: HistogramVec,
-    request_bytes: IntCounterVec,
-    response_bytes: IntCounterVec,
+    request_duration: StoredFamily,
+    request_bytes: StoredFamily,
+    response_bytes: StoredFamily,
     /// Requests read and not yet answered in full, over every traced connection (set by the pipeline).
     pub in_flight: IntGauge,
     pub kernel_lost: IntCounterVec,
@@ -314,6 +316,12 @@ impl Registry {
                 spec.labels,
             ))
         };
+        // The per-model ones, in servescope's own storage (registry/store.rs).
+        let ts_model_counter = |name: &str| {
+            let spec = torchserve_family(name)
+                .unwrap_or_else(|| unreachable!("{name} is in the catalogue"));
+            StoredFamily::counter(spec.name, spec.help(), spec.labels)
+        };
         let ts_gauge = |name: &str| {
             let spec = torchserve_family(name)
                 .unwrap_or_else(|| unreachable!("{name} is in the catalogue"));
@@ -326,7 +334,7 @@ impl Registry {
             requests_2xx: ts_counter("Requests2XX"),
             requests_4xx: ts_counter("Requests4XX"),
             requests_5xx: ts_counter("Requests5XX"),
-            inference_requests: ts_counter("ts_inference_requests_total"),
+            inference_requests: ts_model_counter("ts_inference_requests_total"),
             model_series: std::sync::Arc::default(),
             max_model_series: MAX_MODEL_SERIES,
             model_series_overflow: must(IntCounter::new(
@@ -334,44 +342,42 @@ impl Registry {
                 "Inference requests not given a per-model series because MAX_MODEL_SERIES distinct \
                  (model, version, hostname) label sets already exist (cardinality bound).",
             )),
-            inference_latency: ts_counter("ts_inference_latency_microseconds"),
-            queue_latency: ts_counter("ts_queue_latency_microseconds"),
+            inference_latency: ts_model_counter("ts_inference_latency_microseconds"),
+            queue_latency: ts_model_counter("ts_queue_latency_microseconds"),
             queue_time: {
-                let spec = torchserve_family("QueueTime").unwrap_or_else(|| unreachable!("in the catalogue"));
-                must(prometheus::GaugeVec::new(Opts::new(spec.name, spec.help()), spec.labels))
+                let spec = torchserve_family("QueueTime")
+                    .unwrap_or_else(|| unreachable!("in the catalogue"));
+                must(prometheus::GaugeVec::new(
+                    Opts::new(spec.name, spec.help()),
+                    spec.labels,
+                ))
             },
             handler_time: ts_gauge("HandlerTime"),
             prediction_time: ts_gauge("PredictionTime"),
             worker_load_time: ts_gauge("WorkerLoadTime"),
             worker_thread_time: ts_gauge("WorkerThreadTime"),
-            batch_size: must(HistogramVec::new(
-                HistogramOpts::new(
-                    "servescope_batch_size",
-                    "Requests per inference batch a TorchServe worker received (from its reads of the \
-                     frontend's frame), by model and version.",
-                )
-                .buckets(BATCH_BUCKETS.to_vec()),
+            batch_size: StoredFamily::histogram(
+                "servescope_batch_size",
+                "Requests per inference batch a TorchServe worker received (from its reads of the \
+                 frontend's frame), by model and version.",
                 &["model_name", "model_version", "hostname"],
-            )),
-            queue_duration: must(HistogramVec::new(
-                HistogramOpts::new(
-                    "servescope_queue_duration_seconds",
-                    "Time each inference request waited in TorchServe: from the read that completed it \
-                     to the frontend's write of its batch to a worker (ts_queue_latency_microseconds as \
-                     a distribution), by model and version.",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
+                &BATCH_BUCKETS,
+            ),
+            queue_duration: StoredFamily::histogram(
+                "servescope_queue_duration_seconds",
+                "Time each inference request waited in TorchServe: from the read that completed it \
+                 to the frontend's write of its batch to a worker (ts_queue_latency_microseconds as \
+                 a distribution), by model and version.",
                 &["model_name", "model_version", "hostname"],
-            )),
-            backend_duration: must(HistogramVec::new(
-                HistogramOpts::new(
-                    "servescope_worker_backend_duration_seconds",
-                    "Time a TorchServe worker held each batch: from the frontend's write of the frame \
-                     to its read of the worker's reply, by model and version.",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
+                &LATENCY_BUCKETS,
+            ),
+            backend_duration: StoredFamily::histogram(
+                "servescope_worker_backend_duration_seconds",
+                "Time a TorchServe worker held each batch: from the frontend's write of the frame \
+                 to its read of the worker's reply, by model and version.",
                 &["model_name", "model_version", "hostname"],
-            )),
+                &LATENCY_BUCKETS,
+            ),
             otf_corrupt: must(IntCounter::new(
                 "servescope_otf_corrupt_frames_total",
                 "Frames on TorchServe worker sockets that did not decode (skipped up to the next frame).",
@@ -393,34 +399,28 @@ impl Registry {
                 "GPU memory of each TorchServe worker process on each device, from NVML.",
                 WORKER_GPU_LABELS,
             ),
-            request_duration: must(HistogramVec::new(
-                HistogramOpts::new(
-                    "servescope_request_duration_seconds",
-                    "Time from the read that completed an inference request to the write of its response \
-                     status line (TorchServe's latency), by model, version and status class.",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            request_duration: StoredFamily::histogram(
+                "servescope_request_duration_seconds",
+                "Time from the read that completed an inference request to the write of its response \
+                 status line (TorchServe's latency), by model, version and status class.",
                 EXCHANGE_LABELS,
-            )),
+                &LATENCY_BUCKETS,
+            ),
             // Counters, not histograms: a size histogram per model would double the samples of
             // every scrape (the latency histogram is most of them at 1,000 models); the sums give
             // throughput and, over `ts_inference_requests_total`, the mean size.
-            request_bytes: must(IntCounterVec::new(
-                Opts::new(
-                    "servescope_request_bytes_total",
-                    "Bytes of inference requests (head and body) the server read, by model, version and \
-                     response status class.",
-                ),
+            request_bytes: StoredFamily::counter(
+                "servescope_request_bytes_total",
+                "Bytes of inference requests (head and body) the server read, by model, version and \
+                 response status class.",
                 EXCHANGE_LABELS,
-            )),
-            response_bytes: must(IntCounterVec::new(
-                Opts::new(
-                    "servescope_response_bytes_total",
-                    "Bytes of responses to inference requests (head and body) the server wrote, by model, \
-                     version and status class.",
-                ),
+            ),
+            response_bytes: StoredFamily::counter(
+                "servescope_response_bytes_total",
+                "Bytes of responses to inference requests (head and body) the server wrote, by model, \
+                 version and status class.",
                 EXCHANGE_LABELS,
-            )),
+            ),
             in_flight: must(IntGauge::new(
                 "servescope_http_requests_in_flight",
                 "Requests on traced connections read and not yet answered in full.",
@@ -459,7 +459,10 @@ impl Registry {
                 "Connections to the metrics endpoint closed unserved because it already held its \
                  maximum of open connections.",
             )),
-            targets: must(IntGauge::new("servescope_targets", "Processes being traced.")),
+            targets: must(IntGauge::new(
+                "servescope_targets",
+                "Processes being traced.",
+            )),
             build_info: must(IntGaugeVec::new(
                 Opts::new("servescope_build_info", "servescope version; always 1."),
                 &["version"],
@@ -497,19 +500,13 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 21] = [
-            Box::new(r.request_bytes.clone()),
-            Box::new(r.response_bytes.clone()),
+        let collectors: [Box<dyn Collector>; 15] = [
             Box::new(r.in_flight.clone()),
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
             Box::new(r.requests_5xx.clone()),
-            Box::new(r.inference_requests.clone()),
             Box::new(r.model_series_overflow.clone()),
-            Box::new(r.inference_latency.clone()),
-            Box::new(r.queue_latency.clone()),
             Box::new(r.queue_time.clone()),
-            Box::new(r.request_duration.clone()),
             Box::new(r.kernel_lost.clone()),
             Box::new(r.decode_errors.clone()),
             Box::new(r.parse_errors.clone()),
@@ -534,14 +531,11 @@ impl Registry {
         ] {
             must(r.registry.register(Box::new(c.clone())));
         }
-        let workers: [Box<dyn Collector>; 11] = [
+        let workers: [Box<dyn Collector>; 8] = [
             Box::new(r.handler_time.clone()),
             Box::new(r.worker_thread_time.clone()),
             Box::new(r.prediction_time.clone()),
             Box::new(r.worker_load_time.clone()),
-            Box::new(r.batch_size.clone()),
-            Box::new(r.queue_duration.clone()),
-            Box::new(r.backend_duration.clone()),
             Box::new(r.otf_corrupt.clone()),
             Box::new(r.worker_cpu.clone()),
             Box::new(r.worker_rss.vec.clone()),
@@ -556,15 +550,13 @@ impl Registry {
     /// One batch of `requests` received by a worker of (model, version).
     pub fn observe_batch(&self, model: &str, version: &str, hostname: &str, requests: u32) {
         self.batch_size
-            .with_label_values(&[model, version, hostname])
-            .observe(f64::from(requests));
+            .observe(&[model, version, hostname], f64::from(requests));
     }
 
     /// One batch a worker of (model, version) held for `seconds` (frame written → reply read).
     pub fn observe_backend(&self, model: &str, version: &str, hostname: &str, seconds: f64) {
         self.backend_duration
-            .with_label_values(&[model, version, hostname])
-            .observe(seconds);
+            .observe(&[model, version, hostname], seconds);
     }
 
     /// HandlerTime or PredictionTime from a worker's `[METRICS]` line (last value wins, as in
@@ -629,8 +621,34 @@ impl Registry {
     }
 
     /// The families with samples, as the `prometheus` crate gathers them.
+    /// Every family as `proto` structs, sorted by name (as `prometheus::Registry::gather`). A copy
+    /// of everything: for tests and tools; `/metrics` renders from [`Registry::gather_collectors`]
+    /// and [`Registry::stored`] instead.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.gather_collectors();
+        families.extend(self.stored().iter().filter_map(|f| f.proto()));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        families
+    }
+
+    /// The families held by the prometheus crate (all but [`Registry::stored`]), sorted by name.
+    pub fn gather_collectors(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.registry.gather()
+    }
+
+    /// The per-model families kept in servescope's own storage (`registry/store.rs`).
+    pub fn stored(&self) -> [&StoredFamily; 9] {
+        [
+            &self.inference_requests,
+            &self.inference_latency,
+            &self.queue_latency,
+            &self.request_bytes,
+            &self.response_bytes,
+            &self.request_duration,
+            &self.batch_size,
+            &self.queue_duration,
+            &self.backend_duration,
+        ]
     }
 
     /// Whether (model, version, hostname) may have series: known ones always; new ones while fewer than
@@ -718,7 +736,7 @@ impl Registry {
             return;
         }
         let labels = [model.as_str(), version.as_str(), hostname];
-        self.inference_requests.with_label_values(&labels).inc();
+        self.inference_requests.inc_by(&labels, 1.0);
         let class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -727,12 +745,13 @@ impl Registry {
             _ => "5xx",
         };
         let by_class = [model.as_str(), version.as_str(), class, hostname];
-        self.request_bytes
-            .with_label_values(&by_class)
-            .inc_by(req.bytes);
-        self.response_bytes
-            .with_label_values(&by_class)
-            .inc_by(ex.response.bytes);
+        // Byte counts stay exact as f64 up to 2^53 (8 PiB) per series.
+        #[expect(clippy::cast_precision_loss, reason = "exact below 2^53")]
+        {
+            self.request_bytes.inc_by(&by_class, req.bytes as f64);
+            self.response_bytes
+                .inc_by(&by_class, ex.response.bytes as f64);
+        }
 
         // TorchServe adds latency only when the worker's batch reply was 200: handler exceptions and
         // "no worker" are frontend-made 5xx with the standard phrase and add nothing.
@@ -749,20 +768,16 @@ impl Registry {
                 reason = "nanosecond spans fit f64's 52-bit mantissa"
             )]
             let us = queue_ns as f64 / 1000.0;
-            self.queue_latency.with_label_values(&labels).inc_by(us);
-            self.queue_duration
-                .with_label_values(&labels)
-                .observe(us / 1e6);
+            self.queue_latency.inc_by(&labels, us);
+            self.queue_duration.observe(&labels, us / 1e6);
             // QueueTime is whole milliseconds of the last job (TorchServe's gauge).
             self.queue_time
                 .with_label_values(&["Host", hostname])
                 .set((us / 1000.0).floor());
         }
         if let Some(us) = ex.latency_us() {
-            self.inference_latency.with_label_values(&labels).inc_by(us);
-            self.request_duration
-                .with_label_values(&by_class)
-                .observe(us / 1e6);
+            self.inference_latency.inc_by(&labels, us);
+            self.request_duration.observe(&by_class, us / 1e6);
         }
     }
 }

@@ -41,7 +41,7 @@ use tokio::{
 use super::{
     access::Access,
     text::Format,
-    torchserve::{Filter, encode_as},
+    torchserve::{Filter, render},
 };
 use crate::registry::Registry;
 
@@ -347,7 +347,7 @@ async fn handle(state: &State, access: &Access, req: Request<Incoming>) -> Respo
         (
             StatusCode::OK,
             format.content_type(),
-            encode_as(&state.registry.gather(), &filter, format),
+            render(&state.registry, &filter, format),
         )
     } else {
         // TorchServe closes the connection after every response of status >= 400.

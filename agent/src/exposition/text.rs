@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 
+use crate::registry::{Kind, Order, StoredFamily};
+
 /// The body format a scrape asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -110,29 +112,13 @@ pub fn encode_family_as(out: &mut String, mf: &MetricFamily, format: Format) -> 
         MetricType::HISTOGRAM => "histogram",
     };
     let om = matches!(format, Format::OpenMetrics(_));
-    if om {
-        let info = kind == MetricType::GAUGE
-            && mf
-                .get_metric()
-                .iter()
-                .all(|m| m.get_gauge().get_value() == 1.0);
-        let meta = openmetrics_metadata(name, type_name, info);
-        push_openmetrics_metadata(out, &meta, mf.help());
-    } else {
-        let help = mf.help();
-        if !help.is_empty() {
-            out.push_str("# HELP ");
-            out.push_str(name);
-            out.push(' ');
-            push_escaped(out, help, false);
-            out.push('\n');
-        }
-        out.push_str("# TYPE ");
-        out.push_str(name);
-        out.push(' ');
-        out.push_str(type_name);
-        out.push('\n');
-    }
+    let info = om
+        && kind == MetricType::GAUGE
+        && mf
+            .get_metric()
+            .iter()
+            .all(|m| m.get_gauge().get_value() == 1.0);
+    push_metadata(out, name, type_name, mf.help(), info, om);
     // The `le` values, formatted once: every series of a vec has the same buckets.
     let mut bounds: Vec<(u64, String)> = Vec::new();
     let mut prefix = String::new();
@@ -164,7 +150,7 @@ pub fn encode_family_as(out: &mut String, mf: &MetricFamily, format: Format) -> 
                         name,
                         &prefix,
                         bound,
-                        m,
+                        m.timestamp_ms(),
                         count(b.cumulative_count()),
                         om,
                     );
@@ -176,7 +162,7 @@ pub fn encode_family_as(out: &mut String, mf: &MetricFamily, format: Format) -> 
                         name,
                         &prefix,
                         "+Inf",
-                        m,
+                        m.timestamp_ms(),
                         count(h.get_sample_count()),
                         om,
                     );
@@ -217,6 +203,34 @@ pub fn encode_family_as(out: &mut String, mf: &MetricFamily, format: Format) -> 
     true
 }
 
+/// A family's HELP and TYPE lines (OpenMetrics: TYPE, UNIT, HELP as [`openmetrics_metadata`] says).
+fn push_metadata(
+    out: &mut String,
+    name: &str,
+    type_name: &'static str,
+    help: &str,
+    info: bool,
+    om: bool,
+) {
+    if om {
+        let meta = openmetrics_metadata(name, type_name, info);
+        push_openmetrics_metadata(out, &meta, help);
+        return;
+    }
+    if !help.is_empty() {
+        out.push_str("# HELP ");
+        out.push_str(name);
+        out.push(' ');
+        push_escaped(out, help, false);
+        out.push('\n');
+    }
+    out.push_str("# TYPE ");
+    out.push_str(name);
+    out.push(' ');
+    out.push_str(type_name);
+    out.push('\n');
+}
+
 #[expect(
     clippy::cast_precision_loss,
     reason = "TextEncoder prints counts as f64 too"
@@ -226,7 +240,7 @@ fn count(n: u64) -> f64 {
 }
 
 /// A `_bucket` line from the series' escaped labels (`,k="v"` each) and its `le`.
-fn bucket(out: &mut String, name: &str, prefix: &str, le: &str, m: &Metric, value: f64, om: bool) {
+fn bucket(out: &mut String, name: &str, prefix: &str, le: &str, ts: i64, value: f64, om: bool) {
     out.push_str(name);
     out.push_str("_bucket{");
     // `prefix` starts with a comma when the series has labels.
@@ -237,7 +251,53 @@ fn bucket(out: &mut String, name: &str, prefix: &str, le: &str, m: &Metric, valu
     out.push_str("le=\"");
     push_escaped(out, le, true);
     out.push_str("\"}");
-    end_sample(out, m, value, om);
+    end_sample(out, ts, value, om);
+}
+
+/// One family of servescope's own storage, exactly as [`encode_family_as`] prints its
+/// [`StoredFamily::proto`] (the tests hold the two together), without building that proto. A family
+/// without series is skipped; returns whether it was written.
+pub fn encode_stored_family(out: &mut String, family: &StoredFamily, format: Format) -> bool {
+    if family.is_empty() {
+        return false;
+    }
+    let name = family.name();
+    let om = matches!(format, Format::OpenMetrics(_));
+    let (type_name, bounds) = match family.kind() {
+        Kind::Counter => ("counter", Vec::new()),
+        Kind::Histogram(b) => ("histogram", b.iter().map(f64::to_string).collect()),
+    };
+    push_metadata(out, name, type_name, family.help(), false, om);
+    let mut prefix = String::new();
+    family.for_each_series(Order::Gather, |s| {
+        prefix.clear();
+        for (k, v) in s.sorted_labels() {
+            push_label(&mut prefix, k, v);
+        }
+        let braced = |out: &mut String, suffix: &str| {
+            out.push_str(name);
+            out.push_str(suffix);
+            if let Some(labels) = prefix.strip_prefix(',') {
+                out.push('{');
+                out.push_str(labels);
+                out.push('}');
+            }
+        };
+        if family.kind() == Kind::Counter {
+            braced(out, "");
+            end_sample(out, 0, s.value(), om);
+            return;
+        }
+        for (le, n) in bounds.iter().zip(s.cumulative()) {
+            bucket(out, name, &prefix, le, 0, count(n), om);
+        }
+        bucket(out, name, &prefix, "+Inf", 0, count(s.count()), om);
+        braced(out, "_sum");
+        end_sample(out, 0, s.value(), om);
+        braced(out, "_count");
+        end_sample(out, 0, count(s.count()), om);
+    });
+    true
 }
 
 fn sample(
@@ -252,14 +312,13 @@ fn sample(
     out.push_str(name);
     out.push_str(suffix);
     labels(out, m.get_label(), extra);
-    end_sample(out, m, value, om);
+    end_sample(out, m.timestamp_ms(), value, om);
 }
 
-/// ` value[ timestamp]\n`.
-fn end_sample(out: &mut String, m: &Metric, value: f64, om: bool) {
+/// ` value[ timestamp]\n` (`ts` in ms; 0: none).
+fn end_sample(out: &mut String, ts: i64, value: f64, om: bool) {
     out.push(' ');
     push_value(out, value);
-    let ts = m.timestamp_ms();
     if ts != 0 {
         // OpenMetrics timestamps are seconds, the Prometheus text's milliseconds.
         if om {

@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, fmt::Write as _};
 use prometheus::proto::{MetricFamily, MetricType};
 
 use super::text::{self, Format};
-use crate::registry::{FamilySpec, TORCHSERVE_FAMILIES};
+use crate::registry::{FamilySpec, Kind, Order, Registry, StoredFamily, TORCHSERVE_FAMILIES};
 
 /// Renders `v` as Java's `Double.toString` does (JDK 19+ specification).
 ///
@@ -198,23 +198,78 @@ pub fn encode(families: &[MetricFamily], filter: &Filter) -> String {
 /// no trailing comma in label sets, exponents as `e`, families without samples left out, `# EOF`
 /// at the end (also of an empty selection).
 pub fn encode_as(families: &[MetricFamily], filter: &Filter, format: Format) -> String {
-    // One allocation for the body: about 100 bytes a sample (histograms several lines each).
-    let samples: usize = families.iter().map(|f| f.get_metric().len()).sum();
-    let mut out = String::with_capacity(4096 + samples * 100);
+    encode_parts(families, &[], filter, format)
+}
+
+/// The `/metrics` body of `registry`: [`encode_as`] of [`Registry::gather`], byte for byte, but the
+/// per-model families are formatted from their own storage instead of being cloned into `proto`.
+pub fn render(registry: &Registry, filter: &Filter, format: Format) -> String {
+    encode_parts(
+        &registry.gather_collectors(),
+        &registry.stored(),
+        filter,
+        format,
+    )
+}
+
+/// Bytes of body per line, for the up-front allocation: a model's histogram line is ~130 bytes.
+const LINE_BYTES: usize = 140;
+
+/// `families` (sorted by name, as gathered) and the `stored` families merged in name order.
+fn encode_parts(
+    families: &[MetricFamily],
+    stored: &[&StoredFamily],
+    filter: &Filter,
+    format: Format,
+) -> String {
+    // One allocation for the body, from the lines it will hold (a histogram series is its buckets,
+    // +Inf, _sum and _count): growing a multi-MB String doubles it and copies.
+    let lines: usize = families
+        .iter()
+        .map(|f| {
+            f.get_metric()
+                .iter()
+                .map(|m| m.get_histogram().get_bucket().len() + 3)
+                .sum::<usize>()
+        })
+        .chain(stored.iter().map(|f| {
+            f.len()
+                * match f.kind() {
+                    Kind::Counter => 1,
+                    Kind::Histogram(bounds) => bounds.len() + 3,
+                }
+        }))
+        .sum();
+    let mut out = String::with_capacity(4096 + lines * LINE_BYTES);
     for spec in TORCHSERVE_FAMILIES
         .iter()
         .filter(|s| filter.matches(s.name))
     {
-        let family = families.iter().find(|f| f.name() == spec.name);
-        encode_torchserve_family(&mut out, spec, family, filter.is_all(), format);
+        let samples = match stored.iter().find(|f| f.name() == spec.name) {
+            Some(f) => Samples::Stored(f),
+            None => Samples::Gathered(families.iter().find(|f| f.name() == spec.name)),
+        };
+        encode_torchserve_family(&mut out, spec, samples, filter.is_all(), format);
     }
 
-    let own = families
+    enum Own<'a> {
+        Gathered(&'a MetricFamily),
+        Stored(&'a StoredFamily),
+    }
+    let is_torchserve = |name: &str| TORCHSERVE_FAMILIES.iter().any(|s| s.name == name);
+    let mut own: Vec<(&str, Own<'_>)> = families
         .iter()
-        .filter(|f| !TORCHSERVE_FAMILIES.iter().any(|s| s.name == f.name()))
-        .filter(|f| filter.matches(f.name()));
-    for family in own {
-        text::encode_family_as(&mut out, family, format);
+        .map(|f| (f.name(), Own::Gathered(f)))
+        .chain(stored.iter().map(|f| (f.name(), Own::Stored(f))))
+        .filter(|(name, _)| !is_torchserve(name) && filter.matches(name))
+        .collect();
+    // Stable: gathered families are sorted already; the stored ones fall into place.
+    own.sort_by(|a, b| a.0.cmp(b.0));
+    for (_, family) in own {
+        match family {
+            Own::Gathered(f) => text::encode_family_as(&mut out, f, format),
+            Own::Stored(f) => text::encode_stored_family(&mut out, f, format),
+        };
     }
     if matches!(format, Format::OpenMetrics(_)) {
         out.push_str("# EOF\n");
@@ -222,40 +277,72 @@ pub fn encode_as(families: &[MetricFamily], filter: &Filter, format: Format) -> 
     out
 }
 
+/// Where a TorchServe family's samples are.
+enum Samples<'a> {
+    Gathered(Option<&'a MetricFamily>),
+    Stored(&'a StoredFamily),
+}
+
 /// One TorchServe family: HELP, TYPE and its samples, as simpleclient 0.9's `write004` prints them.
 fn encode_torchserve_family(
     out: &mut String,
     spec: &FamilySpec,
-    family: Option<&MetricFamily>,
+    samples: Samples<'_>,
     unfiltered: bool,
     format: Format,
 ) {
-    let mut samples: Vec<(Vec<&str>, f64)> = Vec::new();
-    if let Some(family) = family {
-        for metric in family.get_metric() {
-            let value = match family.get_field_type() {
-                MetricType::COUNTER => metric.get_counter().get_value(),
-                MetricType::GAUGE => metric.get_gauge().get_value(),
-                other => {
-                    tracing::debug!(family = spec.name, kind = ?other, "unexpected metric type; sample skipped");
-                    continue;
+    let om = matches!(format, Format::OpenMetrics(_));
+    match samples {
+        Samples::Stored(family) => {
+            // OpenMetrics allows a family without samples, but a parser cannot tell where it ends
+            // when the next family follows (the reference grammar's families are metadata then
+            // samples), and Prometheus keeps nothing of one: left out there. TorchServe's text
+            // prints it unfiltered.
+            if family.is_empty() && (!unfiltered || om) {
+                return;
+            }
+            debug_assert_eq!(family.labels(), spec.labels, "{}: label order", spec.name);
+            push_torchserve_metadata(out, spec, om);
+            // Declared order = sorted by the values in TorchServe's label order, as below.
+            family.for_each_series(Order::Declared, |s| {
+                push_torchserve_sample(
+                    out,
+                    spec,
+                    s.values().iter().map(String::as_str),
+                    s.value(),
+                    om,
+                );
+            });
+        }
+        Samples::Gathered(family) => {
+            let mut samples: Vec<(Vec<&str>, f64)> = Vec::new();
+            if let Some(family) = family {
+                for metric in family.get_metric() {
+                    let value = match family.get_field_type() {
+                        MetricType::COUNTER => metric.get_counter().get_value(),
+                        MetricType::GAUGE => metric.get_gauge().get_value(),
+                        other => {
+                            tracing::debug!(family = spec.name, kind = ?other, "unexpected metric type; sample skipped");
+                            continue;
+                        }
+                    };
+                    let labels = crate::registry::labels_in_order(metric, spec.labels);
+                    samples.push((labels, value));
                 }
-            };
-            let labels = crate::registry::labels_in_order(metric, spec.labels);
-            samples.push((labels, value));
+            }
+            if samples.is_empty() && (!unfiltered || om) {
+                return;
+            }
+            samples.sort_by(|a, b| a.0.cmp(&b.0));
+            push_torchserve_metadata(out, spec, om);
+            for (values, value) in samples {
+                push_torchserve_sample(out, spec, values.into_iter(), value, om);
+            }
         }
     }
-    let om = matches!(format, Format::OpenMetrics(_));
-    // OpenMetrics allows a family without samples, but a parser cannot tell where it ends when the
-    // next family follows (the reference grammar's families are metadata then samples), and
-    // Prometheus keeps nothing of one: left out there. TorchServe's text prints it unfiltered.
-    if samples.is_empty() && (!unfiltered || om) {
-        return;
-    }
-    samples.sort_by(|a, b| a.0.cmp(&b.0));
+}
 
-    // `write!` into a String cannot fail.
-    let om = matches!(format, Format::OpenMetrics(_));
+fn push_torchserve_metadata(out: &mut String, spec: &FamilySpec, om: bool) {
     if om {
         let meta = text::openmetrics_metadata(spec.name, spec.kind.as_str(), false);
         text::push_openmetrics_metadata(out, &meta, &spec.help());
@@ -269,36 +356,43 @@ fn encode_torchserve_family(
         // `write!` into a String cannot fail.
         let _ = writeln!(out, "\n# TYPE {} {}", spec.name, spec.kind.as_str());
     }
-    for (values, value) in samples {
-        out.push_str(spec.name);
-        // TorchServe's families all have labels; simpleclient omits the braces only without any.
-        if !spec.labels.is_empty() {
-            out.push('{');
-            for (i, (name, v)) in spec.labels.iter().zip(values).enumerate() {
-                // OpenMetrics has no trailing comma.
-                if om && i > 0 {
-                    out.push(',');
-                }
-                out.push_str(name);
-                out.push_str("=\"");
-                text::push_escaped(out, v, true);
-                out.push('"');
-                if !om {
-                    out.push(',');
-                }
+}
+
+fn push_torchserve_sample<'v>(
+    out: &mut String,
+    spec: &FamilySpec,
+    values: impl Iterator<Item = &'v str>,
+    value: f64,
+    om: bool,
+) {
+    out.push_str(spec.name);
+    // TorchServe's families all have labels; simpleclient omits the braces only without any.
+    if !spec.labels.is_empty() {
+        out.push('{');
+        for (i, (name, v)) in spec.labels.iter().zip(values).enumerate() {
+            // OpenMetrics has no trailing comma.
+            if om && i > 0 {
+                out.push(',');
             }
-            out.push('}');
+            out.push_str(name);
+            out.push_str("=\"");
+            text::push_escaped(out, v, true);
+            out.push('"');
+            if !om {
+                out.push(',');
+            }
         }
-        out.push(' ');
-        let value = sample_value(value);
-        // Java's exponent is `E`; OpenMetrics's grammar spells it `e` (Prometheus reads both).
-        if om {
-            out.push_str(&value.replace('E', "e"));
-        } else {
-            out.push_str(&value);
-        }
-        out.push('\n');
+        out.push('}');
     }
+    out.push(' ');
+    let value = sample_value(value);
+    // Java's exponent is `E`; OpenMetrics's grammar spells it `e` (Prometheus reads both).
+    if om {
+        out.push_str(&value.replace('E', "e"));
+    } else {
+        out.push_str(&value);
+    }
+    out.push('\n');
 }
 
 #[cfg(test)]
@@ -835,6 +929,74 @@ mod tests {
             proptest::prop_assert!(parsed.is_ok(), "{:?}\n{}", parsed.err(), om);
             let text = encode(&families, &Filter::all());
             proptest::prop_assert_eq!(sample_lines(&om), sample_lines(&text));
+        }
+
+        /// `/metrics` renders the per-model families from their own storage: byte for byte what the
+        /// proto path (every family gathered, then encoded) prints, whatever the traffic, the
+        /// `name[]` filter and the format.
+        #[test]
+        fn render_equals_the_proto_path(
+            exchanges in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["m", "n", "a%22b", "x%5Cy", "%C3%A9", "zz"]),
+                    proptest::sample::select(vec!["", "/1.0", "/2.0"]),
+                    proptest::sample::select(vec![200u16, 404, 422, 503, 302]),
+                    proptest::sample::select(vec!["vm", "pod-1", "h\"q"]),
+                    0u64..100_000_000,
+                    proptest::option::of(0u64..5_000_000),
+                    proptest::bool::ANY,
+                ),
+                0..40,
+            ),
+            batches in proptest::collection::vec((1u32..70, 0.0..3.0f64), 0..5),
+            query in proptest::sample::select(vec![
+                "",
+                "name[]=ts_inference_requests_total",
+                "name[]=servescope_request_duration_seconds&name[]=Requests2XX",
+                "name[]=ts_queue_latency_microseconds&name[]=servescope_batch_size",
+                "name[]=no_such_metric",
+            ]),
+            openmetrics in proptest::bool::ANY,
+        ) {
+            let registry = Registry::new();
+            for (model, version, status, host, latency_ns, queue_ns, torchserve) in exchanges {
+                let ex = crate::http::Exchange {
+                    tgid: 1,
+                    conn_id: 1,
+                    peer: None,
+                    request: Some(crate::http::Request {
+                        method: "POST".into(),
+                        target: format!("/predictions/{model}{version}"),
+                        first_byte_ns: 0,
+                        complete_ns: 1_000,
+                        bytes: latency_ns % 977,
+                    }),
+                    response: crate::http::Response {
+                        status,
+                        reason: "x".into(),
+                        request_id: Some("id".into()),
+                        start_ns: 1_000 + latency_ns,
+                        end_ns: Some(2_000 + latency_ns),
+                        bytes: latency_ns % 1013,
+                    },
+                };
+                let flavor = if torchserve {
+                    crate::registry::Flavor::TorchServe
+                } else {
+                    crate::registry::Flavor::Generic
+                };
+                registry.record_with_dispatch(&ex, host, flavor, queue_ns.map(|q| 1_000 + q));
+            }
+            for (requests, seconds) in batches {
+                registry.observe_batch("m", "1.0", "vm", requests);
+                registry.observe_backend("m", "1.0", "vm", seconds);
+            }
+            let filter = Filter::from_query(Some(query));
+            let format = if openmetrics { Format::OpenMetrics("1.0.0") } else { Format::Prometheus };
+            proptest::prop_assert_eq!(
+                render(&registry, &filter, format),
+                encode_as(&registry.gather(), &filter, format)
+            );
         }
     }
 }
