@@ -10,8 +10,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use servescope_integration::{
-    Agent, Metrics, Series, TorchServeHome, ensure_kernel_prereqs, http, log_dir, require_root,
-    torchserve::loopback,
+    Agent, Metrics, Series, TorchServe, TorchServeHome, ensure_kernel_prereqs, http, log_dir,
+    require_root,
+    torchserve::{E2E_BATCHED, E2E_REGISTRATION_RESPONSES, burst, loopback},
 };
 
 /// The agent serves on 9082 so that TorchServe keeps its own metrics API on 8082 to compare with.
@@ -22,6 +23,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests TorchServe answered before the agent was started: run.sh's single `GET /ping` (200).
 const PINGS_BEFORE_AGENT: f64 = 1.0;
+/// How far the agent's latency sums may be from TorchServe's (issue 6). The agent's clock holds
+/// Netty's work on both ends of each request, a few ms (README, "How it counts"); over this mix the
+/// slow model's 200 ms handler and the requests queued behind it dominate the sums.
+const LATENCY_TOLERANCE: f64 = 0.05;
 
 /// Root, kernel file systems, TorchServe installed; a fresh log directory for the test.
 fn prepare(test: &str) -> Result<(PathBuf, TorchServeHome)> {
@@ -38,8 +43,9 @@ fn agent_addr() -> SocketAddr {
     loopback(AGENT_LISTEN)
 }
 
-/// The Done-when test of issue 3: a fixed traffic mix through a real TorchServe; afterwards the agent's
-/// TorchServe families equal TorchServe's own /metrics (latency within 10%).
+/// The Done-when test of issues 3 and 6: a fixed traffic mix through a real TorchServe serving
+/// echo/slow/fail, echo's second version and a batching model; afterwards the agent's TorchServe
+/// families equal TorchServe's own /metrics (latency sums within 5%).
 #[test]
 fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
     let (logs, home) = prepare("counters_equal_torchserve_after_traffic_mix")?;
@@ -58,12 +64,19 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
         ready.sum("servescope_targets")
     );
 
+    // Issue 6's model set beyond run.sh's three: a second version of echo and a batching model,
+    // registered while the agent runs (so it sees their workers load, as a user's agent would).
+    ts.register_e2e_models()?;
+
     let traffic = home.traffic(&logs, &[])?;
     eprintln!(
         "traffic.py: {} responses in {:.1?}",
         traffic.total_requests()?,
         traffic.duration
     );
+    // traffic.py knows only echo/slow/fail; the versions and the batches are sent from here.
+    let extra = model_set_traffic(&ts)?;
+    eprintln!("model-set traffic: {extra:?}");
 
     // Order matters: TorchServe first. TorchServe renders the body and then counts this scrape's 200; the
     // agent sees that 200 leave TorchServe's socket and counts it too, before we scrape the agent.
@@ -72,7 +85,8 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
         .context("saving TorchServe's scrape")?;
     let ts_m = Metrics::parse(&ts_text).context("parsing TorchServe's /metrics")?;
 
-    // TorchServe's Requests2XX = run.sh's /ping + traffic's 2xx (no earlier scrape, and not this one).
+    // TorchServe's Requests2XX = run.sh's /ping + the registrations + traffic's 2xx (no earlier
+    // scrape, and not this one).
     // The agent missed the /ping (it started later) but saw this scrape's 200:
     //   agent = TorchServe's scraped value - PINGS_BEFORE_AGENT + 1.
     let ts_2xx = ts_m.sum("Requests2XX");
@@ -140,8 +154,12 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
             ts_m.sum(family),
         ))
     };
+    let extra_2xx: f64 = extra.values().sum();
     for (family, want, got) in [
-        expect("Requests2XX", PINGS_BEFORE_AGENT)?,
+        expect(
+            "Requests2XX",
+            PINGS_BEFORE_AGENT + E2E_REGISTRATION_RESPONSES + extra_2xx,
+        )?,
         expect("Requests4XX", 0.0)?,
         expect("Requests5XX", 0.0)?,
     ] {
@@ -151,7 +169,11 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
             ));
         }
     }
-    for ((model, version), want) in traffic.expected_inference_requests()? {
+    let mut expected = traffic.expected_inference_requests()?;
+    for (key, n) in &extra {
+        *expected.entry(key.clone()).or_default() += n;
+    }
+    for ((model, version), want) in expected {
         let got = ts_m
             .series("ts_inference_requests_total")
             .filter(|(s, _)| {
@@ -187,6 +209,49 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
     }
     ts.stop();
     Ok(())
+}
+
+/// The part of the mix traffic.py cannot send (it knows only run.sh's models): both versions of echo
+/// by explicit version and by default, and bursts to the batching model that fill batches and leave a
+/// partial one waiting out max_batch_delay. Every request must answer 200 with its body; returns the
+/// inference requests sent per (model, model_version label) — all 200s, each one timed.
+fn model_set_traffic(ts: &TorchServe) -> Result<BTreeMap<(String, String), f64>> {
+    // (path, label TorchServe gives it (FACTS.md §3-4: the URL's version segment, else "default"), n).
+    const SEQUENTIAL: [(&str, (&str, &str), usize); 4] = [
+        ("/predictions/echo/1.0", ("echo", "1.0"), 3),
+        ("/predictions/echo/2.0", ("echo", "2.0"), 5),
+        ("/echo/2.0/predict", ("echo", "2.0"), 1),
+        ("/predictions/echo", ("echo", "default"), 3),
+    ];
+    const BURSTS: usize = 2;
+    let mut sent = BTreeMap::new();
+    for (path, (model, version), n) in SEQUENTIAL {
+        for i in 0..n {
+            let body = format!("{path} {i}");
+            let r = http::post(
+                ts.inference_addr(),
+                path,
+                body.as_bytes(),
+                Duration::from_secs(10),
+            )?;
+            if r.status != 200 || r.body != body.as_bytes() {
+                bail!("{path} answered {} {:?}", r.status, r.text());
+            }
+        }
+        *sent
+            .entry((model.to_owned(), version.to_owned()))
+            .or_default() += n as f64;
+    }
+    // Two full batches and a half one per burst.
+    let per_burst = 2 * E2E_BATCHED.batch_size + E2E_BATCHED.batch_size / 2;
+    for _ in 0..BURSTS {
+        burst(ts.inference_addr(), E2E_BATCHED.name, per_burst)?;
+    }
+    sent.insert(
+        (E2E_BATCHED.name.to_owned(), "default".to_owned()),
+        (BURSTS * per_burst) as f64,
+    );
+    Ok(sent)
 }
 
 /// The `Hostname` / `hostname` labels are TorchServe's own (its frontend's UTS hostname), and every
@@ -474,7 +539,7 @@ fn compare_exact(
 
 /// A latency-sum family (ts_inference_latency_microseconds, ts_queue_latency_microseconds): the agent has
 /// exactly TorchServe's series (none for `fail`, whose replies never update them), and the sum over all
-/// series is within 10% of TorchServe's.
+/// series is within LATENCY_TOLERANCE of TorchServe's.
 fn compare_latency(
     report: &mut String,
     failures: &mut Vec<String>,
@@ -513,16 +578,18 @@ fn compare_latency(
         }
     }
     let (w, g) = (ts.sum(family), agent.sum(family));
-    let within = w > 0.0 && (g - w).abs() <= 0.10 * w;
+    let within = w > 0.0 && (g - w).abs() <= LATENCY_TOLERANCE * w;
     let _ = writeln!(
         report,
-        "  {} sum: TorchServe {w} servescope {g} ratio {:.3} (must be within 10%)",
+        "  {} sum: TorchServe {w} servescope {g} ratio {:.3} (must be within {}%)",
         mark(within),
-        if w > 0.0 { g / w } else { f64::NAN }
+        if w > 0.0 { g / w } else { f64::NAN },
+        LATENCY_TOLERANCE * 100.0
     );
     if !within {
         failures.push(format!(
-            "{family} sum: servescope {g}, TorchServe {w} (not within 10%)"
+            "{family} sum: servescope {g}, TorchServe {w} (not within {}%)",
+            LATENCY_TOLERANCE * 100.0
         ));
     }
 }
