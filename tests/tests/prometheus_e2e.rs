@@ -1016,12 +1016,23 @@ fn expectations(agent: &Metrics) -> BTreeMap<String, Expect> {
         );
     }
     let gpu_labels = ["DeviceId", "Hostname", "Level", "instance", "job", "pod"];
-    // One worker per model and version here (echo 1.0 and 2.0, slow, fail, batched); their CPU rate
-    // may be ~0 between rounds.
-    put("panel Worker CPU by model / A", series(&mmh, V::Any));
+    // One worker per model and version here; their CPU rate may be ~0 between rounds. Worker series
+    // carry the version the worker loaded (its archive's), not the route's `default`: echo's two
+    // workers are told apart, and `batched`'s worker has its registered name, not its archive's.
+    const WORKERS: [&str; 5] = [
+        "batched/1.0",
+        "echo/1.0",
+        "echo/2.0",
+        "fail/1.0",
+        "slow/1.0",
+    ];
+    put(
+        "panel Worker CPU by model / A",
+        series(&mmh, V::Any).keys(&WORKERS),
+    );
     put(
         "panel Worker memory by model / A",
-        series(&mmh, V::Positive),
+        series(&mmh, V::Positive).keys(&WORKERS),
     );
     put(
         "panel Worker memory by model / B",
