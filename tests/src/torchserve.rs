@@ -28,6 +28,27 @@ pub const METRICS_PORT: u16 = 8082;
 /// The models `run.sh` registers (one worker each).
 pub const MODELS: [&str; 3] = ["echo", "slow", "fail"];
 
+/// Archive of version 2.0 of the `echo` model (the same handler; setup.sh builds it, run.sh does not
+/// load it): the e2e suites register it next to run.sh's echo 1.0, so that one model has two versions.
+pub const ECHO_V2_ARCHIVE: &str = "echo_v2.mar";
+/// The batching model of the e2e suites (registered like [`ECHO_V2_ARCHIVE`], after the agent started:
+/// a worker loaded before it would be named after its archive, `echo`). One worker, so that a burst of
+/// concurrent requests is cut into batches in arrival order: full batches of `batch_size`, then a
+/// partial one that waits out `max_batch_delay`, which is real queueing for both clocks to measure.
+pub const E2E_BATCHED: Batching = Batching {
+    name: "batched",
+    archive: "echo.mar",
+    batch_size: 4,
+    max_batch_delay_ms: 500,
+    workers: 1,
+};
+/// The management responses [`TorchServe::register_e2e_models`] takes (two registrations and a
+/// describe), all 200s: TorchServe counts them in Requests2XX, and so does an agent already running.
+pub const E2E_REGISTRATION_RESPONSES: f64 = 3.0;
+/// Registering a model waits for its workers to load (`synchronous=true`); scaling waits for workers to
+/// start or stop. Seconds each, bounded generously for a busy host.
+pub const MANAGEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A first setup may install a JDK with apt and the pip packages; later runs take about a second.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// run.sh waits for the workers itself (READY_TIMEOUT, 180 s); this only bounds a hung script.
@@ -405,6 +426,71 @@ impl TorchServe {
         Metrics::parse(&self.scrape_text("")?).context("parsing TorchServe's /metrics")
     }
 
+    /// A management API call (any method, no body); the parsed JSON body of its 200.
+    pub fn manage(&self, method: &str, path: &str) -> Result<Value> {
+        let addr = self.management_addr();
+        let raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+        let r = self
+            .in_netns(move || http::request(addr, raw.as_bytes(), MANAGEMENT_TIMEOUT))
+            .with_context(|| format!("{method} {path}"))?;
+        if r.status != 200 {
+            bail!("{method} {path} answered {}: {}", r.status, r.text());
+        }
+        serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: not JSON"))
+    }
+
+    /// Registers the e2e suites' models beyond run.sh's three: `echo` version 2.0 (one worker; echo 1.0
+    /// stays the default version, the first registered) and [`E2E_BATCHED`], in
+    /// [`E2E_REGISTRATION_RESPONSES`] management calls.
+    pub fn register_e2e_models(&self) -> Result<()> {
+        self.manage(
+            "POST",
+            &format!("/models?url={ECHO_V2_ARCHIVE}&initial_workers=1&synchronous=true"),
+        )?;
+        E2E_BATCHED.register(self)?;
+        // The default version decides what `/predictions/echo` runs; the tests' counts do not depend
+        // on it (its label is `default` either way), but a registration that moved it would be a
+        // changed TorchServe worth knowing about.
+        let default = self.manage("GET", "/models/echo")?;
+        let version = default[0]["modelVersion"].as_str().unwrap_or_default();
+        if version != "1.0" {
+            bail!("echo's default version is {version:?} after registering 2.0, expected \"1.0\"");
+        }
+        Ok(())
+    }
+
+    /// `[METRICS]` lines TorchServe logged (prometheus mode: ts_log.log, `result=[METRICS]…`), distinct,
+    /// for `metric` and `model`, with their values, in log order. Workers print one PredictionTime line
+    /// per batch: TorchServe's own count of a model's batches.
+    pub fn logged_metric_lines(&self, metric: &str, model: &str) -> Result<Vec<(String, f64)>> {
+        let path = self.home.home.join("logs/ts_log.log");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let Some(at) = line.find("result=[METRICS]") else {
+                continue;
+            };
+            let m = &line[at + "result=[METRICS]".len()..];
+            let m = m.split(", pattern=").next().unwrap_or(m);
+            if !m.starts_with(&format!("{metric}.")) || !m.contains(&format!("ModelName:{model},"))
+            {
+                continue;
+            }
+            let value: f64 = m
+                .split_once(':')
+                .and_then(|(_, r)| r.split('|').next())
+                .with_context(|| format!("no value in {m:?}"))?
+                .parse()
+                .with_context(|| format!("bad value in {m:?}"))?;
+            if seen.insert(m.to_owned()) {
+                out.push((m.to_owned(), value));
+            }
+        }
+        Ok(out)
+    }
+
     /// Stops TorchServe now (stop.sh).
     pub fn stop(mut self) {
         if let Some(reg) = self.stop.take() {
@@ -419,6 +505,57 @@ impl Drop for TorchServe {
             reg.run();
         }
     }
+}
+
+/// A model registered with batching through the management API.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// The name it is registered (and requested) under.
+    pub name: &'static str,
+    /// An archive in the model store.
+    pub archive: &'static str,
+    pub batch_size: usize,
+    pub max_batch_delay_ms: u64,
+    pub workers: usize,
+}
+
+impl Batching {
+    /// `POST /models?url=…&model_name=…&batch_size=…&max_batch_delay=…&initial_workers=…`, waiting
+    /// until the workers are loaded.
+    pub fn register(&self, ts: &TorchServe) -> Result<Value> {
+        ts.manage(
+            "POST",
+            &format!(
+                "/models?url={}&model_name={}&batch_size={}&max_batch_delay={}&initial_workers={}&synchronous=true",
+                self.archive, self.name, self.batch_size, self.max_batch_delay_ms, self.workers
+            ),
+        )
+    }
+}
+
+/// `n` concurrent inference requests to `model` (`POST /predictions/<model>`, each on its own
+/// connection, bodies `req <i>`); each must answer 200 with its own body (the e2e models echo), so a
+/// batch's replies reached the right clients.
+pub fn burst(addr: SocketAddr, model: &str, n: usize) -> Result<()> {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let path = format!("/predictions/{model}");
+            std::thread::spawn(move || {
+                let body = format!("req {i}");
+                let r = http::post(addr, &path, body.as_bytes(), Duration::from_secs(30))?;
+                Ok::<_, anyhow::Error>((body, r))
+            })
+        })
+        .collect();
+    for h in handles {
+        let (body, r) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("request thread panicked"))??;
+        if r.status != 200 || r.body != body.as_bytes() {
+            bail!("{model}: {body:?} answered {} {:?}", r.status, r.text());
+        }
+    }
+    Ok(())
 }
 
 /// traffic.py's JSON summary.

@@ -25,7 +25,9 @@ use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 use servescope_integration::{
     Agent, Metrics, ServerProcess, TorchServe, TorchServeHome, ensure_kernel_prereqs, http,
-    log_dir, require_root, torchserve::loopback, workspace_root,
+    log_dir, require_root,
+    torchserve::{E2E_BATCHED, E2E_REGISTRATION_RESPONSES, burst, loopback},
+    workspace_root,
 };
 
 const AGENT_PORT: u16 = 9082;
@@ -36,10 +38,13 @@ const RATE_INTERVAL: &str = "1m";
 /// How long a figure may take to show up in Prometheus once the agent has it (scrape + rule evaluation).
 const PROPAGATION: Duration = Duration::from_secs(15);
 
-/// One round of the mix, per request kind: (what, method+path, extra header, status, count).
-const ROUND: [(&str, &str, &str, u16, usize); 7] = [
+/// One round of the mix, per request kind: (what, method+path, extra header, status, count). Sent
+/// one after the other, then [`BURST`].
+const ROUND: [(&str, &str, &str, u16, usize); 8] = [
     ("echo", "/predictions/echo", "", 200, 10),
     ("echo 1.0", "/predictions/echo/1.0", "", 200, 3),
+    // The second version of echo (registered over the management API; 1.0 stays the default).
+    ("echo 2.0", "/predictions/echo/2.0", "", 200, 3),
     ("slow", "/predictions/slow", "", 200, 2),
     ("fail", "/predictions/fail", "", 503, 3),
     ("unknown model", "/predictions/nosuchmodel", "", 404, 2),
@@ -53,6 +58,9 @@ const ROUND: [(&str, &str, &str, u16, usize); 7] = [
     ),
     ("ping", "/ping", "", 200, 1),
 ];
+/// Per round, concurrent requests to the batching model (one worker): two full batches, then a half
+/// one that waits out max_batch_delay. All 200, each timed; batch sizes are counted per batch.
+const BURST: usize = 2 * E2E_BATCHED.batch_size + E2E_BATCHED.batch_size / 2;
 /// Rounds sent in all (one before Prometheus starts, two while it scrapes).
 const ROUNDS: usize = 3;
 
@@ -86,6 +94,9 @@ fn every_deploy_query_returns_the_expected_series() -> Result<()> {
         ],
     )?;
     agent.wait_ready(Duration::from_secs(15))?;
+    // Echo's second version and the batching model, registered while the agent runs so that it sees
+    // their workers load (as a user's agent would); the responses count in Requests2XX.
+    ts.register_e2e_models()?;
 
     // Round 1, before Prometheus: creates every series the mix creates.
     send_round(&ts)?;
@@ -109,6 +120,7 @@ fn every_deploy_query_returns_the_expected_series() -> Result<()> {
     let mut report = String::new();
     let mut failures = Vec::new();
     check_counters(&prometheus, &agent_m, &hostname, &mut report, &mut failures)?;
+    check_batches(&prometheus, &agent_m, &ts, &mut report, &mut failures)?;
     check_every_expression(&prometheus, &agent_m, &hostname, &mut report, &mut failures)?;
     check_rule_health(&prometheus, &mut report, &mut failures)?;
     check_openmetrics_negotiated(&prometheus, &mut report, &mut failures)?;
@@ -163,17 +175,29 @@ fn send_round(ts: &TorchServe) -> Result<()> {
             );
         }
     }
-    Ok(())
+    burst(ts.inference_addr(), E2E_BATCHED.name, BURST)
 }
 
 /// Per round: responses by class, inferences by (model, version), timed inferences by (model, version,
 /// status class).
 fn per_round(class: &str) -> f64 {
-    ROUND
-        .iter()
-        .filter(|(_, _, _, status, _)| status_class(*status) == class)
-        .map(|(.., n)| *n as f64)
-        .sum()
+    let burst = if class == "2xx" { BURST as f64 } else { 0.0 };
+    burst
+        + ROUND
+            .iter()
+            .filter(|(_, _, _, status, _)| status_class(*status) == class)
+            .map(|(.., n)| *n as f64)
+            .sum::<f64>()
+}
+
+/// Responses of a class since the agent started, after `rounds` rounds: the registrations are 200s.
+fn sent_since_start(class: &str, rounds: usize) -> f64 {
+    let registrations = if class == "2xx" {
+        E2E_REGISTRATION_RESPONSES
+    } else {
+        0.0
+    };
+    registrations + rounds as f64 * per_round(class)
 }
 
 fn status_class(status: u16) -> &'static str {
@@ -186,14 +210,13 @@ fn status_class(status: u16) -> &'static str {
 
 /// Waits until the agent has counted `rounds` rounds.
 fn settle(agent: &Agent, rounds: usize) -> Result<()> {
-    let n = rounds as f64;
     agent.wait_until(
         Duration::from_secs(10),
         &format!("{rounds} round(s) counted"),
         |m| {
-            m.sum("Requests2XX") == n * per_round("2xx")
-                && m.sum("Requests4XX") == n * per_round("4xx")
-                && m.sum("Requests5XX") == n * per_round("5xx")
+            m.sum("Requests2XX") == sent_since_start("2xx", rounds)
+                && m.sum("Requests4XX") == sent_since_start("4xx", rounds)
+                && m.sum("Requests5XX") == sent_since_start("5xx", rounds)
         },
     )?;
     Ok(())
@@ -413,7 +436,7 @@ fn check_counters(
             format!("sum({family})"),
             p.scalar(&format!("sum({family})"))?,
             agent.sum(family),
-            Some(rounds * per_round(class)),
+            Some(sent_since_start(class, ROUNDS)),
         );
     }
     // Per model and version: inference requests, and the histogram's count per status class.
@@ -436,6 +459,12 @@ fn check_counters(
                 .or_default() += rounds * n as f64;
         }
     }
+    let batched = (E2E_BATCHED.name.to_owned(), "default".to_owned());
+    sent_requests.insert(batched.clone(), rounds * BURST as f64);
+    sent_timed.insert(
+        (batched.0, batched.1, "2xx".to_owned()),
+        rounds * BURST as f64,
+    );
     let by_model = |m: &Metrics, family: &str, model: &str, version: &str, class: Option<&str>| {
         m.series(family)
             .filter(|(s, _)| {
@@ -506,6 +535,83 @@ fn check_counters(
             "metric relabeling: pod values {pods:?} (want {{{hostname:?}}}), servescope_targets {own:?}"
         ));
     }
+    Ok(())
+}
+
+/// The batching model's batch-size histogram reached Prometheus as the agent serves it, and the agent's
+/// figures are TorchServe's: the batches hold every request sent (sum), there are as many as TorchServe's
+/// worker logged PredictionTime lines (one per batch), fewer than requests (batching happened), and
+/// none is larger than batch_size.
+fn check_batches(
+    p: &Prometheus,
+    agent: &Metrics,
+    ts: &TorchServe,
+    report: &mut String,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    let model = E2E_BATCHED.name;
+    let _ = writeln!(
+        report,
+        "batch sizes of {model} (Prometheus = agent = TorchServe):"
+    );
+    let pick = |name: &str, le: Option<&str>| {
+        agent
+            .series(name)
+            .filter(|(s, _)| s.label("model_name") == Some(model) && s.label("le") == le)
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let mut check = |what: String, ok: bool| {
+        let _ = writeln!(report, "  {} {what}", mark(ok));
+        if !ok {
+            failures.push(what);
+        }
+    };
+    let sent = (ROUNDS * BURST) as f64;
+    let batches = ts.logged_metric_lines("PredictionTime", model)?.len() as f64;
+    let (sum, count) = (
+        pick("servescope_batch_size_sum", None),
+        pick("servescope_batch_size_count", None),
+    );
+    for (family, agent_v, want) in [
+        ("servescope_batch_size_sum", sum, sent),
+        ("servescope_batch_size_count", count, batches),
+    ] {
+        let q = format!(r#"sum({family}{{model_name="{model}"}})"#);
+        let got = p.scalar(&q)?;
+        check(
+            format!("{q}: Prometheus {got:?} agent {agent_v} TorchServe {want}"),
+            got == Some(agent_v) && agent_v == want,
+        );
+    }
+    check(
+        format!("{count} batches for {sent} requests: batched"),
+        count > 0.0 && count < sent,
+    );
+    // Every bucket, as Prometheus stores it (the agent's buckets are 1, 2, 4 … 512 and +Inf).
+    let q = format!(r#"sum by (le) (servescope_batch_size_bucket{{model_name="{model}"}})"#);
+    let stored: BTreeMap<String, f64> = p
+        .query(&q)?
+        .into_iter()
+        .map(|s| (s.labels.get("le").cloned().unwrap_or_default(), s.value))
+        .collect();
+    let served: BTreeMap<String, f64> = agent
+        .series("servescope_batch_size_bucket")
+        .filter(|(s, _)| s.label("model_name") == Some(model))
+        .map(|(s, v)| (s.label("le").unwrap_or_default().to_owned(), v))
+        .collect();
+    check(
+        format!("{q}: Prometheus {stored:?} agent {served:?}"),
+        !served.is_empty() && stored == served,
+    );
+    let le = E2E_BATCHED.batch_size.to_string();
+    check(
+        format!(
+            "no batch above batch_size: le={le} holds {} of {count}",
+            pick("servescope_batch_size_bucket", Some(&le))
+        ),
+        pick("servescope_batch_size_bucket", Some(&le)) == count,
+    );
     Ok(())
 }
 
@@ -707,9 +813,22 @@ fn key_of(s: &Sample) -> String {
 /// The expectation of every expression, by id. Label sets: `sum by (...)` keeps exactly its labels;
 /// a plain selector keeps the series' labels plus `instance`, `job` and (metric relabeling) `pod`.
 fn expectations(agent: &Metrics) -> BTreeMap<String, Expect> {
-    const MODELS: [&str; 4] = ["echo/1.0", "echo/default", "fail/default", "slow/default"];
+    const MODELS: [&str; 6] = [
+        "batched/default",
+        "echo/1.0",
+        "echo/2.0",
+        "echo/default",
+        "fail/default",
+        "slow/default",
+    ];
     // `fail` never adds latency, so it has no latency or histogram series.
-    const TIMED: [&str; 3] = ["echo/1.0", "echo/default", "slow/default"];
+    const TIMED: [&str; 5] = [
+        "batched/default",
+        "echo/1.0",
+        "echo/2.0",
+        "echo/default",
+        "slow/default",
+    ];
     let share_5xx = per_round("5xx") / (per_round("2xx") + per_round("4xx") + per_round("5xx"));
     let host = ["Hostname", "Level", "instance", "job", "pod"];
     let gpu = agent.has("GPUMemoryUsed");
@@ -729,6 +848,9 @@ fn expectations(agent: &Metrics) -> BTreeMap<String, Expect> {
             .with("slow/default", V::Range(0.1, 2.5))
             .with("echo/default", V::Range(0.0, 2.5))
             .with("echo/1.0", V::Range(0.0, 2.5))
+            .with("echo/2.0", V::Range(0.0, 2.5))
+            // Two of each burst's requests wait out the 500 ms max_batch_delay.
+            .with("batched/default", V::Range(0.0, 2.5))
     };
     let lost_reasons = ["args_map_full", "conn_map_full", "ringbuf_full"];
     let sinks = ["latency_csv", "request_log"];
@@ -894,11 +1016,23 @@ fn expectations(agent: &Metrics) -> BTreeMap<String, Expect> {
         );
     }
     let gpu_labels = ["DeviceId", "Hostname", "Level", "instance", "job", "pod"];
-    // One worker per model here (echo, slow, fail); their CPU rate may be ~0 between rounds.
-    put("panel Worker CPU by model / A", series(&mmh, V::Any));
+    // One worker per model and version here; their CPU rate may be ~0 between rounds. Worker series
+    // carry the version the worker loaded (its archive's), not the route's `default`: echo's two
+    // workers are told apart, and `batched`'s worker has its registered name, not its archive's.
+    const WORKERS: [&str; 5] = [
+        "batched/1.0",
+        "echo/1.0",
+        "echo/2.0",
+        "fail/1.0",
+        "slow/1.0",
+    ];
+    put(
+        "panel Worker CPU by model / A",
+        series(&mmh, V::Any).keys(&WORKERS),
+    );
     put(
         "panel Worker memory by model / A",
-        series(&mmh, V::Positive),
+        series(&mmh, V::Positive).keys(&WORKERS),
     );
     put(
         "panel Worker memory by model / B",
@@ -960,7 +1094,9 @@ fn check_every_expression(
                 .collect();
             let want: BTreeSet<String> = match f.id.as_str() {
                 "variable hostname" => BTreeSet::from([hostname.to_owned()]),
-                "variable model" => ["echo", "fail", "slow"].map(str::to_owned).into(),
+                "variable model" => ["batched", "echo", "fail", "slow"]
+                    .map(str::to_owned)
+                    .into(),
                 other => {
                     failures.push(format!("no expectation for {other}: add one"));
                     continue;

@@ -10,8 +10,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use servescope_integration::{
-    Agent, Metrics, Series, TorchServeHome, ensure_kernel_prereqs, http, log_dir, require_root,
-    torchserve::loopback,
+    Agent, Metrics, Series, TorchServe, TorchServeHome, ensure_kernel_prereqs, http, log_dir,
+    require_root,
+    torchserve::{E2E_BATCHED, E2E_REGISTRATION_RESPONSES, burst, loopback},
 };
 
 /// The agent serves on 9082 so that TorchServe keeps its own metrics API on 8082 to compare with.
@@ -22,6 +23,15 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests TorchServe answered before the agent was started: run.sh's single `GET /ping` (200).
 const PINGS_BEFORE_AGENT: f64 = 1.0;
+/// How far the agent's latency sums may be from TorchServe's (issue 6). The agent's clock holds
+/// Netty's work on both ends of each request, a few ms (README, "How it counts"); over this mix the
+/// slow model's 200 ms handler and the requests queued behind it dominate the sums.
+const LATENCY_TOLERANCE: f64 = 0.05;
+/// The agent's queue clock starts before TorchServe's (the read that completed the request, vs job
+/// creation after Netty decoded it) and stops after it (the frame's write, vs the batch leaving the
+/// aggregator): per request a few ms more on a loaded 2-core host, never less. The same bound as
+/// tests/tests/torchserve_workers.rs.
+const MAX_FRONTEND_OVERHEAD_US: f64 = 20_000.0;
 
 /// Root, kernel file systems, TorchServe installed; a fresh log directory for the test.
 fn prepare(test: &str) -> Result<(PathBuf, TorchServeHome)> {
@@ -38,8 +48,9 @@ fn agent_addr() -> SocketAddr {
     loopback(AGENT_LISTEN)
 }
 
-/// The Done-when test of issue 3: a fixed traffic mix through a real TorchServe; afterwards the agent's
-/// TorchServe families equal TorchServe's own /metrics (latency within 10%).
+/// The Done-when test of issues 3 and 6: a fixed traffic mix through a real TorchServe serving
+/// echo/slow/fail, echo's second version and a batching model; afterwards the agent's TorchServe
+/// families equal TorchServe's own /metrics (latency sums within 5%).
 #[test]
 fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
     let (logs, home) = prepare("counters_equal_torchserve_after_traffic_mix")?;
@@ -58,12 +69,19 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
         ready.sum("servescope_targets")
     );
 
+    // Issue 6's model set beyond run.sh's three: a second version of echo and a batching model,
+    // registered while the agent runs (so it sees their workers load, as a user's agent would).
+    ts.register_e2e_models()?;
+
     let traffic = home.traffic(&logs, &[])?;
     eprintln!(
         "traffic.py: {} responses in {:.1?}",
         traffic.total_requests()?,
         traffic.duration
     );
+    // traffic.py knows only echo/slow/fail; the versions and the batches are sent from here.
+    let extra = model_set_traffic(&ts)?;
+    eprintln!("model-set traffic: {extra:?}");
 
     // Order matters: TorchServe first. TorchServe renders the body and then counts this scrape's 200; the
     // agent sees that 200 leave TorchServe's socket and counts it too, before we scrape the agent.
@@ -72,7 +90,8 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
         .context("saving TorchServe's scrape")?;
     let ts_m = Metrics::parse(&ts_text).context("parsing TorchServe's /metrics")?;
 
-    // TorchServe's Requests2XX = run.sh's /ping + traffic's 2xx (no earlier scrape, and not this one).
+    // TorchServe's Requests2XX = run.sh's /ping + the registrations + traffic's 2xx (no earlier
+    // scrape, and not this one).
     // The agent missed the /ping (it started later) but saw this scrape's 200:
     //   agent = TorchServe's scraped value - PINGS_BEFORE_AGENT + 1.
     let ts_2xx = ts_m.sum("Requests2XX");
@@ -113,6 +132,11 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
     ] {
         compare_latency(&mut report, &mut failures, family, &ts_m, &agent_m);
     }
+    let mut timed = traffic.expected_latency_updates()?;
+    for (key, n) in &extra {
+        *timed.entry(key.clone()).or_default() += n;
+    }
+    compare_queue_per_series(&mut report, &mut failures, &ts_m, &agent_m, &timed);
     // Exact counts are only possible if the kernel delivered every record; this light load must not lose
     // any. The other health counters are printed for the record.
     let lost = agent_m.sum("servescope_kernel_lost_events_total");
@@ -140,8 +164,12 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
             ts_m.sum(family),
         ))
     };
+    let extra_2xx: f64 = extra.values().sum();
     for (family, want, got) in [
-        expect("Requests2XX", PINGS_BEFORE_AGENT)?,
+        expect(
+            "Requests2XX",
+            PINGS_BEFORE_AGENT + E2E_REGISTRATION_RESPONSES + extra_2xx,
+        )?,
         expect("Requests4XX", 0.0)?,
         expect("Requests5XX", 0.0)?,
     ] {
@@ -151,7 +179,11 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
             ));
         }
     }
-    for ((model, version), want) in traffic.expected_inference_requests()? {
+    let mut expected = traffic.expected_inference_requests()?;
+    for (key, n) in &extra {
+        *expected.entry(key.clone()).or_default() += n;
+    }
+    for ((model, version), want) in expected {
         let got = ts_m
             .series("ts_inference_requests_total")
             .filter(|(s, _)| {
@@ -187,6 +219,49 @@ fn counters_equal_torchserve_after_traffic_mix() -> Result<()> {
     }
     ts.stop();
     Ok(())
+}
+
+/// The part of the mix traffic.py cannot send (it knows only run.sh's models): both versions of echo
+/// by explicit version and by default, and bursts to the batching model that fill batches and leave a
+/// partial one waiting out max_batch_delay. Every request must answer 200 with its body; returns the
+/// inference requests sent per (model, model_version label) — all 200s, each one timed.
+fn model_set_traffic(ts: &TorchServe) -> Result<BTreeMap<(String, String), f64>> {
+    // (path, label TorchServe gives it (FACTS.md §3-4: the URL's version segment, else "default"), n).
+    const SEQUENTIAL: [(&str, (&str, &str), usize); 4] = [
+        ("/predictions/echo/1.0", ("echo", "1.0"), 3),
+        ("/predictions/echo/2.0", ("echo", "2.0"), 5),
+        ("/echo/2.0/predict", ("echo", "2.0"), 1),
+        ("/predictions/echo", ("echo", "default"), 3),
+    ];
+    const BURSTS: usize = 2;
+    let mut sent = BTreeMap::new();
+    for (path, (model, version), n) in SEQUENTIAL {
+        for i in 0..n {
+            let body = format!("{path} {i}");
+            let r = http::post(
+                ts.inference_addr(),
+                path,
+                body.as_bytes(),
+                Duration::from_secs(10),
+            )?;
+            if r.status != 200 || r.body != body.as_bytes() {
+                bail!("{path} answered {} {:?}", r.status, r.text());
+            }
+        }
+        *sent
+            .entry((model.to_owned(), version.to_owned()))
+            .or_default() += n as f64;
+    }
+    // Two full batches and a half one per burst.
+    let per_burst = 2 * E2E_BATCHED.batch_size + E2E_BATCHED.batch_size / 2;
+    for _ in 0..BURSTS {
+        burst(ts.inference_addr(), E2E_BATCHED.name, per_burst)?;
+    }
+    sent.insert(
+        (E2E_BATCHED.name.to_owned(), "default".to_owned()),
+        (BURSTS * per_burst) as f64,
+    );
+    Ok(sent)
 }
 
 /// The `Hostname` / `hostname` labels are TorchServe's own (its frontend's UTS hostname), and every
@@ -474,7 +549,7 @@ fn compare_exact(
 
 /// A latency-sum family (ts_inference_latency_microseconds, ts_queue_latency_microseconds): the agent has
 /// exactly TorchServe's series (none for `fail`, whose replies never update them), and the sum over all
-/// series is within 10% of TorchServe's.
+/// series is within LATENCY_TOLERANCE of TorchServe's.
 fn compare_latency(
     report: &mut String,
     failures: &mut Vec<String>,
@@ -513,17 +588,61 @@ fn compare_latency(
         }
     }
     let (w, g) = (ts.sum(family), agent.sum(family));
-    let within = w > 0.0 && (g - w).abs() <= 0.10 * w;
+    let within = w > 0.0 && (g - w).abs() <= LATENCY_TOLERANCE * w;
     let _ = writeln!(
         report,
-        "  {} sum: TorchServe {w} servescope {g} ratio {:.3} (must be within 10%)",
+        "  {} sum: TorchServe {w} servescope {g} ratio {:.3} (must be within {}%)",
         mark(within),
-        if w > 0.0 { g / w } else { f64::NAN }
+        if w > 0.0 { g / w } else { f64::NAN },
+        LATENCY_TOLERANCE * 100.0
     );
     if !within {
         failures.push(format!(
-            "{family} sum: servescope {g}, TorchServe {w} (not within 10%)"
+            "{family} sum: servescope {g}, TorchServe {w} (not within {}%)",
+            LATENCY_TOLERANCE * 100.0
         ));
+    }
+}
+
+/// Per (model, version), the agent's queue-latency sum against TorchServe's. A 5% bound per series
+/// does not hold where TorchServe's queue is sub-millisecond (echo: a few ms of Netty work per request
+/// in the agent's wider interval reads as 7-17×), so the per-series check is the one that holds
+/// everywhere: the agent's interval contains TorchServe's, so it never reads less, and reads at most
+/// MAX_FRONTEND_OVERHEAD_US more per timed request (`timed`: latency updates per model and version).
+fn compare_queue_per_series(
+    report: &mut String,
+    failures: &mut Vec<String>,
+    ts: &Metrics,
+    agent: &Metrics,
+    timed: &BTreeMap<(String, String), f64>,
+) {
+    let family = "ts_queue_latency_microseconds";
+    let _ = writeln!(
+        report,
+        "{family} per series (servescope - TorchServe, µs per timed request; must be in [0, {MAX_FRONTEND_OVERHEAD_US}]):"
+    );
+    for (series, w) in ts.family(family) {
+        let key = (
+            series.label("model_name").unwrap_or_default().to_owned(),
+            series.label("model_version").unwrap_or_default().to_owned(),
+        );
+        let n = timed.get(&key).copied().unwrap_or(0.0);
+        let g = agent.family(family).get(&series).copied();
+        let per_request = g.map(|g| (g - w) / n);
+        let ok =
+            n > 0.0 && per_request.is_some_and(|d| (0.0..=MAX_FRONTEND_OVERHEAD_US).contains(&d));
+        let _ = writeln!(
+            report,
+            "  {} {series}: {n} requests, {} µs more per request",
+            mark(ok),
+            per_request.map_or_else(|| "-".to_owned(), |d| format!("{d:.0}"))
+        );
+        if !ok {
+            failures.push(format!(
+                "{series}: servescope {}, TorchServe {w} for {n} timed requests (expected between TorchServe's and {MAX_FRONTEND_OVERHEAD_US} µs more per request)",
+                show(g.as_ref())
+            ));
+        }
     }
 }
 

@@ -9,25 +9,21 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::SocketAddr,
     path::PathBuf,
     thread,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
 use servescope_integration::{
     Agent, Metrics, TorchServe, TorchServeHome, ensure_kernel_prereqs, http, log_dir, require_root,
-    torchserve::loopback,
+    torchserve::{Batching, MANAGEMENT_TIMEOUT, burst, loopback},
 };
 
 const AGENT_LISTEN: u16 = 9082;
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Worker changes reach the agent at its next discovery scan (200 ms here) plus a ring-buffer drain.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TorchServe starts, scales and restarts workers within seconds; bounded generously for a busy host.
-const MANAGEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The batching model: the echo archive registered again under another name (so its load frame's
 /// name differs from the archive manifest's "echo"), batches of up to 4 gathered for up to 1 s.
 const BATCHED: &str = "batched";
@@ -50,24 +46,9 @@ fn prepare(test: &str) -> Result<(PathBuf, TorchServeHome)> {
     Ok((logs, home))
 }
 
-/// A management API call with any method; the parsed JSON body of a 200.
-fn manage(ts: &TorchServe, method: &str, path: &str) -> Result<Value> {
-    let addr = ts.management_addr();
-    let raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-    let r = http::request(addr, raw.as_bytes(), MANAGEMENT_TIMEOUT)
-        .with_context(|| format!("{method} {path}"))?;
-    ensure!(
-        r.status == 200,
-        "{method} {path} answered {}: {}",
-        r.status,
-        r.text()
-    );
-    serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: not JSON"))
-}
-
 /// TorchServe's own list of a model's workers: worker name → PID.
 fn ts_workers(ts: &TorchServe, model: &str) -> Result<BTreeMap<String, u32>> {
-    let v = manage(ts, "GET", &format!("/models/{model}"))?;
+    let v = ts.manage("GET", &format!("/models/{model}"))?;
     let m = &v[0];
     let version = m["modelVersion"].as_str().context("no modelVersion")?;
     m["workers"]
@@ -213,58 +194,6 @@ fn check_queue_latency(agent: &Metrics, ts: &Metrics, model: &str, fit: Fit) -> 
     Ok(())
 }
 
-/// `n` concurrent inference requests to `model`; each must answer 200.
-fn burst(addr: SocketAddr, model: &str, n: usize) -> Result<()> {
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let path = format!("/predictions/{model}");
-            thread::spawn(move || {
-                http::post(
-                    addr,
-                    &path,
-                    format!("req {i}").as_bytes(),
-                    Duration::from_secs(30),
-                )
-            })
-        })
-        .collect();
-    for h in handles {
-        let r = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("request thread panicked"))??;
-        ensure!(r.status == 200, "inference answered {}", r.status);
-    }
-    Ok(())
-}
-
-/// `[METRICS]` lines TorchServe logged (prometheus mode: ts_log.log, `result=[METRICS]…`), distinct,
-/// for `metric` and `model`, with their values, in log order.
-fn logged_metric_lines(ts: &TorchServe, metric: &str, model: &str) -> Result<Vec<(String, f64)>> {
-    let path = ts.home().home.join("logs/ts_log.log");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(at) = line.find("result=[METRICS]") else {
-            continue;
-        };
-        let m = &line[at + "result=[METRICS]".len()..];
-        let m = m.split(", pattern=").next().unwrap_or(m);
-        if !m.starts_with(&format!("{metric}.")) || !m.contains(&format!("ModelName:{model},")) {
-            continue;
-        }
-        let value: f64 = m
-            .split_once(':')
-            .and_then(|(_, r)| r.split('|').next())
-            .context("metric value")?
-            .parse()?;
-        if seen.insert(m.to_owned()) {
-            out.push((m.to_owned(), value));
-        }
-    }
-    Ok(out)
-}
-
 #[test]
 fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<()> {
     let (logs, home) = prepare("workers_are_mapped_batched_and_timed_through_scaling_and_restart")?;
@@ -284,13 +213,14 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
     }
 
     // 2. A batching model with two workers, registered while the agent runs: its load frames are seen.
-    manage(
-        &ts,
-        "POST",
-        &format!(
-            "/models?url=echo.mar&model_name={BATCHED}&batch_size={BATCH_SIZE}&max_batch_delay=1000&initial_workers=2&synchronous=true"
-        ),
-    )?;
+    Batching {
+        name: BATCHED,
+        archive: "echo.mar",
+        batch_size: BATCH_SIZE,
+        max_batch_delay_ms: 1000,
+        workers: 2,
+    }
+    .register(&ts)?;
     let workers = converge(&ts, &agent, BATCHED, 2)?;
     check_pids(&agent, &workers)?;
 
@@ -372,7 +302,7 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
         sum_count(&m, "servescope_batch_size_count"),
     );
     // TorchServe's workers print one PredictionTime line per batch.
-    let prediction_lines = logged_metric_lines(&ts, "PredictionTime", BATCHED)?;
+    let prediction_lines = ts.logged_metric_lines("PredictionTime", BATCHED)?;
     eprintln!(
         "batches: {count} holding {sum} requests; TorchServe logged {} PredictionTime lines",
         prediction_lines.len()
@@ -408,13 +338,14 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
     // 3b. Queue latency where requests really queue: a batching model whose handler sleeps 200 ms per
     // batch, two workers, 24 requests at once (three rounds of two batches of 4), then 3 requests that
     // wait out max_batch_delay for a batch that never fills. Agent and TorchServe agree within 5%.
-    manage(
-        &ts,
-        "POST",
-        &format!(
-            "/models?url=slow.mar&model_name={SLOW_BATCHED}&batch_size={BATCH_SIZE}&max_batch_delay=100&initial_workers=2&synchronous=true"
-        ),
-    )?;
+    Batching {
+        name: SLOW_BATCHED,
+        archive: "slow.mar",
+        batch_size: BATCH_SIZE,
+        max_batch_delay_ms: 100,
+        workers: 2,
+    }
+    .register(&ts)?;
     converge(&ts, &agent, SLOW_BATCHED, 2)?;
     burst(ts.inference_addr(), SLOW_BATCHED, 6 * BATCH_SIZE)?;
     burst(ts.inference_addr(), SLOW_BATCHED, BATCH_SIZE - 1)?;
@@ -439,7 +370,9 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
         queue_count == queued && (queue_sum * 1e6 - queue_us).abs() <= 1.0,
         "queue histogram: {queue_count} observations summing to {queue_sum} s; {queued} requests, counter {queue_us} µs"
     );
-    let batches = logged_metric_lines(&ts, "PredictionTime", SLOW_BATCHED)?.len() as f64;
+    let batches = ts
+        .logged_metric_lines("PredictionTime", SLOW_BATCHED)?
+        .len() as f64;
     let held_count = model_sum(
         &m,
         "servescope_worker_backend_duration_seconds_count",
@@ -472,7 +405,8 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
         let got = m.family(family);
         ensure!(!want.is_empty(), "TorchServe has no {family} samples");
         ensure!(got == want, "{family}: agent {got:?}, TorchServe {want:?}");
-        let last = logged_metric_lines(&ts, family, BATCHED)?
+        let last = ts
+            .logged_metric_lines(family, BATCHED)?
             .last()
             .map(|(_, v)| *v)
             .context("no logged line")?;
@@ -503,15 +437,13 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
     );
 
     // 5. Scale up, then down: the mapping follows.
-    manage(
-        &ts,
+    ts.manage(
         "PUT",
         &format!("/models/{BATCHED}?min_worker=3&max_worker=3&synchronous=true"),
     )?;
     let up = converge(&ts, &agent, BATCHED, 3)?;
     check_pids(&agent, &up)?;
-    manage(
-        &ts,
+    ts.manage(
         "PUT",
         &format!("/models/{BATCHED}?min_worker=1&max_worker=1&synchronous=true"),
     )?;

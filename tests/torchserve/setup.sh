@@ -7,7 +7,7 @@
 #   TS_HOME: install dir (arg 1, else $TS_HOME, else target/torchserve of this
 #   repository: a cache that `cargo clean` removes). Layout created there:
 #     venv/          python venv with torchserve + stand-in `torch`
-#     model-store/   echo.mar slow.mar fail.mar
+#     model-store/   echo.mar slow.mar fail.mar (version 1.0), echo_v2.mar (echo 2.0)
 #     config.properties
 #     logs/ tmp/
 # Needs: root (for apt-get when java / python3-venv are missing), PyPI access.
@@ -121,6 +121,19 @@ for m in echo slow fail; do
     "$VENV/bin/torch-model-archiver" --model-name "$m" --version 1.0 \
         --handler "$src" --export-path "$STORE" --force
 done
+# echo_v2.mar: the same echo handler archived as version 2.0 of model "echo". run.sh does not load
+# it (it registers exactly echo, slow and fail); the e2e tests register it through the management API
+# so that one model has two versions. torch-model-archiver names its output after --model-name, so it
+# is built in a scratch directory and renamed (building into the store would overwrite echo.mar).
+src="$HERE/handlers/echo_handler.py"
+mar="$STORE/echo_v2.mar"
+if ! { [ -f "$mar" ] && [ "$mar" -nt "$src" ]; }; then
+    scratch=$(mktemp -d "$TS_HOME/.archive.XXXXXX")
+    "$VENV/bin/torch-model-archiver" --model-name echo --version 2.0 \
+        --handler "$src" --export-path "$scratch" --force
+    mv "$scratch/echo.mar" "$mar"
+    rmdir "$scratch"
+fi
 say "model archives: $(cd "$STORE" && ls ./*.mar | tr '\n' ' ')($(elapsed "$T"))"
 
 # ---- 6. config + dirs ---------------------------------------------------------
