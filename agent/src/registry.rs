@@ -279,6 +279,8 @@ pub struct Registry {
     pub evicted_connections: IntCounter,
     /// Connections to the metrics endpoint closed at once because it held its maximum.
     pub metrics_connections_rejected: IntCounter,
+    /// How long the previous `/metrics` body took to render (gather and encode, not the transfer).
+    pub metrics_render_seconds: prometheus::Gauge,
     pub targets: IntGauge,
     pub build_info: IntGaugeVec,
     // Request-log sinks (sink/), labelled by `sink`: request_log, syslog, latency_csv.
@@ -459,6 +461,11 @@ impl Registry {
                 "Connections to the metrics endpoint closed unserved because it already held its \
                  maximum of open connections.",
             )),
+            metrics_render_seconds: must(prometheus::Gauge::new(
+                "servescope_metrics_render_seconds",
+                "Time the previous /metrics response took to render (gather and encode; not the \
+                 transfer), in seconds.",
+            )),
             targets: must(IntGauge::new(
                 "servescope_targets",
                 "Processes being traced.",
@@ -500,7 +507,7 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 15] = [
+        let collectors: [Box<dyn Collector>; 16] = [
             Box::new(r.in_flight.clone()),
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
@@ -514,6 +521,7 @@ impl Registry {
             Box::new(r.dropped_requests.clone()),
             Box::new(r.evicted_connections.clone()),
             Box::new(r.metrics_connections_rejected.clone()),
+            Box::new(r.metrics_render_seconds.clone()),
             Box::new(r.targets.clone()),
             Box::new(r.build_info.clone()),
         ];

@@ -344,11 +344,14 @@ async fn handle(state: &State, access: &Access, req: Request<Incoming>) -> Respo
     }
 
     let (status, content_type, body) = if metrics {
-        (
-            StatusCode::OK,
-            format.content_type(),
-            render(&state.registry, &filter, format),
-        )
+        let started = std::time::Instant::now();
+        let body = render(&state.registry, &filter, format);
+        // Shown by the next scrape: this body is already written.
+        state
+            .registry
+            .metrics_render_seconds
+            .set(started.elapsed().as_secs_f64());
+        (StatusCode::OK, format.content_type(), body)
     } else {
         // TorchServe closes the connection after every response of status >= 400.
         close = true;
@@ -927,6 +930,31 @@ mod tests {
         registry.record(&ex, "vm", Flavor::TorchServe);
     }
 
+    /// A body without its `servescope_metrics_render_seconds` sample, which each scrape moves (it
+    /// shows the previous render's time).
+    fn without_render_time(body: &[u8]) -> String {
+        String::from_utf8_lossy(body)
+            .lines()
+            .filter(|l| !l.starts_with("servescope_metrics_render_seconds "))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_render_time_of_the_previous_scrape_is_served() {
+        let registry = Registry::new();
+        let (addr, _stop, _task) = start(registry.clone()).await;
+        let value = |reply: &Reply| {
+            String::from_utf8_lossy(&reply.body)
+                .lines()
+                .find_map(|l| l.strip_prefix("servescope_metrics_render_seconds "))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        assert_eq!(value(&get(addr, "/metrics").await), Some(0.0));
+        let second = value(&get(addr, "/metrics").await);
+        assert!(second.is_some_and(|s| s > 0.0 && s < 1.0), "{second:?}");
+    }
+
     #[tokio::test]
     async fn metrics_reply_has_torchserve_headers() {
         let registry = Registry::new();
@@ -952,8 +980,10 @@ mod tests {
             }
         }
         assert_eq!(
-            reply.body,
-            super::super::torchserve::encode(&registry.gather(), &Filter::all()).into_bytes()
+            without_render_time(&reply.body),
+            without_render_time(
+                super::super::torchserve::encode(&registry.gather(), &Filter::all()).as_bytes()
+            )
         );
     }
 
@@ -993,8 +1023,10 @@ mod tests {
         .await;
         assert_eq!(reply.header("content-type"), Some(CONTENT_TYPE_METRICS));
         assert_eq!(
-            reply.body,
-            super::super::torchserve::encode(&registry.gather(), &Filter::all()).into_bytes()
+            without_render_time(&reply.body),
+            without_render_time(
+                super::super::torchserve::encode(&registry.gather(), &Filter::all()).as_bytes()
+            )
         );
     }
 

@@ -142,7 +142,9 @@ pub fn encode_family_as(out: &mut String, mf: &MetricFamily, format: Format) -> 
                         .is_none_or(|(bits, _)| *bits != upper.to_bits())
                     {
                         bounds.truncate(i);
-                        bounds.push((upper.to_bits(), upper.to_string()));
+                        let mut le = String::new();
+                        push_escaped(&mut le, &upper.to_string(), true);
+                        bounds.push((upper.to_bits(), le));
                     }
                     let bound = bounds.get(i).map_or("", |(_, s)| s.as_str());
                     bucket(
@@ -239,7 +241,8 @@ fn count(n: u64) -> f64 {
     n as f64
 }
 
-/// A `_bucket` line from the series' escaped labels (`,k="v"` each) and its `le`.
+/// A `_bucket` line from the series' escaped labels (`,k="v"` each) and its `le`, escaped already
+/// (once per family, not once per line).
 fn bucket(out: &mut String, name: &str, prefix: &str, le: &str, ts: i64, value: f64, om: bool) {
     out.push_str(name);
     out.push_str("_bucket{");
@@ -249,7 +252,7 @@ fn bucket(out: &mut String, name: &str, prefix: &str, le: &str, ts: i64, value: 
         out.push(',');
     }
     out.push_str("le=\"");
-    push_escaped(out, le, true);
+    out.push_str(le);
     out.push_str("\"}");
     end_sample(out, ts, value, om);
 }
@@ -265,7 +268,15 @@ pub fn encode_stored_family(out: &mut String, family: &StoredFamily, format: For
     let om = matches!(format, Format::OpenMetrics(_));
     let (type_name, bounds) = match family.kind() {
         Kind::Counter => ("counter", Vec::new()),
-        Kind::Histogram(b) => ("histogram", b.iter().map(f64::to_string).collect()),
+        Kind::Histogram(b) => ("histogram", {
+            b.iter()
+                .map(|bound| {
+                    let mut le = String::new();
+                    push_escaped(&mut le, &bound.to_string(), true);
+                    le
+                })
+                .collect()
+        }),
     };
     push_metadata(out, name, type_name, family.help(), false, om);
     let mut prefix = String::new();
@@ -342,7 +353,7 @@ fn push_value(out: &mut String, value: f64) {
             clippy::cast_possible_truncation,
             reason = "integral and below 2^53 in magnitude: exact"
         )]
-        let _ = write!(out, "{}", value as i64);
+        out.push_str(itoa::Buffer::new().format(value as i64));
     } else {
         let _ = write!(out, "{value}");
     }

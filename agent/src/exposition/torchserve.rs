@@ -36,6 +36,22 @@ pub fn java_double(v: f64) -> String {
     if v == 0.0 {
         return if v.is_sign_negative() { "-0.0" } else { "0.0" }.to_owned();
     }
+    // Whole numbers below 10^7 (counts, most sums of whole µs): `123.0`, without the digit search
+    // below, which formats and parses several strings.
+    if v.fract() == 0.0 && v.abs() < 1e7 {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "integral and below 1e7 in magnitude: exact"
+        )]
+        let mut s = itoa::Buffer::new().format(v as i64).to_owned();
+        s.push_str(".0");
+        return s;
+    }
+    java_double_searched(v)
+}
+
+/// [`java_double`] of a finite, non-zero `v` by the digit search (any value).
+fn java_double_searched(v: f64) -> String {
     let sign = if v < 0.0 { "-" } else { "" };
     let (digits, exp) = java_digits(v.abs());
     let body = if (-3..7).contains(&exp) {
@@ -997,6 +1013,16 @@ mod tests {
                 render(&registry, &filter, format),
                 encode_as(&registry.gather(), &filter, format)
             );
+        }
+
+        /// The whole-number shortcut prints what the digit search prints.
+        #[test]
+        fn java_double_whole_numbers_shortcut(n in -9_999_999i64..=9_999_999) {
+            #[expect(clippy::cast_precision_loss, reason = "below 2^53: exact")]
+            let v = n as f64;
+            if n != 0 {
+                proptest::prop_assert_eq!(java_double(v), java_double_searched(v));
+            }
         }
     }
 }

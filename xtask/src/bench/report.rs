@@ -199,8 +199,11 @@ pub struct ModelStage {
 #[derive(Clone, Debug, Serialize)]
 pub struct Render {
     pub models: usize,
-    /// Client-side time of a full `GET /metrics` (connect, render, transfer), ms.
+    /// Client-side time of a full `GET /metrics` (connect, render, transfer, read), ms.
     pub ms: Spread,
+    /// The agent's own render time of those scrapes (`servescope_metrics_render_seconds`: gather and
+    /// encode, not the transfer), ms.
+    pub server_ms: Spread,
     pub bytes: usize,
     pub samples: usize,
 }
@@ -384,12 +387,16 @@ impl Results {
                 }
                 t.push(Target {
                     name: format!(
-                        "/metrics render at {} models (median scrape)",
+                        "/metrics render at {} models (agent's render time, median)",
                         m.render.models
                     ),
                     goal: "≤ 5 ms".into(),
-                    measured: format!("{} ms", m.render.ms.show(2)),
-                    pass: Some(m.render.ms.median <= 5.0),
+                    measured: format!(
+                        "{} ms (whole scrape from the client: {} ms)",
+                        m.render.server_ms.show(2),
+                        m.render.ms.show(2)
+                    ),
+                    pass: Some(m.render.server_ms.median <= 5.0),
                 });
             }
             None => {
@@ -815,20 +822,22 @@ impl Results {
         }
         let _ = writeln!(
             o,
-            "\nThe BPF map mappings are the ring buffer (`--ringbuf-bytes`, 8 MiB by default): the kernel maps \
-             its data pages twice in a row so a record never wraps, and VmRSS counts both mappings, although \
-             the memory exists once (and is kernel memory, charged to the agent's cgroup once)."
+            "\nThe BPF map mappings are the ring buffer (`--ringbuf-bytes`, 4 MiB by default): the kernel maps \
+             its data pages twice in a row so a record never wraps, and VmRSS counts both mappings (8 MiB), \
+             although the memory exists once (and is kernel memory, charged to the agent's cgroup once)."
         );
         let r = &m.render;
         let _ = writeln!(
             o,
-            "\n/metrics at {} models: {} bytes, {} samples; scrape time {} ms over {} scrapes (client \
-             side: connect, render, transfer — an upper bound of the render time).\n",
+            "\n/metrics at {} models: {} bytes, {} samples; over {} scrapes the agent rendered each in {} ms \
+             (its `servescope_metrics_render_seconds`: gather and encode), and the whole scrape took {} ms \
+             from the client (connect, render, loopback transfer of the body, read).\n",
             r.models,
             r.bytes,
             r.samples,
-            r.ms.show(2),
-            r.ms.n
+            r.ms.n,
+            r.server_ms.show(2),
+            r.ms.show(2)
         );
     }
 
