@@ -142,7 +142,7 @@ pub async fn read_events(
 struct DrainPause(std::time::Duration);
 
 impl DrainPause {
-    const IDLE_MAX: std::time::Duration = std::time::Duration::from_millis(160);
+    const IDLE_MAX: std::time::Duration = std::time::Duration::from_millis(400);
 
     fn current(&self) -> std::time::Duration {
         self.0

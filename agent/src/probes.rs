@@ -13,8 +13,11 @@ use crate::events::{ConnKey, LOSS_REASONS, TARGET_TRACED, TARGET_WORKER};
 
 /// How often the reader drains the ring buffer without being woken while records come (the kernel wakes
 /// it only when an eighth of the ring is waiting: one wakeup per record would cost more than the tracing
-/// itself). After silence the reader backs off (pipeline::DrainPause).
-pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+/// itself). After silence the reader backs off (pipeline::DrainPause). Each timer wakeup costs the
+/// agent tens of µs (timer, epoll, two context switches; hypervisor traps in a VM): at 10 ms they were
+/// two thirds of its CPU under TorchServe (37-39 → 10-13 µs per request at 80 ms, docs/decisions.md
+/// R26). Values carry the kernel's timestamps, so only how soon a count shows depends on this.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The compiled objects, embedded at build time by `agent/build.rs`: the same source with a thread's
 /// syscall state in task-local storage, and in an LRU hash for older kernels.
