@@ -340,19 +340,29 @@ static __always_inline void fill_header(struct ss_event *ev, __u64 pid_tgid, int
 	ev->busy_us = 0;
 }
 
+/*
+ * Waking the reader for every record costs a self-interrupt per syscall (irq_work; in a VM a trap to
+ * the hypervisor) and a context switch: the largest share of the agent's overhead. Only the record
+ * that makes the unread data cross a multiple of wakeup_bytes wakes it; below the first the agent
+ * drains on its own timer (probes::DRAIN_INTERVAL). Waking on every record past the mark, as this did
+ * first, turned each record into an irq_work for as long as the reader took to be scheduled on a busy
+ * machine. A crossing two CPUs race past unseen is caught at the next multiple or by the timer.
+ */
+static __always_inline __u64 wakeup_flags(__u64 size)
+{
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	if (!wakeup_bytes)
+		return 0;
+	return avail / wakeup_bytes != (avail + size) / wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void submit(struct ss_event *ev)
 {
 	__u32 head = ev->head_len;
 	if (head > SS_HEAD_MAX)
 		head = SS_HEAD_MAX;
-	/*
-	 * Waking the reader for every record costs a self-interrupt per syscall (irq_work; in a VM a trap
-	 * to the hypervisor) and a context switch: the largest share of the agent's overhead. Wake it only
-	 * once wakeup_bytes are waiting; below that the agent drains on its own timer (every few ms).
-	 */
-	__u64 flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP
-										   : BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&events, ev, offsetof(struct ss_event, data) + head, flags))
+	__u64 size = offsetof(struct ss_event, data) + head;
+	if (bpf_ringbuf_output(&events, ev, size, wakeup_flags(size)))
 		count_loss(SS_LOSS_RINGBUF_FULL);
 }
 
@@ -715,9 +725,8 @@ static __always_inline void otf_frame(__u64 id, struct task_state *a, long ret)
 	if (pos > SS_BATCH_DATA_MAX)
 		pos = SS_BATCH_DATA_MAX;
 	b->ev.head_len = pos;
-	__u64 flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP
-										   : BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&events, &b->ev, offsetof(struct ss_event, data) + pos, flags))
+	__u64 size = offsetof(struct ss_event, data) + pos;
+	if (bpf_ringbuf_output(&events, &b->ev, size, wakeup_flags(size)))
 		count_loss(SS_LOSS_RINGBUF_FULL);
 	if (w.state == W_DONE)
 		end = w.off;
