@@ -281,7 +281,14 @@ pub fn run(opts: Options) -> Result<()> {
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let md = out.join("RESULTS.md");
     let json = out.join("results.json");
-    fs::write(&md, r.markdown()).with_context(|| format!("writing {}", md.display()))?;
+    let misses_path = workspace_root().join("bench/MISSES.md");
+    let misses = match fs::read_to_string(&misses_path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", misses_path.display())),
+    };
+    fs::write(&md, r.markdown(misses.as_deref()))
+        .with_context(|| format!("writing {}", md.display()))?;
     fs::write(
         &json,
         serde_json::to_string_pretty(&r).context("serialising the results")?,

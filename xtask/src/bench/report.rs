@@ -487,7 +487,9 @@ impl Results {
         out
     }
 
-    pub fn markdown(&self) -> String {
+    /// RESULTS.md. `misses`: the hand-written explanation of the targets that fail and what was tried
+    /// (bench/MISSES.md), placed under the targets table.
+    pub fn markdown(&self, misses: Option<&str>) -> String {
         let mut o = String::new();
         let m = &self.machine;
         let s = &self.settings;
@@ -560,6 +562,14 @@ impl Results {
                 let _ = writeln!(o, "- **{}**: `{}`", e.phase, e.error.replace('\n', " "));
             }
             let _ = writeln!(o);
+        }
+        if let Some(misses) = misses {
+            let _ = writeln!(
+                o,
+                "## Misses, and what was tried\n\n_From `bench/MISSES.md` (written by hand, kept with the \
+                 code it describes); the figures above are this run's._\n\n{}\n",
+                misses.trim()
+            );
         }
 
         self.md_throughput(&mut o);
