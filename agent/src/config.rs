@@ -94,7 +94,8 @@ pub struct Cli {
     pub discovery_interval_ms: u64,
 
     /// Kernel ring-buffer size in bytes (a power of two, multiple of the page size). The agent drains it
-    /// every 10 ms and is woken when an eighth is full; 4 MiB holds well over a second of 20k req/s.
+    /// at least every 100 ms and is woken each time another eighth fills; 4 MiB holds well over a
+    /// second of 20k req/s.
     #[arg(long, env = "SERVESCOPE_RINGBUF_BYTES", default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
     pub ringbuf_bytes: u32,
 
