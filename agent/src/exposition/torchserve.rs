@@ -802,32 +802,44 @@ mod tests {
             .collect()
     }
 
+    /// A `POST` to `target` answered `status` `latency_ns` after the request was complete (the
+    /// response's last byte 1 µs later), with (request, response) `bytes`.
+    fn post(
+        target: String,
+        status: u16,
+        reason: &str,
+        latency_ns: u64,
+        bytes: (u64, u64),
+    ) -> crate::http::Exchange {
+        crate::http::Exchange {
+            tgid: 1,
+            conn_id: 1,
+            peer: None,
+            request: Some(crate::http::Request {
+                method: "POST".into(),
+                target,
+                first_byte_ns: 0,
+                complete_ns: 1_000,
+                bytes: bytes.0,
+            }),
+            response: crate::http::Response {
+                status,
+                reason: reason.into(),
+                request_id: Some("id".into()),
+                start_ns: 1_000 + latency_ns,
+                end_ns: Some(2_000 + latency_ns),
+                bytes: bytes.1,
+            },
+        }
+    }
+
     /// A registry with every kind of family servescope serves: TorchServe's (golden values), own
     /// counters, gauges, the build info and the latency histogram.
     fn full_registry_families() -> Vec<MetricFamily> {
         let registry = Registry::new();
         registry.targets.set(2);
         registry.parse_errors.inc();
-        let ex = crate::http::Exchange {
-            tgid: 1,
-            conn_id: 1,
-            peer: None,
-            request: Some(crate::http::Request {
-                method: "POST".into(),
-                target: "/predictions/m".into(),
-                first_byte_ns: 0,
-                complete_ns: 1_000,
-                bytes: 10,
-            }),
-            response: crate::http::Response {
-                status: 200,
-                reason: "OK".into(),
-                request_id: Some("id".into()),
-                start_ns: 5_000_000,
-                end_ns: Some(6_000_000),
-                bytes: 20,
-            },
-        };
+        let ex = post("/predictions/m".into(), 200, "OK", 4_999_000, (10, 20));
         registry.record(&ex, "h", crate::registry::Flavor::Generic);
         // TorchServe's families come from the golden capture instead.
         let mut families: Vec<MetricFamily> = registry
@@ -918,26 +930,7 @@ mod tests {
             let registry = Registry::new();
             let model: String = model.bytes().map(|b| format!("%{b:02X}")).collect();
             let target = format!("/predictions/{model}/{version}");
-            let ex = crate::http::Exchange {
-                tgid: 1,
-                conn_id: 1,
-                peer: None,
-                request: Some(crate::http::Request {
-                    method: "POST".into(),
-                    target,
-                    first_byte_ns: 0,
-                    complete_ns: 1_000,
-                    bytes: 10,
-                }),
-                response: crate::http::Response {
-                    status,
-                    reason: "x".into(),
-                    request_id: Some("id".into()),
-                    start_ns: 1_000 + latency_us * 1_000,
-                    end_ns: Some(2_000 + latency_us * 1_000),
-                    bytes: 20,
-                },
-            };
+            let ex = post(target, status, "x", latency_us * 1_000, (10, 20));
             registry.record(&ex, "host\"1", crate::registry::Flavor::TorchServe);
             let families = registry.gather();
             let om = encode_as(&families, &Filter::all(), Format::OpenMetrics("1.0.0"));
@@ -976,26 +969,13 @@ mod tests {
         ) {
             let registry = Registry::new();
             for (model, version, status, host, latency_ns, queue_ns, torchserve) in exchanges {
-                let ex = crate::http::Exchange {
-                    tgid: 1,
-                    conn_id: 1,
-                    peer: None,
-                    request: Some(crate::http::Request {
-                        method: "POST".into(),
-                        target: format!("/predictions/{model}{version}"),
-                        first_byte_ns: 0,
-                        complete_ns: 1_000,
-                        bytes: latency_ns % 977,
-                    }),
-                    response: crate::http::Response {
-                        status,
-                        reason: "x".into(),
-                        request_id: Some("id".into()),
-                        start_ns: 1_000 + latency_ns,
-                        end_ns: Some(2_000 + latency_ns),
-                        bytes: latency_ns % 1013,
-                    },
-                };
+                let ex = post(
+                    format!("/predictions/{model}{version}"),
+                    status,
+                    "x",
+                    latency_ns,
+                    (latency_ns % 977, latency_ns % 1013),
+                );
                 let flavor = if torchserve {
                     crate::registry::Flavor::TorchServe
                 } else {
