@@ -402,6 +402,8 @@ struct Target<'a> {
     connections: u32,
     /// Pin the server's load generator (TorchServe is not pinned, see the method notes).
     pinned: bool,
+    /// Unrecorded load before the first throughput run.
+    warmup: Duration,
 }
 
 impl Bench {
@@ -465,6 +467,7 @@ impl Bench {
             ],
             connections: H1_CONNECTIONS,
             pinned: true,
+            warmup: Duration::from_secs(2),
         }
     }
 
@@ -504,7 +507,7 @@ impl Bench {
             cpus: self.wrk_cpus(t.pinned),
         };
         // Warm-up: server threads, JIT (TorchServe), page cache; not recorded.
-        wrk(Duration::from_secs(2)).run(&self.scratch)?;
+        wrk(t.warmup).run(&self.scratch)?;
         let mut runs = Vec::new();
         for rep in 0..self.plan.reps {
             let order = if rep % 2 == 0 {
@@ -1127,6 +1130,10 @@ impl Bench {
             agent_args: Vec::new(),
             connections: TS_CONNECTIONS,
             pinned: false,
+            // The JVM is still compiling for its first ~10 s of load: its rate rose 802 -> 1168 ->
+            // 1210 req/s over a quick run's three agent-off runs after a 2 s warm-up, which biased
+            // each pair by the order of its two runs (pair ratios 0.84 and 1.12).
+            warmup: Duration::from_secs(10),
         };
         let th = self.throughput(&t)?;
         let max = th.off_rps.median;
