@@ -122,6 +122,8 @@ fn main() {
     rt.spawn(server::serve(
         listener,
         registry,
+        // No ring-buffer reader here: the render alone is timed.
+        servescope::pipeline::DrainHandle::detached(),
         access,
         std::future::pending(),
     ));

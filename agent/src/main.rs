@@ -277,11 +277,14 @@ async fn run(
     let (replace_sinks, new_sinks) = mpsc::unbounded_channel();
     // PID → TorchServe worker identity: kept by the reader, read by discovery's per-worker sampling.
     let worker_map = WorkerMap::default();
+    // /metrics → reader: drain before rendering.
+    let (drain, drains) = pipeline::drain_requests();
     let reader = tokio::spawn(pipeline::read_events(
         ring,
         registry.clone(),
         sinks,
         pipeline::ReaderLinks {
+            drains,
             updates: upd_rx,
             new_sinks,
             proc_events: proc_tx,
@@ -330,6 +333,7 @@ async fn run(
     let mut serve = tokio::spawn(server::serve(
         listener,
         registry.clone(),
+        drain,
         access_rx,
         async move {
             let _ = serve_stop.changed().await;

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::{
@@ -48,8 +48,54 @@ pub enum Update {
     WorkerRemoved(u32),
 }
 
+/// How long a scrape waits for the reader to drain the ring before it renders what the registry
+/// holds: the reader answers within microseconds unless it is busy with a large backlog, and a scrape
+/// must not hang on it (Prometheus' default timeout is 10 s; dashboards poll every few seconds).
+const FRESH_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Scrapes that may wait for one drain at once; more are answered with what is counted already.
+const DRAIN_QUEUE: usize = 16;
+
+/// A scrape's request to the reader: drain what the kernel holds now, answered once it is counted.
+pub type DrainRequest = oneshot::Sender<()>;
+
+/// The /metrics side of the scrape-triggered drain (docs/decisions.md R30): the reader drains on its
+/// own only every [`crate::probes::DRAIN_INTERVAL`], so without this a scrape could miss the
+/// requests of the last 100 ms, answered before the scrape was sent.
+#[derive(Clone, Debug)]
+pub struct DrainHandle(Option<mpsc::Sender<DrainRequest>>);
+
+/// A connected pair: the handle for the metrics server, the receiver for [`ReaderLinks::drains`].
+pub fn drain_requests() -> (DrainHandle, mpsc::Receiver<DrainRequest>) {
+    let (tx, rx) = mpsc::channel(DRAIN_QUEUE);
+    (DrainHandle(Some(tx)), rx)
+}
+
+impl DrainHandle {
+    /// A handle with no reader behind it: [`DrainHandle::fresh`] returns at once (tests of the server).
+    pub fn detached() -> Self {
+        DrainHandle(None)
+    }
+
+    /// Asks the reader to drain the ring buffer and waits until it has, at most [`FRESH_WAIT`].
+    /// Returns whether it did: false when the reader is busy past that, stopped, or too many scrapes
+    /// are already waiting (each then renders what is counted).
+    pub async fn fresh(&self) -> bool {
+        let Some(tx) = &self.0 else {
+            return false;
+        };
+        let (done, answered) = oneshot::channel();
+        if tx.try_send(done).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(FRESH_WAIT, answered).await, Ok(Ok(())))
+    }
+}
+
 /// What flows into and out of the reader besides the ring buffer.
 pub struct ReaderLinks {
+    /// Scrapes asking for a drain before they render (R30).
+    pub drains: mpsc::Receiver<DrainRequest>,
     /// Discovery's target changes.
     pub updates: mpsc::UnboundedReceiver<Update>,
     /// Request-log sinks replacing the running ones (SIGHUP).
@@ -70,6 +116,7 @@ pub async fn read_events(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let ReaderLinks {
+        mut drains,
         mut updates,
         mut new_sinks,
         proc_events,
@@ -120,6 +167,14 @@ pub async fn read_events(
             },
             // Dropping the old sinks lets their threads write what is queued and exit.
             Some(sinks) = new_sinks.recv() => reader.sinks = sinks,
+            // A scrape: what the kernel holds now is counted before it renders.
+            Some(done) = drains.recv() => {
+                if reader.drain(ring.get_mut()) > 0 {
+                    pause.saw_records(true);
+                }
+                // The scrape may have given up waiting (FRESH_WAIT): nothing to tell it then.
+                let _ = done.send(());
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 reader.drain(guard.get_inner_mut());
@@ -136,8 +191,9 @@ pub async fn read_events(
 }
 
 /// Time between timer drains: [`crate::probes::DRAIN_INTERVAL`] while records come, doubling up to
-/// [`DrainPause::IDLE_MAX`] while none do. Counts are at most that stale when a scrape comes after
-/// silence; timestamps are the kernel's, so no value depends on when a record is read.
+/// [`DrainPause::IDLE_MAX`] while none do. Scrapes drain first ([`DrainHandle`]), so this bounds only
+/// how late sinks and the in-flight gauge see records; timestamps are the kernel's, so no value
+/// depends on when a record is read.
 #[derive(Debug)]
 struct DrainPause(std::time::Duration);
 
@@ -642,5 +698,63 @@ impl Discovery {
             }
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_scrape_waits_for_the_reader_and_not_longer_than_fresh_wait() {
+        assert!(!DrainHandle::detached().fresh().await);
+
+        let (handle, mut drains) = drain_requests();
+        let reader = tokio::spawn(async move {
+            // Answers the first request, then holds the second without answering.
+            let first = drains.recv().await.expect("a request");
+            first.send(()).expect("the scrape waits");
+            let _held = drains.recv().await.expect("a second request");
+            std::future::pending::<()>().await;
+        });
+        assert!(handle.fresh().await, "answered drain");
+        let started = tokio::time::Instant::now();
+        assert!(!handle.fresh().await, "unanswered drain");
+        let waited = started.elapsed();
+        assert!(
+            waited >= FRESH_WAIT && waited < FRESH_WAIT * 4,
+            "waited {waited:?}"
+        );
+        reader.abort();
+    }
+
+    #[tokio::test]
+    async fn a_stopped_reader_or_a_full_queue_does_not_hold_the_scrape() {
+        let (handle, drains) = drain_requests();
+        drop(drains);
+        assert!(!handle.fresh().await);
+
+        let (handle, _drains) = drain_requests();
+        let waiting: Vec<_> = (0..DRAIN_QUEUE)
+            .map(|_| {
+                let h = handle.clone();
+                tokio::spawn(async move { h.fresh().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        // The queue is full of scrapes the (absent) reader never answers: this one renders at once.
+        while tokio::time::Instant::now() < started + FRESH_WAIT / 2 {
+            if handle.0.as_ref().is_some_and(|tx| tx.capacity() == 0) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let t = tokio::time::Instant::now();
+        assert!(!handle.fresh().await);
+        assert!(t.elapsed() < FRESH_WAIT / 2, "{:?}", t.elapsed());
+        for w in waiting {
+            assert!(!w.await.expect("scrape task"));
+        }
     }
 }

@@ -158,6 +158,44 @@ fn keep_alive_connection_carries_hundreds_of_requests() -> Result<()> {
     t.assert_kernel_state_freed()
 }
 
+/// A scrape counts every request answered before it was sent: /metrics drains the ring buffer before
+/// it renders (R30) instead of showing what the reader's 100 ms timer last collected. Each round's
+/// single scrape, sent right after the round's last response, must already hold all of them.
+#[test]
+fn a_scrape_counts_every_request_answered_before_it() -> Result<()> {
+    let t = traced("fresh_scrape", Family::V4, &[0], &[])?;
+    let host = hostname();
+    let requests2xx = |m: &servescope_integration::Metrics| {
+        m.get("Requests2XX", &[("Level", "Host"), ("Hostname", &host)])
+            .unwrap_or(0.0)
+    };
+    let mut c = t.client()?;
+    ensure!(c.call("POST", "/predictions/fresh", b"warm-up")? == 200);
+    // Traced from here: the warm-up request is counted (by a drain, a timer or a scrape).
+    t.agent
+        .wait_until(SETTLE, "the warm-up request counted", |m| {
+            requests2xx(m) >= 1.0
+        })?;
+    let mut sent = 1.0;
+    for round in 0..10 {
+        for i in 0..20 {
+            let st = c.call(
+                "POST",
+                "/predictions/fresh",
+                format!("{round}/{i}").as_bytes(),
+            )?;
+            ensure!(st == 200, "answered {st}");
+        }
+        sent += 20.0;
+        let got = requests2xx(&t.agent.scrape()?);
+        ensure!(
+            got == sent,
+            "round {round}: the scrape right after the {sent} responses counted {got}"
+        );
+    }
+    Ok(())
+}
+
 /// 250 connections open at once, each carrying a few requests concurrently.
 #[test]
 fn hundreds_of_concurrent_connections() -> Result<()> {

@@ -43,7 +43,7 @@ use super::{
     text::Format,
     torchserve::{Filter, render},
 };
-use crate::registry::Registry;
+use crate::{pipeline::DrainHandle, registry::Registry};
 
 /// TorchServe's `TextFormat.CONTENT_TYPE_004` (simpleclient 0.9).
 pub const CONTENT_TYPE_METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -160,6 +160,8 @@ const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Shared by every connection.
 struct State {
     registry: Registry,
+    /// Asks the ring-buffer reader to count what the kernel holds before each /metrics render.
+    drain: DrainHandle,
     /// A hyper header-case map spelling `Pragma`, `Cache-Control` and `Expires` as TorchServe does.
     header_case: Option<Extensions>,
 }
@@ -172,11 +174,13 @@ struct State {
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    drain: DrainHandle,
     access: watch::Receiver<Arc<Access>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let state = Arc::new(State {
         registry,
+        drain,
         header_case: header_case_template().await,
     });
     let mut http = http1::Builder::new();
@@ -344,6 +348,10 @@ async fn handle(state: &State, access: &Access, req: Request<Incoming>) -> Respo
     }
 
     let (status, content_type, body) = if metrics {
+        // Requests answered before this scrape was sent are counted in it, not ~100 ms later.
+        if !state.drain.fresh().await {
+            tracing::trace!("rendering without a fresh drain (none wired, or the reader is busy)");
+        }
         let started = std::time::Instant::now();
         let body = render(&state.registry, &filter, format);
         // Shown by the next scrape: this body is already written.
@@ -578,9 +586,15 @@ mod tests {
         let (keep, access) = watch::channel(Arc::new(Access::open()));
         let task = tokio::spawn(async move {
             let _keep = keep;
-            serve(listener, registry, access, async move {
-                let _ = rx.await;
-            })
+            serve(
+                listener,
+                registry,
+                DrainHandle::detached(),
+                access,
+                async move {
+                    let _ = rx.await;
+                },
+            )
             .await
         });
         (addr, tx, task)
@@ -597,6 +611,7 @@ mod tests {
         tokio::spawn(serve(
             listener,
             Registry::new(),
+            DrainHandle::detached(),
             rx,
             std::future::pending::<()>(),
         ));
