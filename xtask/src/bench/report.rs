@@ -983,8 +983,8 @@ fn md_method(o: &mut String, s: &Settings) {
 /// The lowest throughput ratio (agent on / off) the smoke gate accepts for `server`.
 ///
 /// TorchServe is held to 0.8: its pairs spread 0.84–1.11 on this VM (JIT still warming, a Python
-/// worker), and a full run's median read 0.897 on 2026-12-03, so 0.9 would fail on noise. h1server is the synthetic
-/// worst case, a ~15–20 µs request on a machine whose two CPUs are both saturated by the server and
+/// worker), and a full run's median read 0.897 on 2026-12-03, so 0.9 would fail on noise. h1server
+/// is the synthetic worst case, a ~15–20 µs request on a machine whose two CPUs are both saturated by the server and
 /// the load generator: every microsecond the agent spends per request (BPF in the server's syscalls,
 /// the filter on the load generator's, the agent's own decoding) comes out of throughput, and the
 /// ~4–5 µs it costs today put the ratio at 0.70–0.80 (bench/MISSES.md). 0.9 there is a target not
