@@ -83,6 +83,8 @@ struct task_state {
 	__u64 enter_ns; /* when the syscall entered (0: not seen) */
 	__u64 gen;      /* targets_gen when `target` was decided */
 	__u64 conn_id;  /* the connection, copied at entry: the exit needs no second lookup */
+	__u64 ignored;  /* bit n: fd n (< 64) is known not to be traced, as of fd_epoch (below) */
+	__u64 fd_epoch; /* the `fd_epoch` under which `ignored` was learnt */
 	__s32 fd;
 	__u8 target;    /* the thread's process's SS_TARGET_* flags (0: untraced), as of gen */
 	__u8 state;     /* enum call_state */
@@ -141,6 +143,19 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } targets_gen SEC(".maps");
+
+/*
+ * Bumped (index 0) whenever an fd of a target may start naming something else: close, dup2/dup3,
+ * accept, exec. A thread's `ignored` mask is trusted only under the epoch it was learnt in, so a log
+ * fd whose number goes to a socket is looked up again. Read-mostly: under keep-alive traffic a target
+ * closes an fd a few times a second, not per request.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} fd_epoch SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -292,20 +307,26 @@ static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 
  */
 #define FAMILY_IGNORED 0
 
-/* The connection behind (tgid, fd), NULL when the fd is not traced; a socket first seen mid-stream
- * (open before the agent started, or evicted) is adopted here with accepted = 0. */
-static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd, __u32 flags)
+/* The connection behind (tgid, fd), NULL when the fd is not traced (then *ignored is 1 when that is
+ * because of what the fd is, not for want of map space); a socket first seen mid-stream (open before
+ * the agent started, or evicted) is adopted here with accepted = 0. */
+static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd, __u32 flags, int *ignored)
 {
 	struct ss_conn_key key = { .tgid = pid_tgid >> 32, .fd = fd };
 	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
-	if (c)
-		return c->family == FAMILY_IGNORED ? NULL : c;
+	if (c) {
+		if (c->family != FAMILY_IGNORED)
+			return c;
+		*ignored = 1;
+		return NULL;
+	}
 	__u8 family = 0;
 	struct sock *sk = stream_sock(fd, &family);
 	if (!sk) {
 		if (!worker_pipe(flags, fd)) {
-			struct conn_info ignored = { .family = FAMILY_IGNORED };
-			bpf_map_update_elem(&conns, &key, &ignored, BPF_ANY);
+			struct conn_info entry = { .family = FAMILY_IGNORED };
+			bpf_map_update_elem(&conns, &key, &entry, BPF_ANY);
+			*ignored = 1;
 			return NULL;
 		}
 		family = SS_FAMILY_PIPE;
@@ -456,6 +477,22 @@ static __always_inline __u64 targets_generation(void)
 	return genp ? *genp : 0;
 }
 
+static __always_inline __u64 current_fd_epoch(void)
+{
+	__u32 zero = 0;
+	__u64 *e = bpf_map_lookup_elem(&fd_epoch, &zero);
+	return e ? *e : 0;
+}
+
+/* An fd of a target may name something new from now on: every thread's `ignored` mask is stale. */
+static __always_inline void bump_fd_epoch(void)
+{
+	__u32 zero = 0;
+	__u64 *e = bpf_map_lookup_elem(&fd_epoch, &zero);
+	if (e)
+		__sync_fetch_and_add(e, 1);
+}
+
 /*
  * The state of the current thread when its process is traced, else NULL; `targets` is consulted again
  * only when its generation changed. With task storage the answer is kept for every thread that makes a
@@ -485,12 +522,22 @@ static __always_inline struct task_state *traced_thread(__u64 id)
 	t->gen = gen;
 	t->target = target;
 	t->state = CALL_NONE;
+	t->ignored = 0;
 	return target ? t : NULL;
+}
+
+/* Remembers in the thread's mask that `fd` is not traced, whatever the syscall. */
+static __always_inline void remember_ignored(struct task_state *t, int fd)
+{
+	if (fd < 64)
+		t->ignored |= 1ULL << (fd & 63);
 }
 
 /*
  * sys_enter of a data syscall: decide here whether `fd` is a traced connection, so that the exit of a
  * syscall on anything else (the JVM writes its log files ~30 times per request) costs one state read.
+ * Such fds are remembered per thread (`ignored`), so that the next write to them skips the `conns`
+ * lookup too: in a busy JVM that hash bucket is a cache miss nearly every time.
  */
 static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 {
@@ -502,16 +549,31 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 	t->state = CALL_SKIP;
 	if (fd < 0)
 		return 0;
-	struct conn_info *c = get_conn(id, fd, t->target);
-	if (!c)
+	/* The epoch is read before `conns`: an fd reused after this read bumps it, and the mask learnt
+	 * below is dropped at this thread's next data syscall. */
+	__u64 epoch = current_fd_epoch();
+	if (t->fd_epoch != epoch) {
+		t->fd_epoch = epoch;
+		t->ignored = 0;
+	}
+	if (fd < 64 && (t->ignored >> (fd & 63)) & 1)
 		return 0;
+	int ignored = 0;
+	struct conn_info *c = get_conn(id, fd, t->target, &ignored);
+	if (!c) {
+		if (ignored)
+			remember_ignored(t, fd);
+		return 0;
+	}
 	/* Of a worker's pipes only what it writes matters (its stdout/stderr, the `[METRICS]` lines). */
 	if (c->family == SS_FAMILY_PIPE && sys_is_ingress(sys))
 		return 0;
 	/* A worker's own socket traffic (~25 field-by-field reads per request) is not needed: the
 	 * frontend's frames are walked where they are written (otf_frame). */
-	if ((t->target & SS_TARGET_WORKER) && c->family == AF_UNIX)
+	if ((t->target & SS_TARGET_WORKER) && c->family == AF_UNIX) {
+		remember_ignored(t, fd);
 		return 0;
+	}
 	t->buf = buf;
 	t->iovcnt = iovcnt;
 	t->enter_ns = bpf_ktime_get_ns();
@@ -554,7 +616,8 @@ static __always_inline int args_from_regs(struct task_state *a, __u64 id, __u8 s
 	a->enter_ns = 0;
 	if (a->fd < 0)
 		return 0;
-	struct conn_info *c = get_conn(id, a->fd, flags);
+	int ignored = 0;
+	struct conn_info *c = get_conn(id, a->fd, flags, &ignored);
 	if (!c || (c->family == SS_FAMILY_PIPE && sys_is_ingress(sys)))
 		return 0;
 	a->conn_id = c->id;
@@ -919,6 +982,7 @@ static __always_inline int exit_accept(long ret)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (ret < 0 || !is_target(id >> 32))
 		return 0;
+	bump_fd_epoch();
 	int fd = (int)ret;
 	__u8 family = 0;
 	struct sock *sk = stream_sock(fd, &family);
@@ -951,6 +1015,8 @@ static __always_inline void fd_gone(int fd)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!is_target(id >> 32))
 		return;
+	/* Even with no entry: an evicted one may still be in a thread's `ignored` mask. */
+	bump_fd_epoch();
 	struct ss_conn_key key = { .tgid = id >> 32, .fd = fd };
 	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
 	if (!c)
@@ -1002,9 +1068,13 @@ static __always_inline void emit_proc(__u64 pid_tgid, __u8 kind, __u64 arg)
 SEC("tracepoint/sched/sched_process_exec")
 int ss_exec(void *ctx)
 {
+	__u64 id = bpf_get_current_pid_tgid();
+	/* exec closes the close-on-exec fds without close(). */
+	if (is_target(id >> 32))
+		bump_fd_epoch();
 	if (!watch_exec)
 		return 0;
-	emit_proc(bpf_get_current_pid_tgid(), SS_EV_EXEC, 0);
+	emit_proc(id, SS_EV_EXEC, 0);
 	return 0;
 }
 

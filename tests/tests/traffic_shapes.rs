@@ -808,6 +808,30 @@ fn fd_reuse_gets_a_fresh_connection() -> Result<()> {
     t.assert_kernel_state_freed()
 }
 
+/// A connection's thread writes to a file, then moves the connection onto the file's fd number (the
+/// file closed and the socket dup'd into the number, or dup2'd over it): the kernel's per-thread
+/// memory of untraced fds must forget the number, and every later request on it counts.
+#[test]
+fn a_log_fd_number_reused_for_a_socket_is_traced() -> Result<()> {
+    const ROUNDS: u32 = 30;
+    let t = traced("log_fd_reuse", Family::V4, &[0], &[])?;
+    for how in ["dup", "dup2"] {
+        let mut c = t.client()?;
+        ensure!(c.call("POST", &format!("/predictions/move?relocate={how}"), b"x")? == 200);
+        for _ in 0..ROUNDS {
+            // 409: dup did not get the file's number, so the test would not test the reuse.
+            let status = c.call("POST", &format!("/predictions/{how}"), b"x")?;
+            ensure!(status == 200, "after relocate={how}: status {status}");
+        }
+    }
+    t.expect()
+        .inference("move", "default", 200, 2)
+        .inference("dup", "default", 200, ROUNDS)
+        .inference("dup2", "default", 200, ROUNDS)
+        .assert_agent(&t.agent, SETTLE)?;
+    t.assert_kernel_state_freed()
+}
+
 fn wait_server_fd(server: &H1Server, client: &Client) -> Result<i32> {
     let mut fd = None;
     eventually(Duration::from_secs(2), || {

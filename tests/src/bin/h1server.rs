@@ -34,6 +34,13 @@
 //!   chunked=1     Transfer-Encoding: chunked response; each 64 KiB chunk is its own write(2)
 //!   gap_ms=G      with mode=multi or chunked=1: sleep G ms before each body write, so the response
 //!                 takes longer than its first byte (time-to-last-byte > time-to-first-byte)
+//!   relocate=dup|dup2
+//!                 after the response, write two log lines to a file and move the connection onto
+//!                 that file's fd number: close the file and dup(2) the socket (which takes the freed
+//!                 number), or dup2(2) the socket over it. Later requests are read and answered
+//!                 through the new fd (the old one stays open, unused, until the connection ends), so
+//!                 one thread writes a file fd and then a socket fd of the same number. If dup(2) did
+//!                 not reuse the number, every later response on the connection is a 409.
 //!   close=fin|rst after the response, close the connection (rst: SO_LINGER 0 first, so the close sends
 //!                 RST like TorchServe's on status >= 400); also `Connection: close` from the client
 //! ```
@@ -152,6 +159,10 @@ struct Conn<'a> {
     s: &'a TcpStream,
     fd: RawFd,
     buf: Vec<u8>,
+    /// The fd `relocate=` moved the connection to (`fd` then); closed with the connection.
+    moved: Option<std::os::fd::OwnedFd>,
+    /// `relocate=dup` did not get the log file's fd number: later responses are 409s.
+    reuse_failed: bool,
 }
 
 impl Conn<'_> {
@@ -210,6 +221,8 @@ fn serve(s: &TcpStream) -> io::Result<()> {
         s,
         fd: s.as_raw_fd(),
         buf: Vec::new(),
+        moved: None,
+        reuse_failed: false,
     };
     loop {
         // Request head.
@@ -277,6 +290,9 @@ fn serve(s: &TcpStream) -> io::Result<()> {
         }
         let close = q.close.is_some() || client_close;
         respond(&c, &q, close)?;
+        if let Some(how) = &q.relocate {
+            relocate(&mut c, how == "dup2")?;
+        }
         if close {
             if q.close.as_deref() == Some("rst") {
                 set_linger_zero(c.fd);
@@ -287,6 +303,7 @@ fn serve(s: &TcpStream) -> io::Result<()> {
 }
 
 /// The response parameters from a request target's query string.
+#[derive(Clone)]
 struct Query {
     status: u16,
     delay_ms: u64,
@@ -295,6 +312,7 @@ struct Query {
     chunked: bool,
     gap_ms: u64,
     close: Option<String>,
+    relocate: Option<String>,
 }
 
 impl Query {
@@ -307,6 +325,7 @@ impl Query {
             chunked: false,
             gap_ms: 0,
             close: None,
+            relocate: None,
         };
         let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
         for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
@@ -318,6 +337,7 @@ impl Query {
                 "chunked" => q.chunked = v == "1",
                 "gap_ms" => q.gap_ms = v.parse().unwrap_or(0),
                 "close" => q.close = Some(v.to_owned()),
+                "relocate" => q.relocate = Some(v.to_owned()),
                 _ => {}
             }
         }
@@ -325,8 +345,40 @@ impl Query {
     }
 }
 
+/// `relocate=`: two log lines to a file fd, then the connection moves onto that fd number.
+fn relocate(c: &mut Conn<'_>, dup2: bool) -> io::Result<()> {
+    use std::os::fd::{FromRawFd as _, IntoRawFd as _, OwnedFd};
+    let log = File::options().append(true).open("/dev/null")?;
+    write_all(log.as_raw_fd(), b"POST /predictions/x 200\n")?;
+    write_all(log.as_raw_fd(), b"POST /predictions/x 200\n")?;
+    let log_fd = log.as_raw_fd();
+    let fd = if dup2 {
+        let log_fd = log.into_raw_fd();
+        // SAFETY: both fds are open; dup2 closes the file's description and reuses its number,
+        // which is owned below.
+        unsafe { libc::dup2(c.fd, log_fd) }
+    } else {
+        drop(log);
+        // SAFETY: dup of the connection's open socket; the new fd is owned below.
+        unsafe { libc::dup(c.fd) }
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    c.reuse_failed |= fd != log_fd;
+    c.fd = fd;
+    // SAFETY: `fd` is open and owned by nothing else.
+    c.moved = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}
+
 /// Writes the response the query asked for.
 fn respond(c: &Conn<'_>, q: &Query, close: bool) -> io::Result<()> {
+    let status = if c.reuse_failed { 409 } else { q.status };
+    let q = &Query {
+        status,
+        ..q.clone()
+    };
     let reason = if q.status == 200 { "OK" } else { "Status" };
     let size = q.size.unwrap_or(2);
     let framing = if q.chunked {
