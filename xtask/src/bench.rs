@@ -167,6 +167,14 @@ pub fn run(opts: Options) -> Result<()> {
             .output()
             .with_context(|| format!("`{tool}` is needed: apt-get install {tool}"))?;
     }
+    let others = system::other_agents()?;
+    if !others.is_empty() {
+        bail!(
+            "servescope's BPF programs are already loaded, held by {}: its tracepoints would tax the \
+             agent-off runs too and hide the overhead. Stop it first",
+            others.join(", ")
+        );
+    }
     let plan = Plan::new(&opts);
     let agent_bin = match &opts.agent_bin {
         Some(b) => b

@@ -125,6 +125,46 @@ fn bpftool_json(args: &[&str]) -> Result<Value> {
         .with_context(|| format!("parsing the output of `bpftool {} -j`", args.join(" ")))
 }
 
+/// Processes other than the bench's own that hold BPF programs named `ss_*`, as `pid (comm)`: another
+/// servescope agent would tax the agent-off runs as much as the agent-on ones and hide the overhead.
+pub fn other_agents() -> Result<Vec<String>> {
+    let all = bpftool_json(&["prog", "show"])?;
+    let ids: BTreeSet<u64> = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("ss_")))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut holders = Vec::new();
+    for entry in fs::read_dir("/proc").context("listing /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit while it is read: then it holds nothing.
+        let Ok(held) = bpf_ids(pid, "prog_id:") else {
+            continue;
+        };
+        if !held.is_disjoint(&ids) {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            holders.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    if holders.is_empty() {
+        // Loaded but held by no process: pinned, or links left in bpffs.
+        holders.push(format!("no process (program ids {ids:?}; pinned?)"));
+    }
+    Ok(holders)
+}
+
 /// Run statistics of one BPF program (kept by the kernel while `kernel.bpf_stats_enabled` is 1).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ProgStats {
