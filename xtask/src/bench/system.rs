@@ -125,8 +125,8 @@ fn bpftool_json(args: &[&str]) -> Result<Value> {
         .with_context(|| format!("parsing the output of `bpftool {} -j`", args.join(" ")))
 }
 
-/// Processes other than the bench's own that hold BPF programs named `ss_*`, as `pid (comm)`: another
-/// servescope agent would tax the agent-off runs as much as the agent-on ones and hide the overhead.
+/// Processes that hold BPF programs named `ss_*`, as `pid (comm)`; called before the bench starts an
+/// agent of its own: another servescope would tax the agent-off runs as much as the agent-on ones.
 pub fn other_agents() -> Result<Vec<String>> {
     let all = bpftool_json(&["prog", "show"])?;
     let ids: BTreeSet<u64> = all
