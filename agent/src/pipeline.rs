@@ -20,7 +20,7 @@ use crate::{
     config::Config,
     discovery::{Hostnames, ProcFs, Selection, Target},
     events::{Event, FAMILY_UNIX, Kind},
-    http::{ConnTable, ParseStats},
+    http::{ConnTable, Exchange, ParseStats},
     probes::Probes,
     registry::WorkerUsage,
     registry::{Flavor, Registry},
@@ -135,6 +135,7 @@ pub async fn read_events(
         sinks,
         proc_events,
         workers: WorkerTracker::new(worker_map),
+        exchanges: Vec::new(),
     };
     // The kernel wakes this task only when much is waiting (probes::DRAIN_INTERVAL): drain on a timer
     // too, backing off while nothing comes so an idle agent does not wake 100 times a second.
@@ -231,6 +232,9 @@ struct Reader {
     sinks: Sinks,
     proc_events: ProcEventSender,
     workers: WorkerTracker,
+    /// The exchanges one record completed; kept between records so that handing them over does not
+    /// allocate for each response.
+    exchanges: Vec<Exchange>,
 }
 
 impl Reader {
@@ -266,7 +270,9 @@ impl Reader {
                         let host = Self::hostname(&self.targets, &self.workers, ev.tgid);
                         self.workers.on_frontend(&ev, &self.registry, host);
                     }
-                    for ex in self.table.apply(&ev) {
+                    let mut exchanges = std::mem::take(&mut self.exchanges);
+                    self.table.apply(&ev, &mut exchanges);
+                    for ex in exchanges.drain(..) {
                         match self.targets.get(&ex.tgid) {
                             Some(t) => {
                                 let dispatched = ex
@@ -300,6 +306,7 @@ impl Reader {
                             }
                         }
                     }
+                    self.exchanges = exchanges;
                 }
                 Err(e) => {
                     self.registry.decode_errors.inc();

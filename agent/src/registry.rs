@@ -743,7 +743,7 @@ impl Registry {
         if !self.admit_model_series(model, version, hostname) {
             return;
         }
-        let labels = [model.as_str(), version.as_str(), hostname];
+        let labels = [model.as_ref(), version.as_ref(), hostname];
         self.inference_requests.inc_by(&labels, 1.0);
         let class = match status {
             100..=199 => "1xx",
@@ -752,7 +752,7 @@ impl Registry {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        let by_class = [model.as_str(), version.as_str(), class, hostname];
+        let by_class = [model.as_ref(), version.as_ref(), class, hostname];
         // Byte counts stay exact as f64 up to 2^53 (8 PiB) per series.
         #[expect(clippy::cast_precision_loss, reason = "exact below 2^53")]
         {
@@ -1202,7 +1202,7 @@ mod tests {
             }),
             response: Response {
                 status,
-                reason: reason.into(),
+                reason: reason.to_owned().into(),
                 request_id: rid.then(|| "id".to_owned()),
                 start_ns: 1_002_000,
                 end_ns: Some(1_003_000),

@@ -1,11 +1,19 @@
 //! TorchServe's inference routes → (model, version). FACTS.md §4 is the source of every rule here.
+//!
+//! Every response is routed, so a route borrows from the request target wherever it can: only a
+//! percent-escaped name is decoded into a string of its own.
+
+use std::borrow::Cow;
 
 /// What a request addresses, as far as metrics are concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// An inference call on a model. `version` is the URL's version segment or `default`, exactly as
     /// TorchServe labels `model_version` (FACTS.md §3).
-    Inference { model: String, version: String },
+    Inference {
+        model: Cow<'a, str>,
+        version: Cow<'a, str>,
+    },
     /// `/invocations` without a `model_name` (TorchServe answers 400).
     InferenceWithoutModel,
     /// Anything else: `/ping`, management, metrics, unknown paths.
@@ -15,48 +23,55 @@ pub enum Route {
 /// The `model_version` label value for a URL without a version segment.
 pub const DEFAULT_VERSION: &str = "default";
 
-impl Route {
-    fn inference(model: &str, version: Option<&str>) -> Self {
+impl<'a> Route<'a> {
+    fn inference(model: Cow<'a, str>, version: Option<&'a str>) -> Self {
         if model.is_empty() {
             return Route::Other;
         }
         Route::Inference {
-            model: percent_decode(model),
+            model,
             version: version
                 .filter(|v| !v.is_empty())
-                .map_or_else(|| DEFAULT_VERSION.to_owned(), percent_decode),
+                .map_or(Cow::Borrowed(DEFAULT_VERSION), percent_decode),
         }
     }
 }
 
 /// Maps a request target (path and query, as on the request line) to its route.
-pub fn route(target: &str) -> Route {
+pub fn route(target: &str) -> Route<'_> {
     // Absolute-form targets (`http://host/path`) are legal HTTP/1.1; keep only the path.
     let target = strip_authority(target);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    match segs.as_slice() {
+    // No route below has more than four segments, so five are enough to tell every one from a longer
+    // path, and fit on the stack.
+    let mut segs = [""; 5];
+    let mut n = 0;
+    for seg in path.split('/').filter(|s| !s.is_empty()).take(segs.len()) {
+        segs[n] = seg;
+        n += 1;
+    }
+    match &segs[..n] {
         // /predictions/{m}[/{v}[/any/extra]] and /explanations/{m}[/{v}...]
         ["predictions" | "explanations", m, rest @ ..] => {
-            Route::inference(m, rest.first().copied())
+            Route::inference(percent_decode(m), rest.first().copied())
         }
         // /v1/models/{m}:predict, /v1/models/{m}:explain
         ["v1", "models", m] => match m.rsplit_once(':') {
-            Some((name, "predict" | "explain")) => Route::inference(name, None),
+            Some((m, "predict" | "explain")) => Route::inference(percent_decode(m), None),
             _ => Route::Other,
         },
         // /v2/models/{m}/infer, /v2/models/{m}/explain
-        ["v2", "models", m, "infer" | "explain"] => Route::inference(m, None),
+        ["v2", "models", m, "infer" | "explain"] => Route::inference(percent_decode(m), None),
         // /invocations?model_name={m}
         ["invocations"] => match query_param(query, "model_name") {
-            Some(m) if !m.is_empty() => Route::inference(&m, None),
+            Some(m) if !m.is_empty() => Route::inference(m, None),
             _ => Route::InferenceWithoutModel,
         },
         // /models/{m}/invoke (management-style path on the inference port)
-        ["models", m, "invoke"] => Route::inference(m, None),
+        ["models", m, "invoke"] => Route::inference(percent_decode(m), None),
         // /{m}/predict, /{m}/{v}/predict
-        [m, "predict"] => Route::inference(m, None),
-        [m, v, "predict"] => Route::inference(m, Some(v)),
+        [m, "predict"] => Route::inference(percent_decode(m), None),
+        [m, v, "predict"] => Route::inference(percent_decode(m), Some(v)),
         _ => Route::Other,
     }
 }
@@ -71,7 +86,7 @@ fn strip_authority(target: &str) -> &str {
 }
 
 /// First value of `key` in a query string, percent-decoded.
-fn query_param(query: &str, key: &str) -> Option<String> {
+fn query_param<'a>(query: &'a str, key: &str) -> Option<Cow<'a, str>> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(k) == key).then(|| percent_decode(v))
@@ -80,9 +95,9 @@ fn query_param(query: &str, key: &str) -> Option<String> {
 
 /// Percent-decoding (and `+` as space in queries is not applied: TorchServe's QueryStringDecoder keeps
 /// path semantics for path segments). Invalid escapes are kept verbatim; invalid UTF-8 is replaced.
-pub fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.contains('%') {
-        return s.to_owned();
+        return Cow::Borrowed(s);
     }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -102,14 +117,14 @@ pub fn percent_decode(s: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn inf(model: &str, version: &str) -> Route {
+    fn inf<'a>(model: &'a str, version: &'a str) -> Route<'a> {
         Route::Inference {
             model: model.into(),
             version: version.into(),
@@ -164,6 +179,11 @@ mod tests {
             "/predictions/",
             "/v1/models/echo",
             "/v1/models/echo:status",
+            // Longer than the route they begin with.
+            "/v2/models/echo/infer/extra",
+            "/models/echo/invoke/extra",
+            "/echo/1.0/predict/extra",
+            "/a/b/c/d/e/f/predict",
             "/v2/models/echo",
             "/",
             "",

@@ -19,7 +19,9 @@ fn feed(conn: &mut Conn, stats: &mut ParseStats, t: u64, ingress: bool, bytes: &
         conn.on_ingress(t, head, bytes.len() as u64, stats);
         0
     } else {
-        conn.on_egress(t, t, head, bytes.len() as u64, stats).len()
+        let mut out = Vec::new();
+        conn.on_egress(t, t, head, bytes.len() as u64, stats, &mut out);
+        out.len()
     }
 }
 
@@ -102,7 +104,7 @@ proptest! {
             if *ingress {
                 conn.on_ingress(i as u64, head, len, &mut stats);
             } else {
-                let _ = conn.on_egress(i as u64, i as u64, head, len, &mut stats);
+                conn.on_egress(i as u64, i as u64, head, len, &mut stats, &mut Vec::new());
             }
         }
         let _ = conn.on_close();
@@ -203,7 +205,7 @@ proptest! {
         for _ in &reqs {
             t += 1;
             let resp = b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\nok";
-            exchanges.extend(conn.on_egress(t, t, resp, resp.len() as u64, &mut stats));
+            conn.on_egress(t, t, resp, resp.len() as u64, &mut stats, &mut exchanges);
         }
         let paths: Vec<String> = exchanges.iter().filter_map(|e| e.request.as_ref().map(|r| r.target.clone())).collect();
         let want: Vec<String> = reqs.iter().map(|r| r.path.clone()).collect();

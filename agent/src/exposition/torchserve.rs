@@ -824,7 +824,7 @@ mod tests {
             }),
             response: crate::http::Response {
                 status,
-                reason: reason.into(),
+                reason: reason.to_owned().into(),
                 request_id: Some("id".into()),
                 start_ns: 1_000 + latency_ns,
                 end_ns: Some(2_000 + latency_ns),

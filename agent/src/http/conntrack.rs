@@ -47,8 +47,8 @@ impl ConnTable {
         self.conns.values().map(Conn::in_flight).sum()
     }
 
-    /// Applies one kernel record; returns the exchanges it completed.
-    pub fn apply(&mut self, ev: &Event<'_>) -> Vec<Exchange> {
+    /// Applies one kernel record; appends the exchanges it completed to `out`.
+    pub fn apply(&mut self, ev: &Event<'_>, out: &mut Vec<Exchange>) {
         if ev.family == FAMILY_UNIX {
             // Frontend→worker socket: not HTTP. Only the inference frames the frontend writes matter:
             // the kernel's walk of each (every id of a batch), and the frame's own head (its first
@@ -67,11 +67,11 @@ impl ConnTable {
                     self.note_dispatch(id, ev.ts_ns);
                 }
             }
-            return Vec::new();
+            return;
         }
         match ev.kind {
             // Process events are discovery's; batch records come from unix sockets only (above).
-            Kind::Exec | Kind::Exit | Kind::Listen | Kind::Batch => Vec::new(),
+            Kind::Exec | Kind::Exit | Kind::Listen | Kind::Batch => {}
             Kind::Open => {
                 self.make_room();
                 // `accepted`: seen at accept(), so the stream starts at a message boundary; otherwise
@@ -79,16 +79,14 @@ impl ConnTable {
                 let mut conn = Conn::new(ev.tgid, ev.conn_id, ev.accepted);
                 conn.set_peer(ev.peer());
                 self.conns.insert(ev.conn_id, conn);
-                Vec::new()
             }
             // A response still being written when the connection closes (close-delimited, or cut
             // short by a client's reset) ends here: the server sent its status, so it counts.
-            Kind::Close => self
-                .conns
-                .remove(&ev.conn_id)
-                .and_then(|mut conn| conn.on_close())
-                .into_iter()
-                .collect(),
+            Kind::Close => out.extend(
+                self.conns
+                    .remove(&ev.conn_id)
+                    .and_then(|mut conn| conn.on_close()),
+            ),
             Kind::Data => {
                 if !self.conns.contains_key(&ev.conn_id) {
                     self.make_room();
@@ -103,11 +101,15 @@ impl ConnTable {
                 match ev.dir {
                     Direction::Ingress => {
                         conn.on_ingress(ev.ts_ns, ev.head, ev.len, &mut self.stats);
-                        Vec::new()
                     }
-                    Direction::Egress => {
-                        conn.on_egress(ev.ts_ns, ev.end_ns, ev.head, ev.len, &mut self.stats)
-                    }
+                    Direction::Egress => conn.on_egress(
+                        ev.ts_ns,
+                        ev.end_ns,
+                        ev.head,
+                        ev.len,
+                        &mut self.stats,
+                        out,
+                    ),
                 }
             }
         }
@@ -179,7 +181,9 @@ mod tests {
     }
 
     fn apply(t: &mut ConnTable, bytes: &[u8]) -> Vec<Exchange> {
-        t.apply(&Event::decode(bytes).expect("valid record"))
+        let mut out = Vec::new();
+        t.apply(&Event::decode(bytes).expect("valid record"), &mut out);
+        out
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! HTTP/1.x reconstruction: per-connection stream parsing of the kernel's records into [`Exchange`]s.
 
+use std::borrow::Cow;
+
 pub mod conntrack;
 pub mod parser;
 
@@ -25,7 +27,8 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    pub reason: String,
+    /// The reason phrase; the common ones are not copied per response ([`reason_phrase`]).
+    pub reason: Cow<'static, str>,
     /// The response's `x-request-id` (every TorchServe frontend response has one, except Netty's own
     /// 413), sanitised and bounded.
     pub request_id: Option<String>,
@@ -75,4 +78,33 @@ impl Exchange {
         )]
         Some(ns as f64 / 1000.0)
     }
+}
+
+/// Reason phrases servers commonly send (TorchServe's frontend sends the standard ones).
+const COMMON_REASONS: [&str; 17] = [
+    "OK",
+    "Created",
+    "Accepted",
+    "No Content",
+    "Bad Request",
+    "Unauthorized",
+    "Forbidden",
+    "Not Found",
+    "Method Not Allowed",
+    "Request Entity Too Large",
+    "Too Many Requests",
+    "Internal Server Error",
+    "Not Implemented",
+    "Bad Gateway",
+    "Service Unavailable",
+    "Gateway Timeout",
+    "Insufficient Storage",
+];
+
+/// A response's reason phrase: a common one is shared, any other copied.
+pub fn reason_phrase(reason: &str) -> Cow<'static, str> {
+    COMMON_REASONS
+        .iter()
+        .find(|r| **r == reason)
+        .map_or_else(|| Cow::Owned(reason.to_owned()), |r| Cow::Borrowed(*r))
 }

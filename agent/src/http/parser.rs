@@ -20,9 +20,9 @@
 //! - A connection first seen mid-stream (open before the agent started, or evicted from the kernel map)
 //!   is picked up at the first read that begins with a request line; bytes before it are ignored.
 
-use std::{collections::VecDeque, net::SocketAddr};
+use std::{borrow::Cow, collections::VecDeque, net::SocketAddr};
 
-use super::{Exchange, Request, Response};
+use super::{Exchange, Request, Response, reason_phrase};
 
 /// Longest request or response head accumulated across reads before the bytes are declared not HTTP.
 const MAX_HEAD: usize = 16 * 1024;
@@ -97,6 +97,39 @@ enum RespState {
         ex: Option<Exchange>,
         chunked: bool,
     },
+}
+
+/// Parses a message head of which `buf` holds the bytes of earlier syscalls and `more` those of this
+/// one. Nearly every head comes whole in one read or write: it is parsed where the kernel's copy lies,
+/// and `buf` is filled (an allocation and a copy) only when the head is still incomplete, so that
+/// the next syscall's bytes can join it.
+fn parse_head<P: Partial>(buf: &mut Vec<u8>, more: &[u8], parse: impl Fn(&[u8]) -> P) -> P {
+    if buf.is_empty() {
+        let parsed = parse(more);
+        if parsed.is_partial() {
+            buf.extend_from_slice(more);
+        }
+        return parsed;
+    }
+    buf.extend_from_slice(more);
+    parse(buf)
+}
+
+/// What [`parse_head`] needs to know of a parse's result.
+trait Partial {
+    fn is_partial(&self) -> bool;
+}
+
+impl Partial for HeadParse {
+    fn is_partial(&self) -> bool {
+        matches!(self, HeadParse::Partial)
+    }
+}
+
+impl Partial for RespParse {
+    fn is_partial(&self) -> bool {
+        matches!(self, RespParse::Partial)
+    }
 }
 
 /// Reports `ex` as ended at `end_ns` and readies the connection for the next response.
@@ -218,8 +251,8 @@ impl Conn {
                 } => {
                     let before = buf.len();
                     let take = captured.len().min(MAX_HEAD.saturating_sub(before));
-                    buf.extend_from_slice(&captured[..take]);
-                    match parse_request_head(buf) {
+                    let parsed = parse_head(buf, &captured[..take], parse_request_head);
+                    match parsed {
                         HeadParse::Complete {
                             used,
                             mut req,
@@ -307,9 +340,9 @@ impl Conn {
 
     /// Bytes the server wrote: `len` in all, of which `head` were copied; the write began at `ts_ns` (the
     /// response's first byte, if it starts here) and returned at `end_ns` (its last byte, if it ends
-    /// here: a blocking write of a large response returns only once all of it is queued). Returns the
-    /// exchanges whose response ended in this write (or, for a response whose end cannot be seen, whose
-    /// successor began).
+    /// here: a blocking write of a large response returns only once all of it is queued). Appends to
+    /// `out` the exchanges whose response ended in this write (or, for a response whose end cannot be
+    /// seen, whose successor began): the caller's vector is reused from record to record.
     pub fn on_egress(
         &mut self,
         ts_ns: u64,
@@ -317,12 +350,12 @@ impl Conn {
         head: &[u8],
         len: u64,
         stats: &mut ParseStats,
-    ) -> Vec<Exchange> {
-        let mut out = Vec::new();
+        out: &mut Vec<Exchange>,
+    ) {
         // max: writes are stamped when they began, so a long write may carry an earlier time.
         self.last_active_ns = self.last_active_ns.max(ts_ns);
         if !self.resp_synced {
-            return out;
+            return;
         }
         let mut off: u64 = 0;
         while off < len {
@@ -359,9 +392,8 @@ impl Conn {
                     let start_ns = *start_ns;
                     let before = buf.len();
                     let take = captured.len().min(MAX_HEAD.saturating_sub(before));
-                    buf.extend_from_slice(&captured[..take]);
-                    let head_bytes = buf.len() as u64;
-                    let parsed = parse_response_head(buf);
+                    let head_bytes = (before + take) as u64;
+                    let parsed = parse_head(buf, &captured[..take], parse_response_head);
                     let (used_here, head_info) = match parsed {
                         RespParse::Complete { used, head } => ((used - before) as u64, head),
                         RespParse::Partial if (take as u64) >= rest => {
@@ -422,12 +454,12 @@ impl Conn {
                     };
                     let body_rest = len - off;
                     match head_info.framing {
-                        _ if no_body => finish(&mut out, ex, end_ns, &mut self.resp),
+                        _ if no_body => finish(out, ex, end_ns, &mut self.resp),
                         Framing::Length(n) if n <= body_rest => {
                             off += n;
                             let mut ex = ex;
                             ex.response.bytes += n;
-                            finish(&mut out, ex, end_ns, &mut self.resp);
+                            finish(out, ex, end_ns, &mut self.resp);
                         }
                         Framing::Length(n) => {
                             let mut ex = ex;
@@ -449,7 +481,7 @@ impl Conn {
                                 && whole_write_seen
                                 && head.ends_with(b"0\r\n\r\n")
                             {
-                                finish(&mut out, ex, end_ns, &mut self.resp);
+                                finish(out, ex, end_ns, &mut self.resp);
                             } else {
                                 self.last_write_ns = end_ns;
                                 self.resp = RespState::UntilNextHead {
@@ -469,14 +501,14 @@ impl Conn {
                         && let RespState::Body { ex, .. } =
                             std::mem::replace(&mut self.resp, RespState::Idle)
                     {
-                        finish(&mut out, ex, end_ns, &mut self.resp);
+                        finish(out, ex, end_ns, &mut self.resp);
                     }
                 }
                 RespState::UntilNextHead { ex, chunked } => {
                     if off == 0 && captured.starts_with(b"HTTP/1.") {
                         if let Some(ex) = ex.take() {
                             let end = self.last_write_ns;
-                            finish(&mut out, ex, end, &mut self.resp);
+                            finish(out, ex, end, &mut self.resp);
                         }
                         self.resp = RespState::Idle;
                     } else {
@@ -493,14 +525,13 @@ impl Conn {
                             && last_chunk
                             && let Some(ex) = ex.take()
                         {
-                            finish(&mut out, ex, end_ns, &mut self.resp);
+                            finish(out, ex, end_ns, &mut self.resp);
                         }
                         break;
                     }
                 }
             }
         }
-        out
     }
 
     /// The connection closed: a response still being written ends here. Returns it, if any: a response
@@ -670,7 +701,7 @@ fn parse_request_line(buf: &[u8]) -> Option<Request> {
 
 struct RespHead {
     status: u16,
-    reason: String,
+    reason: Cow<'static, str>,
     request_id: Option<String>,
     framing: Framing,
 }
@@ -702,7 +733,7 @@ fn parse_response_head(buf: &[u8]) -> RespParse {
                 used,
                 head: RespHead {
                     status,
-                    reason: resp.reason.unwrap_or("").to_owned(),
+                    reason: reason_phrase(resp.reason.unwrap_or("")),
                     request_id,
                     framing,
                 },
@@ -739,7 +770,7 @@ fn parse_status_line(buf: &[u8]) -> Option<RespHead> {
         .map(|l| request_id(&l[13..]));
     Some(RespHead {
         status,
-        reason: reason.to_owned(),
+        reason: reason_phrase(reason),
         request_id,
         framing: Framing::UntilOther,
     })
@@ -778,10 +809,14 @@ mod tests {
         fn write(&mut self, bytes: &[u8]) -> u64 {
             self.t += 1000;
             let head = &bytes[..bytes.len().min(HEAD_MAX)];
-            let ex = self
-                .conn
-                .on_egress(self.t, self.t, head, bytes.len() as u64, &mut self.stats);
-            self.out.extend(ex);
+            self.conn.on_egress(
+                self.t,
+                self.t,
+                head,
+                bytes.len() as u64,
+                &mut self.stats,
+                &mut self.out,
+            );
             self.t
         }
         fn statuses(&self) -> Vec<(Option<String>, u16)> {
@@ -824,9 +859,15 @@ mod tests {
         w.read(&post("/predictions/m", b"x"));
         let resp = ok(&vec![b'b'; 4 << 20]);
         let head = &resp[..HEAD_MAX];
-        let ex = w
-            .conn
-            .on_egress(5_000, 905_000, head, resp.len() as u64, &mut w.stats);
+        let mut ex = Vec::new();
+        w.conn.on_egress(
+            5_000,
+            905_000,
+            head,
+            resp.len() as u64,
+            &mut w.stats,
+            &mut ex,
+        );
         assert_eq!(ex.len(), 1);
         assert_eq!(ex[0].response.start_ns, 5_000);
         assert_eq!(ex[0].response.end_ns, Some(905_000));

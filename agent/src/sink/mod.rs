@@ -107,7 +107,7 @@ impl Record {
         let (api, model, version) = match route {
             None => (Api::Unknown, None, None),
             Some(Route::Inference { model, version }) => {
-                (Api::Inference, Some(model.clone()), Some(version.clone()))
+                (Api::Inference, Some(model.to_string()), Some(version.to_string()))
             }
             Some(Route::InferenceWithoutModel) => (Api::Inference, None, None),
             Some(Route::Other) => (Api::Other, None, None),
