@@ -9,29 +9,35 @@
 /// Longest line kept while waiting for its end; a longer one is not a metric line worth keeping.
 pub const MAX_LINE: usize = 4096;
 
-/// One parsed metric line.
+/// One parsed metric line, borrowed from it: workers print two per request, so nothing is copied.
 #[derive(Clone, Debug, PartialEq)]
-pub struct MetricLine {
-    pub name: String,
-    pub unit: String,
+pub struct MetricLine<'a> {
+    pub name: &'a str,
+    pub unit: &'a str,
     pub value: f64,
-    /// `key:value` dimensions in line order (e.g. ModelName, Level).
-    pub dims: Vec<(String, String)>,
-    pub hostname: String,
-    pub request_id: Option<String>,
+    /// `key:value` dimensions in line order (e.g. ModelName, Level), comma-separated as in the line;
+    /// [`parse`] checked that each has its colon.
+    dims: &'a str,
+    pub hostname: &'a str,
+    pub request_id: Option<&'a str>,
 }
 
-impl MetricLine {
-    pub fn dim(&self, key: &str) -> Option<&str> {
+impl<'a> MetricLine<'a> {
+    /// The `key:value` dimensions in line order.
+    pub fn dims(&self) -> impl Iterator<Item = (&'a str, &'a str)> + use<'a> {
         self.dims
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| kv.split_once(':'))
+    }
+
+    pub fn dim(&self, key: &str) -> Option<&'a str> {
+        self.dims().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 }
 
 /// Parses one line (without its newline); `None` unless it is a well-formed metric line.
-pub fn parse(line: &str) -> Option<MetricLine> {
+pub fn parse(line: &str) -> Option<MetricLine<'_>> {
     let line = line.strip_suffix('\r').unwrap_or(line);
     let body = line
         .strip_prefix("INFO > ")
@@ -42,32 +48,25 @@ pub fn parse(line: &str) -> Option<MetricLine> {
     let (name, unit) = name_unit.rsplit_once('.')?;
     let value: f64 = value.trim().parse().ok().filter(|v: &f64| v.is_finite())?;
     let dims = parts.next()?.strip_prefix('#')?;
-    let dims = if dims.is_empty() {
-        Vec::new()
-    } else {
-        dims.split(',')
-            .map(|kv| {
-                kv.split_once(':')
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            })
-            .collect::<Option<Vec<_>>>()?
-    };
+    if !dims.is_empty() && !dims.split(',').all(|kv| kv.contains(':')) {
+        return None;
+    }
     let mut rest = parts.next()?;
     if rest.starts_with("#type:") {
         rest = parts.next()?;
     }
     let mut tail = rest.strip_prefix("#hostname:")?.splitn(3, ',');
-    let hostname = tail.next()?.to_owned();
+    let hostname = tail.next()?;
     let _timestamp: u64 = tail.next()?.parse().ok()?;
-    let request_id = tail.next().filter(|s| !s.is_empty()).map(str::to_owned);
+    let request_id = tail.next().filter(|s| !s.is_empty());
     let valid_name =
         |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid_name(name) || !valid_name(unit) || parts.next().is_some() {
         return None;
     }
     Some(MetricLine {
-        name: name.to_owned(),
-        unit: unit.to_owned(),
+        name,
+        unit,
         value,
         dims,
         hostname,
@@ -100,15 +99,14 @@ pub struct LineSplitter {
 }
 
 impl LineSplitter {
-    /// Feeds one write of `len` bytes whose first bytes are `head`; returns the complete lines that
-    /// start like a metric line.
-    pub fn feed(&mut self, head: &[u8], len: u64) -> Vec<String> {
-        let mut out = Vec::new();
+    /// Feeds one write of `len` bytes whose first bytes are `head`; hands `on_line` each complete line
+    /// that starts like a metric line (invalid UTF-8 replaced).
+    pub fn feed(&mut self, head: &[u8], len: u64, mut on_line: impl FnMut(&str)) {
         let mut rest = head;
         while let Some(i) = memchr::memchr(b'\n', rest) {
             self.push(&rest[..i]);
             if !self.broken && may_be_metric(&self.partial) {
-                out.push(String::from_utf8_lossy(&self.partial).into_owned());
+                on_line(&String::from_utf8_lossy(&self.partial));
             }
             self.partial.clear();
             self.broken = false;
@@ -119,7 +117,6 @@ impl LineSplitter {
             self.partial.clear();
             self.broken = true;
         }
-        out
     }
 
     fn push(&mut self, bytes: &[u8]) {
@@ -154,13 +151,19 @@ mod tests {
         assert_eq!(l.dim("Level"), Some("Model"));
         assert_eq!(l.hostname, "vm");
         assert_eq!(
-            l.request_id.as_deref(),
+            l.request_id,
             Some("b44aa24c-cde0-4de2-81b2-509f2f6b4133")
         );
         let l = parse("INFO > [METRICS]HandlerTime.ms:200.17|#ModelName:slow,Level:Model|#hostname:vm,1795457674")
             .expect("no type, no id, prefixed");
-        assert_eq!((l.name.as_str(), l.value), ("HandlerTime", 200.17));
+        assert_eq!((l.name, l.value), ("HandlerTime", 200.17));
         assert_eq!(l.request_id, None);
+        assert_eq!(
+            l.dims().collect::<Vec<_>>(),
+            [("ModelName", "slow"), ("Level", "Model")]
+        );
+        let l = parse("[METRICS]X.ms:1|#|#hostname:vm,1").expect("no dimensions");
+        assert_eq!(l.dims().count(), 0);
     }
 
     #[test]
@@ -174,6 +177,7 @@ mod tests {
             "[METRICS]HandlerTime.ms:NaN|#ModelName:x|#hostname:vm,1",
             "[METRICS]HandlerTime:1.0|#ModelName:x|#hostname:vm,1",
             "[METRICS]HandlerTime.ms:1.0|#ModelName|#hostname:vm,1",
+            "[METRICS]HandlerTime.ms:1.0|#ModelName:x,Level|#hostname:vm,1",
             "[METRICS]HandlerTime.ms:1.0|#ModelName:x|#hostname:vm",
             "[METRICS]HandlerTime.ms:1.0|#ModelName:x|#hostname:vm,1|extra",
             "[METRICS]Bad Name.ms:1.0|#ModelName:x|#hostname:vm,1",
@@ -184,7 +188,14 @@ mod tests {
 
     /// Feeds a write the kernel copied whole.
     fn whole(s: &mut LineSplitter, bytes: &[u8]) -> Vec<String> {
-        s.feed(bytes, bytes.len() as u64)
+        cut(s, bytes, bytes.len() as u64)
+    }
+
+    /// Feeds a write of `len` bytes of which the kernel copied `head`.
+    fn cut(s: &mut LineSplitter, head: &[u8], len: u64) -> Vec<String> {
+        let mut lines = Vec::new();
+        s.feed(head, len, |l| lines.push(l.to_owned()));
+        lines
     }
 
     #[test]
@@ -196,12 +207,12 @@ mod tests {
             vec!["[METRICS]HandlerTime.ms:1.0|x"]
         );
         // A write whose tail was not copied: its unfinished line is dropped, the next one is whole.
-        assert!(s.feed(b" line", 600).is_empty());
+        assert!(cut(&mut s, b" line", 600).is_empty());
         assert!(whole(&mut s, b"rest of it\n[METRICS]ok").is_empty());
         assert_eq!(whole(&mut s, b"\n"), vec!["[METRICS]ok"]);
         let mut long = b"[METRICS]".to_vec();
         long.resize(MAX_LINE + 10, b'a');
-        assert!(s.feed(&long, long.len() as u64).is_empty());
+        assert!(whole(&mut s, &long).is_empty());
         assert_eq!(
             whole(&mut s, b"\nINFO > [METRICS]fine\n"),
             vec!["INFO > [METRICS]fine"]
@@ -210,7 +221,7 @@ mod tests {
         let mut max = b"[METRICS]".to_vec();
         max.resize(MAX_LINE, b'b');
         max.push(b'\n');
-        assert_eq!(s.feed(&max, max.len() as u64).len(), 1);
+        assert_eq!(whole(&mut s, &max).len(), 1);
     }
 
     #[test]

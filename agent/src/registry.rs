@@ -243,8 +243,7 @@ pub struct Registry {
     requests_5xx: CounterVec,
     inference_requests: StoredFamily,
     /// (model, version, hostname) label sets that have series; bounded by `max_model_series`.
-    model_series:
-        std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, String, String)>>>,
+    model_series: std::sync::Arc<std::sync::Mutex<ModelSeries>>,
     max_model_series: usize,
     pub model_series_overflow: IntCounter,
     inference_latency: StoredFamily,
@@ -664,19 +663,20 @@ impl Registry {
     /// generic server answers, or TorchServe with a model API) must not grow the agent without bound;
     /// what is turned away is counted in `servescope_model_series_overflow_total`.
     fn admit_model_series(&self, model: &str, version: &str, hostname: &str) -> bool {
-        let mut seen = self
+        let mut guard = self
             .model_series
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (model.to_owned(), version.to_owned(), hostname.to_owned());
-        if seen.contains(&key) {
+        let ModelSeries { seen, key } = &mut *guard;
+        store::label_key(key, &[model, version, hostname]);
+        if seen.contains(key.as_slice()) {
             return true;
         }
         if seen.len() >= self.max_model_series {
             self.model_series_overflow.inc();
             return false;
         }
-        seen.insert(key);
+        seen.insert(key.as_slice().into());
         true
     }
 
@@ -788,6 +788,15 @@ impl Registry {
             self.request_duration.observe(&by_class, us / 1e6);
         }
     }
+}
+
+/// The (model, version, hostname) label sets admitted so far ([`Registry::admit_model_series`]), by
+/// [`store::label_key`]; checked for every inference response, so without an allocation.
+#[derive(Default)]
+struct ModelSeries {
+    seen: std::collections::HashSet<Box<[u8]>, foldhash::fast::RandomState>,
+    /// Scratch for building a lookup key.
+    key: Vec<u8>,
 }
 
 /// Labels of the per-worker process families.

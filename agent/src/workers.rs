@@ -512,22 +512,30 @@ impl WorkerTracker {
             tgid: ev.tgid,
             ..WorkerConn::default()
         });
-        for line in conn.lines.feed(ev.head, ev.len) {
-            let Some(m) = metric_lines::parse(&line) else {
-                continue;
+        let map = &self.map;
+        conn.lines.feed(ev.head, ev.len, |line| {
+            let Some(m) = metric_lines::parse(line) else {
+                return;
             };
-            if !MODEL_METRICS.contains(&m.name.as_str()) {
-                continue;
+            if !MODEL_METRICS.contains(&m.name) {
+                return;
             }
             // TorchServe's gauge takes its dimensions from the line (the worker knows its model's
             // registered name); the mapped identity only fills a missing one.
-            let fallback = self.map.lookup(ev.tgid).map(|i| i.model_name);
-            let Some(model) = m.dim("ModelName").or(fallback.as_deref()) else {
-                continue;
+            let fallback;
+            let model = match m.dim("ModelName") {
+                Some(model) => model,
+                None => {
+                    fallback = map.lookup(ev.tgid).map(|i| i.model_name);
+                    let Some(model) = fallback.as_deref() else {
+                        return;
+                    };
+                    model
+                }
             };
             let level = m.dim("Level").unwrap_or("Model");
-            registry.set_model_metric(&m.name, model, level, hostname, m.value);
-        }
+            registry.set_model_metric(m.name, model, level, hostname, m.value);
+        });
     }
 }
 

@@ -25,6 +25,9 @@ pub struct ConnTable {
     dispatched: FastMap<String, u64>,
     dispatch_order: std::collections::VecDeque<String>,
     pub stats: ParseStats,
+    /// A batch record came: the kernel walks every inference frame (bpf_loop), so the frames' copied
+    /// heads need not be parsed for their ids too (kernels without bpf_loop send none).
+    kernel_walks_frames: bool,
     /// Connections dropped to stay under [`MAX_CONNS`].
     pub evicted: u64,
 }
@@ -56,11 +59,13 @@ impl ConnTable {
             if ev.kind == Kind::Batch
                 && let Some(batch) = ev.batch()
             {
+                self.kernel_walks_frames = true;
                 for id in batch.ids {
                     self.note_dispatch(id.to_owned(), ev.ts_ns);
                 }
             } else if ev.kind == Kind::Data
                 && ev.dir == Direction::Egress
+                && !self.kernel_walks_frames
                 && let Some(ids) = otf::inference_request_ids(ev.head)
             {
                 for id in ids {

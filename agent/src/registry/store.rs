@@ -28,6 +28,16 @@ pub enum Kind {
     Histogram(&'static [f64]),
 }
 
+/// Writes into `key` the label values, each length-prefixed: an injective key whatever bytes a value
+/// holds, built in a reused buffer so that a lookup needs no allocation.
+pub fn label_key(key: &mut Vec<u8>, values: &[&str]) {
+    key.clear();
+    for value in values {
+        key.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_le_bytes());
+        key.extend_from_slice(value.as_bytes());
+    }
+}
+
 /// A family with a fixed label set. Cheap to clone (a shared handle).
 #[derive(Clone)]
 pub struct StoredFamily {
@@ -233,11 +243,7 @@ impl StoredFamily {
             key,
             ..
         } = &mut *guard;
-        key.clear();
-        for value in values {
-            key.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_le_bytes());
-            key.extend_from_slice(value.as_bytes());
-        }
+        label_key(key, values);
         let index = match by_key.get(key.as_slice()) {
             Some(&i) => i,
             None => {
