@@ -150,10 +150,7 @@ mod tests {
         assert_eq!(l.dim("ModelName"), Some("echo"));
         assert_eq!(l.dim("Level"), Some("Model"));
         assert_eq!(l.hostname, "vm");
-        assert_eq!(
-            l.request_id,
-            Some("b44aa24c-cde0-4de2-81b2-509f2f6b4133")
-        );
+        assert_eq!(l.request_id, Some("b44aa24c-cde0-4de2-81b2-509f2f6b4133"));
         let l = parse("INFO > [METRICS]HandlerTime.ms:200.17|#ModelName:slow,Level:Model|#hostname:vm,1795457674")
             .expect("no type, no id, prefixed");
         assert_eq!((l.name, l.value), ("HandlerTime", 200.17));

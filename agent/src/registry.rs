@@ -4,13 +4,13 @@
 //! the exposition encoder prints them from this catalogue. servescope's own families use the
 //! `servescope_` prefix.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use prometheus::{
     CounterVec, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, core::Collector,
 };
 
-pub use self::store::{Kind, Order, SeriesView, StoredFamily};
+pub use self::store::{Kind, Order, SeriesId, SeriesView, StoredFamily};
 use crate::{
     http::Exchange,
     routing::{self, Route},
@@ -658,26 +658,38 @@ impl Registry {
         ]
     }
 
-    /// Whether (model, version, hostname) may have series: known ones always; new ones while fewer than
-    /// [`MAX_MODEL_SERIES`] exist. Model names come from URLs, so a client spraying random names (which a
+    /// Runs `f` with the series of (model, version, class, hostname) if (model, version, hostname) may
+    /// have series: known ones always; new ones while fewer than [`MAX_MODEL_SERIES`] exist. Model names come from URLs, so a client spraying random names (which a
     /// generic server answers, or TorchServe with a model API) must not grow the agent without bound;
     /// what is turned away is counted in `servescope_model_series_overflow_total`.
-    fn admit_model_series(&self, model: &str, version: &str, hostname: &str) -> bool {
+    fn with_model_series(
+        &self,
+        model: &str,
+        version: &str,
+        class: &str,
+        hostname: &str,
+        f: impl FnOnce(&mut ModelSeriesIds),
+    ) {
         let mut guard = self
             .model_series
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ModelSeries { seen, key } = &mut *guard;
+        let ModelSeries { seen, ids, key } = &mut *guard;
+        store::label_key(key, &[model, version, class, hostname]);
+        if let Some(known) = ids.get_mut(key.as_slice()) {
+            f(known);
+            return;
+        }
+        let with_class: Box<[u8]> = key.as_slice().into();
         store::label_key(key, &[model, version, hostname]);
-        if seen.contains(key.as_slice()) {
-            return true;
+        if !seen.contains(key.as_slice()) {
+            if seen.len() >= self.max_model_series {
+                self.model_series_overflow.inc();
+                return;
+            }
+            seen.insert(key.as_slice().into());
         }
-        if seen.len() >= self.max_model_series {
-            self.model_series_overflow.inc();
-            return false;
-        }
-        seen.insert(key.as_slice().into());
-        true
+        f(ids.entry(with_class).or_default());
     }
 
     /// Counts one exchange of a traced server with TorchServe's rules (FACTS.md §3).
@@ -740,11 +752,6 @@ impl Registry {
         if torchserve && frontend_error && matches!(status, 400 | 404 | 413) {
             return;
         }
-        if !self.admit_model_series(model, version, hostname) {
-            return;
-        }
-        let labels = [model.as_ref(), version.as_ref(), hostname];
-        self.inference_requests.inc_by(&labels, 1.0);
         let class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -752,49 +759,119 @@ impl Registry {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        let by_class = [model.as_ref(), version.as_ref(), class, hostname];
-        // Byte counts stay exact as f64 up to 2^53 (8 PiB) per series.
-        #[expect(clippy::cast_precision_loss, reason = "exact below 2^53")]
-        {
-            self.request_bytes.inc_by(&by_class, req.bytes as f64);
-            self.response_bytes
-                .inc_by(&by_class, ex.response.bytes as f64);
-        }
+        self.with_model_series(model, version, class, hostname, |ids| {
+            let labels = [model.as_ref(), version.as_ref(), hostname];
+            let by_class = [model.as_ref(), version.as_ref(), class, hostname];
+            inc(
+                &self.inference_requests,
+                &mut ids.inference_requests,
+                &labels,
+                1.0,
+            );
+            // Byte counts stay exact as f64 up to 2^53 (8 PiB) per series.
+            #[expect(clippy::cast_precision_loss, reason = "exact below 2^53")]
+            {
+                let (request, response) = (req.bytes as f64, ex.response.bytes as f64);
+                inc(
+                    &self.request_bytes,
+                    &mut ids.request_bytes,
+                    &by_class,
+                    request,
+                );
+                inc(
+                    &self.response_bytes,
+                    &mut ids.response_bytes,
+                    &by_class,
+                    response,
+                );
+            }
 
-        // TorchServe adds latency only when the worker's batch reply was 200: handler exceptions and
-        // "no worker" are frontend-made 5xx with the standard phrase and add nothing.
-        if torchserve && frontend_error && status >= 500 {
-            return;
-        }
-        // Queue time, timed from the same start as the latency: the read that completed the request.
-        if let Some(queue_ns) = dispatched_ns
-            .zip(ex.request.as_ref())
-            .and_then(|(d, r)| d.checked_sub(r.complete_ns))
-        {
-            #[expect(
-                clippy::cast_precision_loss,
-                reason = "nanosecond spans fit f64's 52-bit mantissa"
-            )]
-            let us = queue_ns as f64 / 1000.0;
-            self.queue_latency.inc_by(&labels, us);
-            self.queue_duration.observe(&labels, us / 1e6);
-            // QueueTime is whole milliseconds of the last job (TorchServe's gauge).
-            self.queue_time
-                .with_label_values(&["Host", hostname])
-                .set((us / 1000.0).floor());
-        }
-        if let Some(us) = ex.latency_us() {
-            self.inference_latency.inc_by(&labels, us);
-            self.request_duration.observe(&by_class, us / 1e6);
-        }
+            // TorchServe adds latency only when the worker's batch reply was 200: handler exceptions
+            // and "no worker" are frontend-made 5xx with the standard phrase and add nothing.
+            if torchserve && frontend_error && status >= 500 {
+                return;
+            }
+            // Queue time, timed from the same start as the latency: the read that completed the
+            // request.
+            if let Some(queue_ns) = dispatched_ns.and_then(|d| d.checked_sub(req.complete_ns)) {
+                #[expect(
+                    clippy::cast_precision_loss,
+                    reason = "nanosecond spans fit f64's 52-bit mantissa"
+                )]
+                let us = queue_ns as f64 / 1000.0;
+                inc(&self.queue_latency, &mut ids.queue_latency, &labels, us);
+                observe(
+                    &self.queue_duration,
+                    &mut ids.queue_duration,
+                    &labels,
+                    us / 1e6,
+                );
+                // QueueTime is whole milliseconds of the last job (TorchServe's gauge).
+                self.queue_time
+                    .with_label_values(&["Host", hostname])
+                    .set((us / 1000.0).floor());
+            }
+            if let Some(us) = ex.latency_us() {
+                inc(
+                    &self.inference_latency,
+                    &mut ids.inference_latency,
+                    &labels,
+                    us,
+                );
+                let seconds = us / 1e6;
+                observe(
+                    &self.request_duration,
+                    &mut ids.request_duration,
+                    &by_class,
+                    seconds,
+                );
+            }
+        });
     }
 }
 
-/// The (model, version, hostname) label sets admitted so far ([`Registry::admit_model_series`]), by
-/// [`store::label_key`]; checked for every inference response, so without an allocation.
+/// Adds `v` to `family`'s series `values`, found through `slot` once it has been seen.
+fn inc(family: &StoredFamily, slot: &mut Option<SeriesId>, values: &[&str], v: f64) {
+    if slot.is_none() {
+        *slot = family.series_id(values);
+    }
+    if let Some(id) = *slot {
+        family.inc_by_id(id, v);
+    }
+}
+
+/// Records `v` in `family`'s series `values`, found through `slot` once it has been seen.
+fn observe(family: &StoredFamily, slot: &mut Option<SeriesId>, values: &[&str], v: f64) {
+    if slot.is_none() {
+        *slot = family.series_id(values);
+    }
+    if let Some(id) = *slot {
+        family.observe_id(id, v);
+    }
+}
+
+/// The series an inference response of one (model, version, status class, hostname) updates, each
+/// found the first time it is (a series appears only once it has a value, as before), so that the
+/// next responses skip the families' label lookups: one lookup per response instead of seven.
+#[derive(Clone, Copy, Debug, Default)]
+struct ModelSeriesIds {
+    inference_requests: Option<SeriesId>,
+    request_bytes: Option<SeriesId>,
+    response_bytes: Option<SeriesId>,
+    queue_latency: Option<SeriesId>,
+    queue_duration: Option<SeriesId>,
+    inference_latency: Option<SeriesId>,
+    request_duration: Option<SeriesId>,
+}
+
+/// The per-model label sets, keyed by [`store::label_key`] (checked for every inference response, so
+/// without an allocation).
 #[derive(Default)]
 struct ModelSeries {
-    seen: std::collections::HashSet<Box<[u8]>, foldhash::fast::RandomState>,
+    /// (model, version, hostname) admitted so far ([`Registry::with_model_series`]).
+    seen: HashSet<Box<[u8]>, foldhash::fast::RandomState>,
+    /// (model, version, status class, hostname) of admitted label sets → their series.
+    ids: HashMap<Box<[u8]>, ModelSeriesIds, foldhash::fast::RandomState>,
     /// Scratch for building a lookup key.
     key: Vec<u8>,
 }

@@ -107,14 +107,9 @@ impl ConnTable {
                     Direction::Ingress => {
                         conn.on_ingress(ev.ts_ns, ev.head, ev.len, &mut self.stats);
                     }
-                    Direction::Egress => conn.on_egress(
-                        ev.ts_ns,
-                        ev.end_ns,
-                        ev.head,
-                        ev.len,
-                        &mut self.stats,
-                        out,
-                    ),
+                    Direction::Egress => {
+                        conn.on_egress(ev.ts_ns, ev.end_ns, ev.head, ev.len, &mut self.stats, out)
+                    }
                 }
             }
         }

@@ -38,6 +38,14 @@ pub fn label_key(key: &mut Vec<u8>, values: &[&str]) {
     }
 }
 
+/// One series of one family ([`StoredFamily::series_id`]); the family it came from is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesId {
+    /// The family's address, which no other live family shares.
+    family: usize,
+    index: usize,
+}
+
 /// A family with a fixed label set. Cheap to clone (a shared handle).
 #[derive(Clone)]
 pub struct StoredFamily {
@@ -193,11 +201,49 @@ impl StoredFamily {
 
     /// A histogram: records `v` in the series of `values` (in the family's label order).
     pub fn observe(&self, values: &[&str], v: f64) {
+        if let Some(f) = self.observation(v) {
+            self.update(values, f);
+        }
+    }
+
+    /// [`StoredFamily::observe`] on a series found before.
+    pub fn observe_id(&self, id: SeriesId, v: f64) {
+        if let Some(f) = self.observation(v) {
+            self.update_id(id, f);
+        }
+    }
+
+    /// A counter: adds `v` (>= 0, as prometheus's counters demand) to the series of `values`.
+    pub fn inc_by(&self, values: &[&str], v: f64) {
+        if let Some(f) = self.addition(v) {
+            self.update(values, f);
+        }
+    }
+
+    /// [`StoredFamily::inc_by`] on a series found before.
+    pub fn inc_by_id(&self, id: SeriesId, v: f64) {
+        if let Some(f) = self.addition(v) {
+            self.update_id(id, f);
+        }
+    }
+
+    /// The series of `values`, made if new, for updates that skip the label lookup (an inference
+    /// response updates several families with the same labels). `None`: wrong number of values.
+    pub fn series_id(&self, values: &[&str]) -> Option<SeriesId> {
+        let mut guard = self.lock_checked(values)?;
+        let index = self.find_or_insert(&mut guard, values);
+        Some(SeriesId {
+            family: Arc::as_ptr(&self.inner) as usize,
+            index,
+        })
+    }
+
+    fn observation(&self, v: f64) -> Option<impl FnOnce(&mut Entry)> {
         let Kind::Histogram(bounds) = self.inner.kind else {
             self.misuse("observe on a counter");
-            return;
+            return None;
         };
-        self.update(values, |e| {
+        Some(move |e: &mut Entry| {
             // As prometheus::Histogram: the first bucket whose bound is >= v (none for NaN or
             // above the last bound: then only count and sum move).
             if let Some(i) = bounds.iter().position(|b| v <= *b) {
@@ -205,20 +251,19 @@ impl StoredFamily {
             }
             e.count += 1;
             e.sum += v;
-        });
+        })
     }
 
-    /// A counter: adds `v` (>= 0, as prometheus's counters demand) to the series of `values`.
-    pub fn inc_by(&self, values: &[&str], v: f64) {
+    fn addition(&self, v: f64) -> Option<impl FnOnce(&mut Entry)> {
         if self.inner.kind != Kind::Counter {
             self.misuse("inc_by on a histogram");
-            return;
+            return None;
         }
         if v.is_nan() || v < 0.0 {
             self.misuse("counter decreased or NaN");
-            return;
+            return None;
         }
-        self.update(values, |e| e.sum += v);
+        Some(move |e: &mut Entry| e.sum += v)
     }
 
     fn misuse(&self, what: &str) {
@@ -231,38 +276,64 @@ impl StoredFamily {
     }
 
     fn update(&self, values: &[&str], f: impl FnOnce(&mut Entry)) {
+        let Some(mut guard) = self.lock_checked(values) else {
+            return;
+        };
+        let index = self.find_or_insert(&mut guard, values);
+        if let Some(entry) = guard.entries.get_mut(index) {
+            f(entry);
+        }
+    }
+
+    fn update_id(&self, id: SeriesId, f: impl FnOnce(&mut Entry)) {
+        if id.family != Arc::as_ptr(&self.inner) as usize {
+            self.misuse("series id of another family");
+            return;
+        }
+        let mut guard = self
+            .inner
+            .series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Series are never removed, so an id stays valid.
+        if let Some(entry) = guard.entries.get_mut(id.index) {
+            f(entry);
+        }
+    }
+
+    /// The series lock, if `values` has one value per label.
+    fn lock_checked(&self, values: &[&str]) -> Option<std::sync::MutexGuard<'_, Series>> {
         let inner = &*self.inner;
         if values.len() != inner.labels.len() {
             self.misuse("wrong number of label values");
-            return;
+            return None;
         }
-        let mut guard = inner.series.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(inner.series.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Index in `entries` of the series of `values`, made if new.
+    fn find_or_insert(&self, series: &mut Series, values: &[&str]) -> usize {
         let Series {
             entries,
             by_key,
             key,
             ..
-        } = &mut *guard;
+        } = series;
         label_key(key, values);
-        let index = match by_key.get(key.as_slice()) {
-            Some(&i) => i,
-            None => {
-                entries.push(Entry {
-                    values: values.iter().map(|v| (*v).to_owned()).collect(),
-                    buckets: match inner.kind {
-                        Kind::Histogram(bounds) => vec![0; bounds.len()].into(),
-                        Kind::Counter => Box::default(),
-                    },
-                    count: 0,
-                    sum: 0.0,
-                });
-                by_key.insert(key.as_slice().into(), entries.len() - 1);
-                entries.len() - 1
-            }
-        };
-        if let Some(entry) = entries.get_mut(index) {
-            f(entry);
+        if let Some(&i) = by_key.get(key.as_slice()) {
+            return i;
         }
+        entries.push(Entry {
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+            buckets: match self.inner.kind {
+                Kind::Histogram(bounds) => vec![0; bounds.len()].into(),
+                Kind::Counter => Box::default(),
+            },
+            count: 0,
+            sum: 0.0,
+        });
+        by_key.insert(key.as_slice().into(), entries.len() - 1);
+        entries.len() - 1
     }
 
     /// Calls `f` for every series in `order`. Holds the family's lock meanwhile (the reader thread
@@ -506,6 +577,38 @@ mod tests {
                 [("a".into(), 3.0), ("b".into(), 2.0), ("m".into(), 2.0)]
             );
         }
+    }
+
+    #[test]
+    fn series_ids_update_the_series_they_name() {
+        let c = StoredFamily::counter("c_total", "Help.", &LABELS);
+        let h = StoredFamily::histogram("h_seconds", "Help.", &LABELS, &BOUNDS);
+        let id = c.series_id(&["m", "1.0", "h"]).expect("three values");
+        assert!(c.series_id(&["m", "1.0"]).is_none(), "wrong label count");
+        c.inc_by_id(id, 2.0);
+        c.inc_by(&["m", "1.0", "h"], 1.0);
+        c.inc_by_id(id, 0.5);
+        let values = |c: &StoredFamily| {
+            let mut v = Vec::new();
+            c.for_each_series(Order::Gather, |s| v.push((s.values().to_vec(), s.value())));
+            v
+        };
+        assert_eq!(
+            values(&c),
+            [(vec!["m".into(), "1.0".into(), "h".into()], 3.5)]
+        );
+        // Another family's id and a counter's misuse are dropped, not applied.
+        let hid = h.series_id(&["m", "1.0", "h"]).expect("three values");
+        c.inc_by_id(hid, 100.0);
+        c.inc_by_id(id, -1.0);
+        assert_eq!(values(&c)[0].1, 3.5);
+        h.observe_id(hid, 0.7);
+        h.observe(&["m", "1.0", "h"], 20.0);
+        let mut seen = Vec::new();
+        h.for_each_series(Order::Gather, |s| {
+            seen.push((s.count(), s.value(), s.cumulative().collect::<Vec<_>>()))
+        });
+        assert_eq!(seen, [(2, 20.7, vec![0, 1, 1, 1])]);
     }
 
     #[test]

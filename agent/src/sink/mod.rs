@@ -106,9 +106,11 @@ impl Record {
         let req = ex.request.as_ref();
         let (api, model, version) = match route {
             None => (Api::Unknown, None, None),
-            Some(Route::Inference { model, version }) => {
-                (Api::Inference, Some(model.to_string()), Some(version.to_string()))
-            }
+            Some(Route::Inference { model, version }) => (
+                Api::Inference,
+                Some(model.to_string()),
+                Some(version.to_string()),
+            ),
             Some(Route::InferenceWithoutModel) => (Api::Inference, None, None),
             Some(Route::Other) => (Api::Other, None, None),
         };
