@@ -42,6 +42,17 @@ pub fn inference_request_ids(head: &[u8]) -> Option<Vec<String>> {
     (!ids.is_empty()).then_some(ids)
 }
 
+/// The first request id of an inference frame, as [`inference_request_ids`] finds it, without
+/// walking the rest (a batch's worker cycle is named by its first request).
+pub fn first_request_id(head: &[u8]) -> Option<String> {
+    let mut r = Reader { buf: head, pos: 0 };
+    if r.byte()? != b'I' {
+        return None;
+    }
+    let len = r.int()?;
+    r.field(len).and_then(valid_id)
+}
+
 /// Longest model name, path or handler accepted from a load frame.
 const MAX_NAME: usize = 4096;
 
@@ -197,10 +208,23 @@ mod tests {
             inference_request_ids(&f[..250]),
             Some(vec![ids[0].to_owned()])
         );
+        for head in [&f[..], &f[..250], &f[..60]] {
+            assert_eq!(first_request_id(head).as_deref(), Some(ids[0]));
+        }
     }
 
     #[test]
     fn non_frames_are_rejected() {
+        for bad in [
+            &b""[..],
+            b"L\x00\x00\x00\x04echo",
+            b"I\x7f\xff\xff\xffabc",
+            b"I\x00\x00\x00\x03a b",
+            b"I\xff\xff\xff\xff",
+            b"I\x00\x00\x00\x24abc",
+        ] {
+            assert_eq!(first_request_id(bad), None, "{bad:?}");
+        }
         assert_eq!(inference_request_ids(b""), None);
         assert_eq!(
             inference_request_ids(b"L\x00\x00\x00\x04echo"),

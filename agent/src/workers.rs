@@ -357,9 +357,7 @@ impl WorkerTracker {
                 match ev.dir {
                     Direction::Egress => {
                         let Some(frame) = otf::load_frame(ev.head) else {
-                            if let Some(first) = otf::inference_request_ids(ev.head)
-                                .and_then(|ids| ids.into_iter().next())
-                            {
+                            if let Some(first) = otf::first_request_id(ev.head) {
                                 self.cycle.insert(ev.conn_id, (first, ev.ts_ns));
                             }
                             return;
