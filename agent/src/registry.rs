@@ -1280,7 +1280,7 @@ mod tests {
             conn_id: 1,
             peer: None,
             request: Some(Request {
-                method: method.into(),
+                method: method.to_owned().into(),
                 target: target.into(),
                 first_byte_ns: 1_000,
                 complete_ns: 2_000,

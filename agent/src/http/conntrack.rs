@@ -1,5 +1,7 @@
 //! The agent's side of connection state: one [`Conn`] parser per kernel connection id.
 
+use std::sync::Arc;
+
 use super::{Conn, Exchange, ParseStats};
 use crate::{
     FastMap,
@@ -22,8 +24,9 @@ pub struct ConnTable {
     /// Request id → kernel time its inference frame was written to a TorchServe worker, oldest first
     /// in `dispatch_order`; bounded by [`MAX_DISPATCHED`] (ids whose HTTP response is never seen —
     /// e.g. the connection was adopted mid-stream — age out).
-    dispatched: FastMap<String, u64>,
-    dispatch_order: std::collections::VecDeque<String>,
+    /// Shared keys: one allocation per dispatch for the map and the order both.
+    dispatched: FastMap<Arc<str>, u64>,
+    dispatch_order: std::collections::VecDeque<Arc<str>>,
     pub stats: ParseStats,
     /// A batch record came: the kernel walks every inference frame (bpf_loop), so the frames' copied
     /// heads need not be parsed for their ids too (kernels without bpf_loop send none).
@@ -61,7 +64,7 @@ impl ConnTable {
             {
                 self.kernel_walks_frames = true;
                 for id in batch.ids {
-                    self.note_dispatch(id.to_owned(), ev.ts_ns);
+                    self.note_dispatch(id, ev.ts_ns);
                 }
             } else if ev.kind == Kind::Data
                 && ev.dir == Direction::Egress
@@ -69,7 +72,7 @@ impl ConnTable {
                 && let Some(ids) = otf::inference_request_ids(ev.head)
             {
                 for id in ids {
-                    self.note_dispatch(id, ev.ts_ns);
+                    self.note_dispatch(&id, ev.ts_ns);
                 }
             }
             return;
@@ -115,15 +118,19 @@ impl ConnTable {
         }
     }
 
-    fn note_dispatch(&mut self, id: String, ts_ns: u64) {
+    fn note_dispatch(&mut self, id: &str, ts_ns: u64) {
+        if let Some(at) = self.dispatched.get_mut(id) {
+            *at = ts_ns;
+            return;
+        }
         if self.dispatch_order.len() >= MAX_DISPATCHED
             && let Some(old) = self.dispatch_order.pop_front()
         {
             self.dispatched.remove(&old);
         }
-        if self.dispatched.insert(id.clone(), ts_ns).is_none() {
-            self.dispatch_order.push_back(id);
-        }
+        let id: Arc<str> = Arc::from(id);
+        self.dispatched.insert(Arc::clone(&id), ts_ns);
+        self.dispatch_order.push_back(id);
     }
 
     /// When the inference frame of request `id` went to its worker (once: the entry is consumed).

@@ -11,7 +11,8 @@ pub use parser::{Conn, ParseStats};
 /// A request as seen on the wire by the traced server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
-    pub method: String,
+    /// The method; the standard ones are not copied per request ([`method_name`]).
+    pub method: Cow<'static, str>,
     /// The request target as sent (path and query).
     pub target: String,
     /// Kernel time of the read that carried the request's first byte.
@@ -80,6 +81,23 @@ impl Exchange {
     }
 }
 
+/// The methods of RFC 9110 (and PATCH).
+const METHOD_NAMES: [&str; 9] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT",
+];
+
+/// A request's method: a standard one is shared, any other copied.
+pub fn method_name(method: &str) -> Cow<'static, str> {
+    shared_or_owned(&METHOD_NAMES, method)
+}
+
+fn shared_or_owned(common: &[&'static str], s: &str) -> Cow<'static, str> {
+    common
+        .iter()
+        .find(|c| **c == s)
+        .map_or_else(|| Cow::Owned(s.to_owned()), |c| Cow::Borrowed(*c))
+}
+
 /// Reason phrases servers commonly send (TorchServe's frontend sends the standard ones).
 const COMMON_REASONS: [&str; 17] = [
     "OK",
@@ -103,8 +121,5 @@ const COMMON_REASONS: [&str; 17] = [
 
 /// A response's reason phrase: a common one is shared, any other copied.
 pub fn reason_phrase(reason: &str) -> Cow<'static, str> {
-    COMMON_REASONS
-        .iter()
-        .find(|r| **r == reason)
-        .map_or_else(|| Cow::Owned(reason.to_owned()), |r| Cow::Borrowed(*r))
+    shared_or_owned(&COMMON_REASONS, reason)
 }

@@ -22,7 +22,7 @@
 
 use std::{borrow::Cow, collections::VecDeque, net::SocketAddr};
 
-use super::{Exchange, Request, Response, reason_phrase};
+use super::{Exchange, Request, Response, method_name, reason_phrase};
 
 /// Longest request or response head accumulated across reads before the bytes are declared not HTTP.
 const MAX_HEAD: usize = 16 * 1024;
@@ -636,7 +636,7 @@ fn parse_request_head(buf: &[u8]) -> HeadParse {
                 Some(framing) => HeadParse::Complete {
                     used,
                     req: Request {
-                        method: method.to_owned(),
+                        method: method_name(method),
                         target: path.to_owned(),
                         first_byte_ns: 0,
                         complete_ns: 0,
@@ -691,7 +691,7 @@ fn parse_request_line(buf: &[u8]) -> Option<Request> {
         return None;
     }
     Some(Request {
-        method: method.to_owned(),
+        method: method_name(method),
         target: target.to_owned(),
         first_byte_ns: 0,
         complete_ns: 0,

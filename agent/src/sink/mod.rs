@@ -119,7 +119,7 @@ impl Record {
             hostname: hostname.to_owned(),
             pid: ex.tgid,
             client: ex.peer,
-            method: req.map(|r| r.method.clone()),
+            method: req.map(|r| r.method.to_string()),
             path: req.map(|r| {
                 let path = r
                     .target
