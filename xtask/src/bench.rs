@@ -282,7 +282,7 @@ pub fn run(opts: Options) -> Result<()> {
     }
 
     let r = &mut bench.results;
-    r.machine.loadavg_end = system::loadavg();
+    r.machine.finish();
     r.wall_time_s = started.elapsed().as_secs_f64();
     r.evaluate();
     let out = opts.out.unwrap_or_else(|| workspace_root().join("bench"));
@@ -315,7 +315,12 @@ pub fn run(opts: Options) -> Result<()> {
     );
     let failures = r.smoke_failures();
     if !failures.is_empty() {
-        bail!("smoke check failed:\n  {}", failures.join("\n  "));
+        let steal = r.machine.steal_percent.map_or_else(String::new, |p| {
+            format!(
+                "\n  ({p:.1} % of the machine's CPU time was stolen by the hypervisor meanwhile)"
+            )
+        });
+        bail!("smoke check failed:\n  {}{steal}", failures.join("\n  "));
     }
     Ok(())
 }

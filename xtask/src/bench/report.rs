@@ -507,10 +507,14 @@ impl Results {
         );
         let _ = writeln!(
             o,
-            "> Load average at start / end: {} / {}. On a 2-CPU machine the load generator, the server \
-             and the agent share the CPUs, and anything else running (builds, tests) adds noise: publish \
+            "> Load average at start / end: {} / {}; CPU time stolen by the hypervisor during the run: \
+             {}. On a 2-CPU machine the load generator, the server and the agent share the CPUs, and \
+             anything else running (builds, tests, other guests of the host) adds noise: publish \
              numbers from a quiet machine.\n",
-            m.loadavg_start, m.loadavg_end
+            m.loadavg_start,
+            m.loadavg_end,
+            m.steal_percent
+                .map_or_else(|| "unknown".to_owned(), |p| format!("{p:.1} %"))
         );
         let _ = writeln!(o, "## Machine\n");
         let _ = writeln!(o, "| | |\n|---|---|");

@@ -265,6 +265,12 @@ pub struct Machine {
     /// shows up here and makes the numbers noisier.
     pub loadavg_start: String,
     pub loadavg_end: String,
+    /// Share of the machine's CPU time the hypervisor gave to other guests during the run (steal):
+    /// on a shared VM the same commit measures far apart when this is high.
+    pub steal_percent: Option<f64>,
+    /// `/proc/stat`'s (steal, total) ticks when the bench started.
+    #[serde(skip)]
+    pub cpu_ticks_start: Option<(u64, u64)>,
 }
 
 impl Machine {
@@ -302,7 +308,21 @@ impl Machine {
                 .to_owned(),
             loadavg_start: loadavg(),
             loadavg_end: String::new(),
+            steal_percent: None,
+            cpu_ticks_start: cpu_ticks(),
         }
+    }
+
+    /// Called when the bench ends: the steal over the whole run.
+    pub fn finish(&mut self) {
+        self.loadavg_end = loadavg();
+        self.steal_percent = self.cpu_ticks_start.zip(cpu_ticks()).and_then(
+            |((steal0, total0), (steal1, total1))| {
+                let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
+                #[expect(clippy::cast_precision_loss, reason = "tick counts, a percentage")]
+                Some(steal1.saturating_sub(steal0) as f64 * 100.0 / total as f64)
+            },
+        );
     }
 }
 
@@ -326,6 +346,21 @@ fn command_line(program: &str, args: &[&str]) -> String {
                 .to_owned()
         })
         .unwrap_or_default()
+}
+
+/// (steal, total) CPU ticks of the whole machine, from the `cpu` line of /proc/stat (user, nice,
+/// system, idle, iowait, irq, softirq, steal; guest time is already inside user).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let ticks = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|f| f.parse::<u64>().ok())
+        .collect::<Option<Vec<_>>>()?;
+    (ticks.len() == 8).then(|| (ticks[7], ticks.iter().sum()))
 }
 
 /// The three load averages from /proc/loadavg.
