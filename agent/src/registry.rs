@@ -659,9 +659,10 @@ impl Registry {
     }
 
     /// Runs `f` with the series of (model, version, class, hostname) if (model, version, hostname) may
-    /// have series: known ones always; new ones while fewer than [`MAX_MODEL_SERIES`] exist. Model names come from URLs, so a client spraying random names (which a
-    /// generic server answers, or TorchServe with a model API) must not grow the agent without bound;
-    /// what is turned away is counted in `servescope_model_series_overflow_total`.
+    /// have series: known ones always; new ones while fewer than [`MAX_MODEL_SERIES`] exist. Model
+    /// names come from URLs, so a client spraying random names (which a generic server answers, or
+    /// TorchServe with a model API) must not grow the agent without bound; what is turned away is
+    /// counted in `servescope_model_series_overflow_total`.
     fn with_model_series(
         &self,
         model: &str,
@@ -830,22 +831,24 @@ impl Registry {
     }
 }
 
-/// Adds `v` to `family`'s series `values`, found through `slot` once it has been seen.
-fn inc(family: &StoredFamily, slot: &mut Option<SeriesId>, values: &[&str], v: f64) {
+/// `family`'s series `values`, found through `slot` once it has been seen.
+fn cached(slot: &mut Option<SeriesId>, family: &StoredFamily, values: &[&str]) -> Option<SeriesId> {
     if slot.is_none() {
         *slot = family.series_id(values);
     }
-    if let Some(id) = *slot {
+    *slot
+}
+
+/// Adds `v` to `family`'s series `values` ([`cached`] in `slot`).
+fn inc(family: &StoredFamily, slot: &mut Option<SeriesId>, values: &[&str], v: f64) {
+    if let Some(id) = cached(slot, family, values) {
         family.inc_by_id(id, v);
     }
 }
 
-/// Records `v` in `family`'s series `values`, found through `slot` once it has been seen.
+/// Records `v` in `family`'s series `values` ([`cached`] in `slot`).
 fn observe(family: &StoredFamily, slot: &mut Option<SeriesId>, values: &[&str], v: f64) {
-    if slot.is_none() {
-        *slot = family.series_id(values);
-    }
-    if let Some(id) = *slot {
+    if let Some(id) = cached(slot, family, values) {
         family.observe_id(id, v);
     }
 }
