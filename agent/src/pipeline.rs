@@ -369,6 +369,8 @@ pub async fn discover(
         probes,
         updates,
         warned_empty: false,
+        own_pid: std::process::id(),
+        warned_self: false,
     };
     let mut lost_exported: HashMap<&'static str, u64> = HashMap::new();
     let mut rescan = tokio::time::interval(cfg.discovery_interval);
@@ -485,6 +487,11 @@ struct Discovery {
     probes: Probes,
     updates: mpsc::UnboundedSender<Update>,
     warned_empty: bool,
+    /// The agent's own PID, never traced: its metrics listener can sit on a selected port (`--port`
+    /// naming it, or another address family's server sharing the number), and tracing it would count
+    /// every scrape as a request.
+    own_pid: u32,
+    warned_self: bool,
 }
 
 impl Discovery {
@@ -574,6 +581,16 @@ impl Discovery {
 
     fn track(&mut self, t: Target) {
         let pid = t.pid;
+        if pid == self.own_pid {
+            if !std::mem::replace(&mut self.warned_self, true) {
+                tracing::warn!(
+                    pid,
+                    "a --pid or --port selects the agent itself; not tracing it (its own scrapes \
+                     would count as requests)"
+                );
+            }
+            return;
+        }
         let info = TargetInfo {
             hostname: self.hostnames.of(pid),
             flavor: t.flavor,

@@ -878,6 +878,48 @@ fn ipv4_ipv6_and_v4_mapped_listeners() -> Result<()> {
     Ok(())
 }
 
+/// The agent never traces itself, not even when a `--port` selects its own listener (or another
+/// address family's server shares its port number): its scrapes are not the server's requests.
+#[test]
+fn the_agent_never_traces_itself() -> Result<()> {
+    require_root()?;
+    ensure_kernel_prereqs()?;
+    let logs = log_dir("traffic_shapes/not_itself")?;
+    let server = H1Server::start(Path::new(H1SERVER), &logs, Family::V4, &[0])?;
+    let listen = free_addr()?;
+    let (own, theirs) = (listen.port().to_string(), server.port().to_string());
+    let args = ["--no-discovery", "--discovery-interval-ms", "100"];
+    let agent = Agent::start(
+        &logs,
+        listen,
+        &[&args[..], &["--port", &own, "--port", &theirs]].concat(),
+    )?;
+    agent.wait_until(READY, "the server traced", |m| {
+        m.sum("servescope_targets") >= 1.0
+    })?;
+    let mut c = Client::connect(server.addr())?;
+    for _ in 0..5 {
+        ensure!(c.call("POST", "/predictions/m", b"x")? == 200);
+    }
+    for _ in 0..10 {
+        agent.scrape()?;
+    }
+    // Several rescans later, the agent is still not among its targets.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut want = Expected::new(&hostname());
+    want.inference("m", "default", 200, 5);
+    want.assert_agent(&agent, SETTLE)?;
+    let targets = agent.scrape()?.sum("servescope_targets");
+    ensure!(targets == 1.0, "{targets} targets, want the server alone");
+    let log = std::fs::read_to_string(agent.log_path())?;
+    ensure!(
+        log.contains("selects the agent itself")
+            && !log.contains(&format!("tracing target pid={} ", agent.pid())),
+        "the agent should say once that it does not trace itself:\n{log}"
+    );
+    Ok(())
+}
+
 /// One process listening on three ports (TorchServe: inference, management, metrics): naming one port
 /// traces the process, and every port's responses count, as TorchServe counts them all.
 #[test]
