@@ -616,6 +616,9 @@ static __always_inline int args_from_regs(struct task_state *a, __u64 id, __u8 s
 	a->enter_ns = 0;
 	if (a->fd < 0)
 		return 0;
+	/* An untraced fd is not remembered in the thread's mask here: `a` is a copy, and this path runs
+	 * at most once per syscall that began before its process was traced; the entry programs learn
+	 * the mask at the next call. */
 	int ignored = 0;
 	struct conn_info *c = get_conn(id, a->fd, flags, &ignored);
 	if (!c || (c->family == SS_FAMILY_PIPE && sys_is_ingress(sys)))

@@ -1291,37 +1291,23 @@ fn check_rule_health(
 
 /// The agent's memory after the run, for the DaemonSet's resource figures.
 fn record_agent_footprint(agent: &Agent, report: &mut String) {
-    let needle = format!("--listen {}", agent.listen());
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return;
+    let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l[k.len()..].trim().to_owned())
+            .unwrap_or_default()
     };
-    for e in dir.flatten() {
-        let path = e.path();
-        let cmd = fs::read(path.join("cmdline")).unwrap_or_default();
-        if !String::from_utf8_lossy(&cmd)
-            .replace('\0', " ")
-            .contains(&needle)
-        {
-            continue;
-        }
-        let status = fs::read_to_string(path.join("status")).unwrap_or_default();
-        let field = |k: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(k))
-                .map(|l| l[k.len()..].trim().to_owned())
-                .unwrap_or_default()
-        };
-        let _ = writeln!(
-            report,
-            "agent memory: VmRSS {} VmHWM {} (RssAnon {}, RssFile {}, RssShmem {})",
-            field("VmRSS:"),
-            field("VmHWM:"),
-            field("RssAnon:"),
-            field("RssFile:"),
-            field("RssShmem:")
-        );
-    }
+    let _ = writeln!(
+        report,
+        "agent memory: VmRSS {} VmHWM {} (RssAnon {}, RssFile {}, RssShmem {})",
+        field("VmRSS:"),
+        field("VmHWM:"),
+        field("RssAnon:"),
+        field("RssFile:"),
+        field("RssShmem:")
+    );
 }
 
 fn mark(ok: bool) -> &'static str {

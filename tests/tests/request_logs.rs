@@ -582,27 +582,6 @@ fn full_disk_is_counted_survived_and_recovered() -> Result<()> {
     Ok(())
 }
 
-/// The pid of the agent serving on `listen` (found by its command line: the harness keeps the child).
-fn agent_pid(listen: SocketAddr) -> Result<i32> {
-    let want = format!("--listen\0{listen}\0");
-    for entry in fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if let Ok(cmdline) = fs::read(entry.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmdline).contains(&want)
-        {
-            return Ok(pid);
-        }
-    }
-    bail!("no process with --listen {listen}")
-}
-
 #[test]
 fn sighup_after_rename_starts_a_new_file() -> Result<()> {
     require_root()?;
@@ -630,7 +609,7 @@ fn sighup_after_rename_starts_a_new_file() -> Result<()> {
     // logrotate: rename, then SIGHUP.
     let moved = logs.join("requests.jsonl.rotated");
     fs::rename(&json, &moved)?;
-    let pid = agent_pid(listen)?;
+    let pid = i32::try_from(agent.pid())?;
     // SAFETY: kill(2) has no memory preconditions.
     ensure!(
         unsafe { libc::kill(pid, libc::SIGHUP) } == 0,
