@@ -34,7 +34,7 @@ use self::{
     report::{
         AgentCounts, Churn, Idle, Latency, LatencyRun, ModelStage, Models, PhaseError, Render,
         Results, Settings, Spread, Startup, StartupRun, Sustained, SustainedRun, Throughput,
-        ThroughputRun,
+        ThroughputRun, smoke_ratio_floor,
     },
     system::{BpfStats, Machine},
 };
@@ -522,18 +522,44 @@ impl Bench {
     }
 
     /// Alternating agent-off / agent-on wrk runs against `t`.
+    ///
+    /// In quick mode (the CI smoke test) a median ratio below the server's smoke floor is measured
+    /// again before it fails the run: as many pairs more, and the median over all of them. A
+    /// regression persists over the second set; one disturbed minute on a shared VM (other guests'
+    /// steal) does not, and would otherwise refuse a landing.
     fn throughput(&self, t: &Target<'_>) -> Result<Throughput> {
-        let wrk = |d: Duration| Wrk {
-            addr: t.addr,
-            path: t.path,
-            connections: t.connections,
-            duration: d,
-            cpus: self.wrk_cpus(t.pinned),
-        };
+        let wrk = |d: Duration| self.wrk(t, d);
         // Warm-up: server threads, JIT (TorchServe), page cache; not recorded.
         wrk(t.warmup).run(&self.scratch)?;
+        let reps = self.plan.reps;
         let mut runs = Vec::new();
-        for rep in 0..self.plan.reps {
+        self.throughput_pairs(t, 0..reps, &mut runs)?;
+        let mut th = Self::throughput_summary(t, runs);
+        let floor = smoke_ratio_floor(t.name);
+        if self.plan.quick && th.ratio.median < floor {
+            eprintln!(
+                "  {} ratio {:.3} is below the smoke floor {floor}: {reps} more pairs, to tell a \
+                 regression (it persists) from a disturbed run",
+                t.name, th.ratio.median
+            );
+            let first = th.ratio.median;
+            let mut runs = th.runs;
+            self.throughput_pairs(t, reps..2 * reps, &mut runs)?;
+            th = Self::throughput_summary(t, runs);
+            th.first_ratio = Some(first);
+        }
+        Ok(th)
+    }
+
+    /// The agent-off / agent-on pairs of repetitions `reps`, appended to `runs`.
+    fn throughput_pairs(
+        &self,
+        t: &Target<'_>,
+        reps: std::ops::Range<u32>,
+        runs: &mut Vec<ThroughputRun>,
+    ) -> Result<()> {
+        let wrk = |d: Duration| self.wrk(t, d);
+        for rep in reps {
             let order = if rep % 2 == 0 {
                 [false, true]
             } else {
@@ -580,6 +606,10 @@ impl Bench {
                 runs.push(run);
             }
         }
+        Ok(())
+    }
+
+    fn throughput_summary(t: &Target<'_>, runs: Vec<ThroughputRun>) -> Throughput {
         let rps = |on: bool| -> Vec<f64> {
             runs.iter()
                 .filter(|r| r.agent_on == on)
@@ -593,15 +623,27 @@ impl Bench {
             .iter()
             .filter_map(|r| Some(r.agent_cpu_pct? / (r.wrk.rps / 1000.0)))
             .collect();
-        Ok(Throughput {
+        Throughput {
             server: t.name.into(),
             connections: t.connections,
             off_rps: Spread::of(&rps(false)),
             on_rps: Spread::of(&rps(true)),
             ratio: Spread::of(&ratios),
             agent_cpu_pct_per_1k: Spread::of(&cpu_per_1k),
+            first_ratio: None,
             runs,
-        })
+        }
+    }
+
+    /// wrk against `t` for `duration`, pinned as the plan says.
+    fn wrk<'a>(&'a self, t: &'a Target<'_>, duration: Duration) -> Wrk<'a> {
+        Wrk {
+            addr: t.addr,
+            path: t.path,
+            connections: t.connections,
+            duration,
+            cpus: self.wrk_cpus(t.pinned),
+        }
     }
 
     /// The agent-off maximum of `server` from the throughput phase, or a short calibration run.
@@ -613,14 +655,7 @@ impl Bench {
                 th.off_rps.median
             });
         }
-        let w = Wrk {
-            addr: t.addr,
-            path: t.path,
-            connections: t.connections,
-            duration: Duration::from_secs(3),
-            cpus: self.wrk_cpus(t.pinned),
-        }
-        .run(&self.scratch)?;
+        let w = self.wrk(t, Duration::from_secs(3)).run(&self.scratch)?;
         eprintln!("  calibration: {:.0} req/s (agent off)", w.rps);
         Ok(w.rps)
     }
