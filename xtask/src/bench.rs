@@ -32,9 +32,9 @@ use servescope_integration::{
 use self::{
     load::{Paced, PacedResult, Wrk},
     report::{
-        AgentCounts, Churn, Idle, Latency, LatencyRun, ModelStage, Models, PhaseError, Render,
-        Results, Settings, Spread, Startup, StartupRun, Sustained, SustainedRun, Throughput,
-        ThroughputRun, smoke_ratio_floor,
+        AgentCounts, Bystander, BystanderRun, Churn, Idle, Latency, LatencyRun, ModelStage, Models,
+        PhaseError, Render, Results, Settings, Spread, Startup, StartupRun, Sustained,
+        SustainedRun, Throughput, ThroughputRun, smoke_ratio_floor,
     },
     system::{BpfStats, Machine},
 };
@@ -55,6 +55,8 @@ pub enum Phase {
     Models,
     /// h1server: connection churn.
     Churn,
+    /// The syscall cost to a process the agent does not trace, agent off/on (full mode only).
+    Bystander,
     /// TorchServe: throughput, CPU/BPF/loss at half its maximum, latency, start-up (discovery).
     Torchserve,
 }
@@ -233,6 +235,7 @@ pub fn run(opts: Options) -> Result<()> {
             models: None,
             startup: Vec::new(),
             churn: None,
+            bystander: None,
             targets: Vec::new(),
             errors: Vec::new(),
             phase_seconds: Vec::new(),
@@ -249,7 +252,14 @@ pub fn run(opts: Options) -> Result<()> {
     s.pinning = bench.plan.pinning();
     s.agent_bin = bench.agent_bin.display().to_string();
 
-    let want = |p: Phase| opts.only.is_empty() || opts.only.contains(&p);
+    // Quick mode (CI's smoke test, under 2 minutes) leaves out what no smoke check reads.
+    let want = |p: Phase| {
+        if opts.only.is_empty() {
+            !(opts.quick && p == Phase::Bystander)
+        } else {
+            opts.only.contains(&p)
+        }
+    };
     let h1_phases = [
         Phase::Throughput,
         Phase::Latency,
@@ -257,6 +267,7 @@ pub fn run(opts: Options) -> Result<()> {
         Phase::Startup,
         Phase::Models,
         Phase::Churn,
+        Phase::Bystander,
     ];
     if h1_phases.iter().any(|&p| want(p)) {
         let server = bench.start_h1server(&h1_bin)?;
@@ -270,6 +281,7 @@ pub fn run(opts: Options) -> Result<()> {
                 Phase::Startup => bench.h1_startup(&server),
                 Phase::Models => bench.models(&server),
                 Phase::Churn => bench.churn(&server),
+                Phase::Bystander => bench.bystander(&server),
                 Phase::Torchserve => Ok(()),
             };
             bench.record_error(&format!("h1server {phase:?}"), result);
@@ -1163,6 +1175,63 @@ impl Bench {
         );
         agent.stop();
         self.results.churn = Some(churn);
+        Ok(())
+    }
+
+    // ---- 8. bystanders ---------------------------------------------------------------------------
+
+    /// Alternating agent-off / agent-on timings of syscalls made by this process, which the agent (on
+    /// h1server, `--port`) does not trace: what its tracepoints cost the rest of the node.
+    fn bystander(&mut self, server: &H1Server) -> Result<()> {
+        const ITERATIONS: u32 = 200_000;
+        let t = Self::h1_target(server);
+        let mut runs = Vec::new();
+        for rep in 0..self.plan.reps {
+            // Alternate which comes first, so a drift of the machine does not favour one side.
+            let order = if rep % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for agent_on in order {
+                let agent = if agent_on {
+                    Some(self.start_agent(&t.agent_args, "bystander")?)
+                } else {
+                    None
+                };
+                let (getppid_ns, write_ns) = system::bystander_syscall_ns(ITERATIONS)?;
+                if let Some(a) = agent {
+                    a.agent.check_running()?;
+                    a.stop();
+                }
+                eprintln!(
+                    "  agent {}: getppid {getppid_ns:.0} ns, write {write_ns:.0} ns",
+                    if agent_on { "on " } else { "off" }
+                );
+                runs.push(BystanderRun {
+                    agent_on,
+                    getppid_ns,
+                    write_ns,
+                });
+            }
+        }
+        let side = |on: bool, f: fn(&BystanderRun) -> f64| {
+            Spread::of(
+                &runs
+                    .iter()
+                    .filter(|r| r.agent_on == on)
+                    .map(f)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        self.results.bystander = Some(Bystander {
+            iterations: ITERATIONS,
+            off_getppid_ns: side(false, |r| r.getppid_ns),
+            on_getppid_ns: side(true, |r| r.getppid_ns),
+            off_write_ns: side(false, |r| r.write_ns),
+            on_write_ns: side(true, |r| r.write_ns),
+            runs,
+        });
         Ok(())
     }
 

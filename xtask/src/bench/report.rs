@@ -250,6 +250,26 @@ pub struct Churn {
     pub agent_cpu_s: f64,
 }
 
+/// One agent-off or agent-on measurement of the syscall cost to a process the agent does not trace.
+#[derive(Clone, Debug, Serialize)]
+pub struct BystanderRun {
+    pub agent_on: bool,
+    pub getppid_ns: f64,
+    pub write_ns: f64,
+}
+
+/// What the agent's syscall tracepoints cost every other process on the node (no #8 target: recorded
+/// because it is a cost of the design, DESIGN.md decision 3 and docs/decisions.md R33).
+#[derive(Clone, Debug, Serialize)]
+pub struct Bystander {
+    pub iterations: u32,
+    pub runs: Vec<BystanderRun>,
+    pub off_getppid_ns: Spread,
+    pub on_getppid_ns: Spread,
+    pub off_write_ns: Spread,
+    pub on_write_ns: Spread,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
     pub name: String,
@@ -294,6 +314,7 @@ pub struct Results {
     pub models: Option<Models>,
     pub startup: Vec<Startup>,
     pub churn: Option<Churn>,
+    pub bystander: Option<Bystander>,
     pub targets: Vec<Target>,
     pub errors: Vec<PhaseError>,
     /// Wall time of each part, s.
@@ -629,6 +650,7 @@ impl Results {
         self.md_models(&mut o);
         self.md_startup(&mut o);
         self.md_churn(&mut o);
+        self.md_bystander(&mut o);
         md_method(&mut o, s);
         o
     }
@@ -972,6 +994,54 @@ impl Results {
             kib_mb(c.peak_rss_kib),
             c.agent_cpu_s
         );
+    }
+}
+
+impl Results {
+    fn md_bystander(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "## 8. Cost to processes the agent does not trace
+"
+        );
+        let Some(b) = &self.bystander else {
+            let _ = writeln!(o, "Not measured in this invocation (full mode only).\n");
+            return;
+        };
+        let _ = writeln!(
+            o,
+            "The bench process itself, not a target, times {}k calls in each of five batches (median \
+             batch), agent off and on alternately ({} pairs), the agent watching h1server. The issue \
+             sets no target for it: it is what the syscall tracepoints cost every other process on \
+             the node (docs/decisions.md R33).\n",
+            b.iterations / 1000,
+            b.runs.len() / 2
+        );
+        let _ = writeln!(
+            o,
+            "| syscall | agent off, ns | agent on, ns | added, ns (medians) |\n|---|---|---|---|"
+        );
+        for (name, off, on) in [
+            (
+                "`getppid` (not hooked: syscall slow path only)",
+                b.off_getppid_ns,
+                b.on_getppid_ns,
+            ),
+            (
+                "`write` 64 B to /dev/null (hooked: program runs, finds no target)",
+                b.off_write_ns,
+                b.on_write_ns,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "| {name} | {} | {} | {:+.0} |",
+                off.show(0),
+                on.show(0),
+                on.median - off.median
+            );
+        }
+        let _ = writeln!(o);
     }
 }
 

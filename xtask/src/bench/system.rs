@@ -5,8 +5,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    io::Write as _,
     net::TcpListener,
     process::Command,
+    time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
@@ -251,6 +253,46 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr().context("reading the bound address")?.port())
 }
 
+/// Mean cost of one syscall made by this process, which the agent does not trace, ns: `getppid`
+/// (nothing but the entry/exit path) and a 64-byte `write` to /dev/null (a syscall the agent hooks, so
+/// its program runs, finds no target and returns). Each is the median of five batches of `iterations`,
+/// so a batch that was preempted does not set the figure.
+pub fn bystander_syscall_ns(iterations: u32) -> Result<(f64, f64)> {
+    let mut null = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .context("opening /dev/null")?;
+    let buf = [0u8; 64];
+    let per_call = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut batches = Vec::with_capacity(5);
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            for _ in 0..iterations {
+                f()?;
+            }
+            batches.push(t0.elapsed().as_nanos() as f64 / f64::from(iterations));
+        }
+        batches.sort_by(f64::total_cmp);
+        Ok(batches[2])
+    };
+    // glibc does not cache getppid: every call is a syscall.
+    let getppid = per_call(&mut || {
+        std::hint::black_box(std::os::unix::process::parent_id());
+        Ok(())
+    })?;
+    let write = per_call(&mut || {
+        // `write`, not `write_all`: one syscall per call; /dev/null takes all 64 bytes.
+        let n = null
+            .write(std::hint::black_box(&buf))
+            .context("writing to /dev/null")?;
+        if n != buf.len() {
+            bail!("/dev/null took {n} of {} bytes", buf.len());
+        }
+        Ok(())
+    })?;
+    Ok((getppid, write))
+}
+
 /// Facts about the machine and the checkout, recorded with the results.
 #[derive(Clone, Debug, Serialize)]
 pub struct Machine {
@@ -371,4 +413,22 @@ pub fn loadavg() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bystander_syscalls_cost_a_plausible_time() {
+        let (getppid, write) = bystander_syscall_ns(2_000).expect("measuring");
+        // A syscall takes 50 ns to tens of µs on any machine this runs on; 0, NaN or seconds mean
+        // the loop measured nothing or the wrong unit.
+        for (name, ns) in [("getppid", getppid), ("write", write)] {
+            assert!(
+                ns.is_finite() && (20.0..100_000.0).contains(&ns),
+                "{name}: {ns} ns"
+            );
+        }
+    }
 }
