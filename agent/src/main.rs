@@ -9,7 +9,7 @@ use servescope::{
     config::{Cli, Command, Config},
     exposition::{access::Access, server},
     pipeline, privileges,
-    probes::{LoadOptions, Probes},
+    probes::{LoadOptions, Probes, read_entries_needed},
     registry::Registry,
     sampler,
     sink::{self, config::SinksConfig},
@@ -110,6 +110,7 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // TorchServe alone needs read/write only (probes::Need::SocketCalls); any server given by
         // --pid or --port may use send/recv.
         socket_calls: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
+        read_entries: read_entries_needed(),
     })?;
     tracing::info!(
         thread_state = probes.thread_state().as_str(),

@@ -60,24 +60,36 @@ pub enum Need {
     SocketCalls,
     /// listen(): discovery by `--port`.
     Listen,
+    /// The entry of read/readv: only on kernels without `bpf_task_pt_regs` (before 5.15). Elsewhere
+    /// a read is decided at its exit from the saved registers: it needs no entry time, and one
+    /// program run instead of two is what every read of every process on the host pays
+    /// (docs/decisions.md R34).
+    ReadEntry,
+    /// The entry of recvfrom/recvmsg: both [`Need::SocketCalls`] and [`Need::ReadEntry`].
+    SocketCallsReadEntry,
 }
 
 /// (program, tracepoint category, tracepoint, when needed); every needed one must load and attach.
 pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
-    ("ss_enter_read", "syscalls", "sys_enter_read", Need::Always),
+    (
+        "ss_enter_read",
+        "syscalls",
+        "sys_enter_read",
+        Need::ReadEntry,
+    ),
     ("ss_exit_read", "syscalls", "sys_exit_read", Need::Always),
     (
         "ss_enter_readv",
         "syscalls",
         "sys_enter_readv",
-        Need::Always,
+        Need::ReadEntry,
     ),
     ("ss_exit_readv", "syscalls", "sys_exit_readv", Need::Always),
     (
         "ss_enter_recvfrom",
         "syscalls",
         "sys_enter_recvfrom",
-        Need::SocketCalls,
+        Need::SocketCallsReadEntry,
     ),
     (
         "ss_exit_recvfrom",
@@ -89,7 +101,7 @@ pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
         "ss_enter_recvmsg",
         "syscalls",
         "sys_enter_recvmsg",
-        Need::SocketCalls,
+        Need::SocketCallsReadEntry,
     ),
     (
         "ss_exit_recvmsg",
@@ -195,6 +207,9 @@ pub struct LoadOptions {
     /// Trace recvfrom/sendto/recvmsg/sendmsg too ([`Need::SocketCalls`]): needed for servers found
     /// by `--port`, not for TorchServe.
     pub socket_calls: bool,
+    /// Attach the entry programs of the read syscalls ([`Need::ReadEntry`]): a property of the
+    /// kernel, [`read_entries_needed`].
+    pub read_entries: bool,
 }
 
 impl LoadOptions {
@@ -204,6 +219,8 @@ impl LoadOptions {
             Need::Always => true,
             Need::SocketCalls => self.socket_calls,
             Need::Listen => self.watch_listen,
+            Need::ReadEntry => self.read_entries,
+            Need::SocketCallsReadEntry => self.socket_calls && self.read_entries,
         }
     }
 }
@@ -216,8 +233,16 @@ impl Default for LoadOptions {
             watch_exec: true,
             watch_listen: true,
             socket_calls: true,
+            read_entries: read_entries_needed(),
         }
     }
+}
+
+/// Whether this kernel lacks `bpf_task_pt_regs` (added in 5.15), with which the exit programs read a
+/// syscall's arguments from the saved registers. An unreadable version counts as old: attaching the
+/// entry programs is correct everywhere, only slower.
+pub fn read_entries_needed() -> bool {
+    !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 15, 0))
 }
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";

@@ -1199,19 +1199,23 @@ impl Bench {
                 } else {
                     None
                 };
-                let (getppid_ns, write_ns) = system::bystander_syscall_ns(ITERATIONS)?;
+                let ns = system::bystander_syscall_ns(ITERATIONS)?;
                 if let Some(a) = agent {
                     a.agent.check_running()?;
                     a.stop();
                 }
                 eprintln!(
-                    "  agent {}: getppid {getppid_ns:.0} ns, write {write_ns:.0} ns",
-                    if agent_on { "on " } else { "off" }
+                    "  agent {}: getppid {:.0} ns, write {:.0} ns, read {:.0} ns",
+                    if agent_on { "on " } else { "off" },
+                    ns.getppid,
+                    ns.write,
+                    ns.read
                 );
                 runs.push(BystanderRun {
                     agent_on,
-                    getppid_ns,
-                    write_ns,
+                    getppid_ns: ns.getppid,
+                    write_ns: ns.write,
+                    read_ns: ns.read,
                 });
             }
         }
@@ -1230,6 +1234,8 @@ impl Bench {
             on_getppid_ns: side(true, |r| r.getppid_ns),
             off_write_ns: side(false, |r| r.write_ns),
             on_write_ns: side(true, |r| r.write_ns),
+            off_read_ns: side(false, |r| r.read_ns),
+            on_read_ns: side(true, |r| r.read_ns),
             runs,
         });
         Ok(())

@@ -256,6 +256,7 @@ pub struct BystanderRun {
     pub agent_on: bool,
     pub getppid_ns: f64,
     pub write_ns: f64,
+    pub read_ns: f64,
 }
 
 /// What the agent's syscall tracepoints cost every other process on the node (no #8 target: recorded
@@ -268,6 +269,8 @@ pub struct Bystander {
     pub on_getppid_ns: Spread,
     pub off_write_ns: Spread,
     pub on_write_ns: Spread,
+    pub off_read_ns: Spread,
+    pub on_read_ns: Spread,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1028,9 +1031,14 @@ impl Results {
                 b.on_getppid_ns,
             ),
             (
-                "`write` 64 B to /dev/null (hooked: program runs, finds no target)",
+                "`write` 64 B to /dev/null (hooked at entry and exit: programs find no target)",
                 b.off_write_ns,
                 b.on_write_ns,
+            ),
+            (
+                "`read` 64 B from /dev/zero (hooked at exit only on 5.15+, R34)",
+                b.off_read_ns,
+                b.on_read_ns,
             ),
         ] {
             let _ = writeln!(

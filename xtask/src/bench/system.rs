@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::Write as _,
+    io::{Read as _, Write as _},
     net::TcpListener,
     process::Command,
     time::Instant,
@@ -253,16 +253,26 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr().context("reading the bound address")?.port())
 }
 
-/// Mean cost of one syscall made by this process, which the agent does not trace, ns: `getppid`
-/// (nothing but the entry/exit path) and a 64-byte `write` to /dev/null (a syscall the agent hooks, so
-/// its program runs, finds no target and returns). Each is the median of five batches of `iterations`,
-/// so a batch that was preempted does not set the figure.
-pub fn bystander_syscall_ns(iterations: u32) -> Result<(f64, f64)> {
+/// Mean cost of one syscall made by a process the agent does not trace, ns.
+#[derive(Clone, Copy, Debug)]
+pub struct SyscallNs {
+    /// Nothing but the syscall entry/exit path.
+    pub getppid: f64,
+    /// 64 bytes to /dev/null: hooked at entry and exit, the programs find no target and return.
+    pub write: f64,
+    /// 64 bytes from /dev/zero: hooked at exit only on 5.15+ (docs/decisions.md R34).
+    pub read: f64,
+}
+
+/// Times syscalls of this process, which the agent does not trace ([`SyscallNs`]). Each figure is the
+/// median of five batches of `iterations`, so a batch that was preempted does not set it.
+pub fn bystander_syscall_ns(iterations: u32) -> Result<SyscallNs> {
     let mut null = fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")
         .context("opening /dev/null")?;
-    let buf = [0u8; 64];
+    let mut zero = fs::File::open("/dev/zero").context("opening /dev/zero")?;
+    let mut buf = [0u8; 64];
     let per_call = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         let mut batches = Vec::with_capacity(5);
         for _ in 0..5 {
@@ -290,7 +300,21 @@ pub fn bystander_syscall_ns(iterations: u32) -> Result<(f64, f64)> {
         }
         Ok(())
     })?;
-    Ok((getppid, write))
+    let read = per_call(&mut || {
+        // `read`, not `read_exact`: one syscall per call; /dev/zero fills all 64 bytes.
+        let n = zero
+            .read(std::hint::black_box(&mut buf))
+            .context("reading /dev/zero")?;
+        if n != buf.len() {
+            bail!("/dev/zero gave {n} of {} bytes", buf.len());
+        }
+        Ok(())
+    })?;
+    Ok(SyscallNs {
+        getppid,
+        write,
+        read,
+    })
 }
 
 /// Facts about the machine and the checkout, recorded with the results.
@@ -421,10 +445,10 @@ mod tests {
 
     #[test]
     fn bystander_syscalls_cost_a_plausible_time() {
-        let (getppid, write) = bystander_syscall_ns(2_000).expect("measuring");
+        let c = bystander_syscall_ns(2_000).expect("measuring");
         // A syscall takes 50 ns to tens of µs on any machine this runs on; 0, NaN or seconds mean
         // the loop measured nothing or the wrong unit.
-        for (name, ns) in [("getppid", getppid), ("write", write)] {
+        for (name, ns) in [("getppid", c.getppid), ("write", c.write), ("read", c.read)] {
             assert!(
                 ns.is_finite() && (20.0..100_000.0).contains(&ns),
                 "{name}: {ns} ns"
