@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::{
     discovery::{Hostnames, ProcFs, Selection},
+    probes::LoadCost,
     sampler::nvml::{GpuError, GpuSource},
 };
 
@@ -75,6 +76,9 @@ pub struct Instance {
 pub struct Report {
     pub checks: Vec<Check>,
     pub torchserve: Vec<Instance>,
+    /// What the dry run's load cost, per program (absent when it did not load).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadCost>,
 }
 
 impl Report {
@@ -189,10 +193,11 @@ const RECOMMENDED: [(u32, &str, &str); 2] = [
 ];
 
 /// Runs every static check; `dry_run` loads and attaches the programs (the real thing, needs
-/// privileges); `open_gpu` opens NVML (`sampler::nvml::open_nvml`, a fake in tests).
+/// privileges) and says what that cost; `open_gpu` opens NVML (`sampler::nvml::open_nvml`, a fake
+/// in tests).
 pub fn run(
     env: &Env,
-    dry_run: impl FnOnce() -> anyhow::Result<()>,
+    dry_run: impl FnOnce() -> anyhow::Result<LoadCost>,
     open_gpu: impl FnOnce() -> Result<Box<dyn GpuSource>, GpuError>,
 ) -> Report {
     let mut checks = vec![
@@ -207,12 +212,20 @@ pub fn run(
     let prereqs_ok = checks
         .iter()
         .all(|c| c.status != Status::Fail || c.name == "capabilities");
+    let mut load = None;
     checks.push(if prereqs_ok {
         match dry_run() {
-            Ok(()) => Check::ok(
-                "load+attach",
-                "every program loaded, passed the verifier and attached; ring buffer created",
-            ),
+            Ok(cost) => {
+                let check = Check::ok(
+                    "load+attach",
+                    format!(
+                        "every program loaded, passed the verifier and attached; ring buffer created ({})",
+                        cost.summary()
+                    ),
+                );
+                load = Some(cost);
+                check
+            }
             Err(e) => Check::fail(
                 "load+attach",
                 format!("{e:#}"),
@@ -230,6 +243,7 @@ pub fn run(
     Report {
         checks,
         torchserve: instances(&env.proc),
+        load,
     }
 }
 
@@ -475,7 +489,7 @@ fn instances(proc: &Path) -> Vec<Instance> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::nvml::GpuReading;
+    use crate::{probes::ProgramCost, sampler::nvml::GpuReading};
 
     /// NVML as a test wants it: a list of devices, or an error.
     struct Gpus(Result<Vec<GpuReading>, fn() -> GpuError>);
@@ -530,7 +544,7 @@ mod tests {
     #[test]
     fn all_good() {
         let d = tempfile::tempdir().expect("tempdir");
-        let r = run(&good_env(d.path()), || Ok(()), one_gpu);
+        let r = run(&good_env(d.path()), || Ok(LoadCost::default()), one_gpu);
         assert_eq!(r.exit_code(), 0, "{}", r.to_text());
         assert!(
             r.checks.iter().all(|c| c.status == Status::Ok),
@@ -550,7 +564,7 @@ mod tests {
             &env,
             || {
                 dry_run_called = true;
-                Ok(())
+                Ok(LoadCost::default())
             },
             one_gpu,
         );
@@ -573,7 +587,7 @@ mod tests {
         fs::write(&env.osrelease, "4.19.0-old\n").expect("write");
         fs::write(&env.lockdown, "none integrity [confidentiality]\n").expect("write");
         fs::write(&env.self_status, "CapEff:\t0000000000000000\n").expect("write");
-        let r = run(&env, || Ok(()), one_gpu);
+        let r = run(&env, || Ok(LoadCost::default()), one_gpu);
         for name in ["btf", "kernel", "lockdown", "capabilities", "load+attach"] {
             assert_eq!(
                 check(&r, name).status,
@@ -606,7 +620,7 @@ mod tests {
         // CAP_BPF (39), CAP_PERFMON (38), CAP_SYS_PTRACE (19) only.
         let caps: u64 = (1 << 39) | (1 << 38) | (1 << 19);
         fs::write(&env.self_status, format!("CapEff:\t{caps:016x}\n")).expect("write");
-        let r = run(&env, || Ok(()), one_gpu);
+        let r = run(&env, || Ok(LoadCost::default()), one_gpu);
         assert_eq!(check(&r, "capabilities").status, Status::Warn);
         assert_eq!(r.exit_code(), 0);
     }
@@ -614,10 +628,50 @@ mod tests {
     #[test]
     fn json_report_is_machine_readable() {
         let d = tempfile::tempdir().expect("tempdir");
-        let r = run(&good_env(d.path()), || Ok(()), one_gpu);
+        let cost = || {
+            Ok(LoadCost {
+                programs: vec![
+                    ProgramCost {
+                        name: "ss_exit_read".into(),
+                        verified_insns: Some(9_000),
+                    },
+                    ProgramCost {
+                        name: "ss_exit_write".into(),
+                        verified_insns: Some(10_022),
+                    },
+                ],
+                took_ms: 120,
+            })
+        };
+        let r = run(&good_env(d.path()), cost, one_gpu);
         let v: serde_json::Value = serde_json::to_value(&r).expect("serialises");
         assert_eq!(v["checks"][0]["status"], "ok");
         assert!(v["torchserve"].is_array());
+        assert_eq!(v["load"]["programs"][1]["name"], "ss_exit_write");
+        assert_eq!(v["load"]["programs"][1]["verified_insns"], 10_022);
+        assert_eq!(v["load"]["took_ms"], 120);
+        assert_eq!(
+            check(&r, "load+attach").detail,
+            "every program loaded, passed the verifier and attached; ring buffer created (2 programs \
+             in 120 ms; the verifier processed 19022 instructions (most: ss_exit_write, 10022))"
+        );
+    }
+
+    #[test]
+    fn kernels_without_verifier_counts_still_report_the_load() {
+        let cost = LoadCost {
+            programs: vec![ProgramCost {
+                name: "ss_exit_read".into(),
+                verified_insns: None,
+            }],
+            took_ms: 80,
+        };
+        assert_eq!(cost.total_insns(), 0);
+        assert!(cost.costliest().is_none());
+        assert_eq!(
+            cost.summary(),
+            "1 programs in 80 ms (this kernel does not report the verifier's work)"
+        );
     }
 
     #[test]
@@ -625,7 +679,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let env = good_env(d.path());
         let nvml_of = |open: fn() -> Result<Box<dyn GpuSource>, GpuError>| {
-            let r = run(&env, || Ok(()), open);
+            let r = run(&env, || Ok(LoadCost::default()), open);
             assert_eq!(r.exit_code(), 0, "NVML never fails the doctor");
             check(&r, "nvml").clone()
         };

@@ -80,7 +80,10 @@ fn main() -> ExitCode {
 fn doctor(json: bool) -> ExitCode {
     let report = servescope::doctor::run(
         &servescope::doctor::Env::default(),
-        || Probes::load(servescope::probes::LoadOptions::default()).map(drop),
+        || {
+            Probes::load(servescope::probes::LoadOptions::default())
+                .map(|probes| probes.load_cost().clone())
+        },
         sampler::nvml::open_nvml,
     );
     if json {
@@ -114,7 +117,8 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
     })?;
     tracing::info!(
         thread_state = probes.thread_state().as_str(),
-        "eBPF programs loaded and attached"
+        "eBPF programs loaded and attached: {}",
+        probes.load_cost().summary()
     );
     Ok((listener, access, probes))
 }

@@ -1,6 +1,6 @@
 //! Loads the eBPF object built from `ebpf/sockets.bpf.c`, attaches its tracepoints, and owns its maps.
 
-use std::path::Path;
+use std::{path::Path, time::Instant};
 
 use anyhow::{Context, bail};
 use aya::{
@@ -8,6 +8,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, trace_point::TracePointLink},
 };
+
+use serde::Serialize;
 
 use crate::events::{ConnKey, LOSS_REASONS, TARGET_TRACED, TARGET_WORKER};
 
@@ -261,6 +263,64 @@ pub struct Probes {
     conns: HashMap<MapData, ConnKey, [u8; 16]>,
     losses: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
+    cost: LoadCost,
+}
+
+/// What loading cost: the verifier's work per program and the wall time of load and attach.
+///
+/// The verifier's processed-instruction count is what start-up time follows, and it is fragile:
+/// a copied struct that hid one constant from clang made `ss_exit_write` 12× costlier to verify and
+/// start-up 5× slower without changing what the program does (docs/decisions.md R34). `servescope
+/// doctor` reports it, and tests/tests/doctor.rs holds it to a budget.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LoadCost {
+    /// Every loaded program, by name.
+    pub programs: Vec<ProgramCost>,
+    /// Wall time of loading and attaching everything, in milliseconds.
+    pub took_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramCost {
+    pub name: String,
+    /// Instructions the verifier processed (`verified_insns`, Linux 5.16+; absent before).
+    pub verified_insns: Option<u32>,
+}
+
+impl LoadCost {
+    /// Instructions the verifier processed for all programs (those whose count the kernel reports).
+    pub fn total_insns(&self) -> u64 {
+        self.programs
+            .iter()
+            .filter_map(|p| p.verified_insns)
+            .map(u64::from)
+            .sum()
+    }
+
+    /// The program that cost the verifier most, when the kernel reports counts.
+    pub fn costliest(&self) -> Option<(&str, u32)> {
+        self.programs
+            .iter()
+            .filter_map(|p| Some((p.name.as_str(), p.verified_insns?)))
+            .max_by_key(|&(_, n)| n)
+    }
+
+    /// One line for logs and `servescope doctor`.
+    pub fn summary(&self) -> String {
+        match self.costliest() {
+            Some((name, most)) => format!(
+                "{} programs in {} ms; the verifier processed {} instructions (most: {name}, {most})",
+                self.programs.len(),
+                self.took_ms,
+                self.total_insns()
+            ),
+            None => format!(
+                "{} programs in {} ms (this kernel does not report the verifier's work)",
+                self.programs.len(),
+                self.took_ms
+            ),
+        }
+    }
 }
 
 /// Checks what the kernel must offer before loading, so the error names the fix.
@@ -316,6 +376,7 @@ impl Probes {
     }
 
     fn load_object(opts: LoadOptions, thread_state: ThreadState) -> anyhow::Result<Self> {
+        let started = Instant::now();
         let ringbuf_bytes = opts.ringbuf_bytes;
         let object = match thread_state {
             ThreadState::Hash => OBJECT_COMPAT,
@@ -352,6 +413,22 @@ impl Probes {
         let conns = HashMap::try_from(take(&mut ebpf, "conns")?).context("map `conns`")?;
         let losses = PerCpuArray::try_from(take(&mut ebpf, "losses")?).context("map `losses`")?;
         let ring = RingBuf::try_from(take(&mut ebpf, "events")?).context("map `events`")?;
+        let mut programs: Vec<ProgramCost> = ebpf
+            .programs()
+            // Only loaded programs have kernel info; the ones these options do not need stay unloaded.
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramCost {
+                    name: name.to_owned(),
+                    verified_insns: info.verified_instruction_count(),
+                })
+            })
+            .collect();
+        programs.sort_by(|a, b| a.name.cmp(&b.name));
+        let cost = LoadCost {
+            programs,
+            took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
         tracing::debug!(
             thread_state = thread_state.as_str(),
             "eBPF programs attached"
@@ -365,7 +442,13 @@ impl Probes {
             conns,
             losses,
             ring: Some(ring),
+            cost,
         })
+    }
+
+    /// What loading these programs cost ([`LoadCost`]).
+    pub fn load_cost(&self) -> &LoadCost {
+        &self.cost
     }
 
     /// Where the loaded programs keep per-thread state ([`ThreadState::Auto`] resolved).

@@ -118,3 +118,53 @@ fn unprivileged_user_is_told_which_capabilities_are_missing() -> Result<()> {
     ensure!(!text.contains("panicked"), "{text}");
     Ok(())
 }
+
+/// Most instructions the verifier may process for any one program, and for all of them. The
+/// verifier's work is most of the agent's start-up, and it can grow tenfold from a change that does
+/// not alter what a program does: R34 (docs/decisions.md) copied the thread state before a switch on
+/// its syscall number, clang could no longer fold the switch, and `ss_exit_write` went from 8,977 to
+/// 120,812 processed instructions, start-up from 135 to 659 ms. Measured on 6.18 after that fix: at
+/// most 9,321 for one program (`ss_exit_write`, `ss_exit_sendto`), 48,916 for the 22 the doctor
+/// loads. About 3× that leaves room for features, not for a blow-up like R34's.
+const PER_PROGRAM_BUDGET: u64 = 30_000;
+const TOTAL_BUDGET: u64 = 150_000;
+
+#[test]
+fn verifier_work_per_program_stays_within_budget() -> Result<()> {
+    require_root()?;
+    let (code, json) = doctor(&[], true)?;
+    ensure!(code == 0, "doctor failed:\n{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).context("doctor --json is JSON")?;
+    let programs = v["load"]["programs"]
+        .as_array()
+        .with_context(|| format!("no load.programs in the report:\n{json}"))?;
+    // Every program the default options attach (reads have no entry programs on 5.15+).
+    ensure!(
+        programs.len() >= 20,
+        "only {} programs reported:\n{json}",
+        programs.len()
+    );
+    let mut total = 0;
+    let mut over = Vec::new();
+    for p in programs {
+        let name = p["name"].as_str().unwrap_or("?");
+        // 6.18 reports verified_insns (5.16+): a missing count is a broken report, not an old kernel.
+        let insns = p["verified_insns"]
+            .as_u64()
+            .with_context(|| format!("{name}: no verified_insns in {p}"))?;
+        ensure!(name.starts_with("ss_"), "unexpected program {name}");
+        total += insns;
+        if insns > PER_PROGRAM_BUDGET {
+            over.push(format!("{name}: {insns}"));
+        }
+    }
+    ensure!(
+        over.is_empty(),
+        "programs over the verifier budget of {PER_PROGRAM_BUDGET} instructions: {over:?}"
+    );
+    ensure!(
+        total <= TOTAL_BUDGET,
+        "the verifier processed {total} instructions in all, budget {TOTAL_BUDGET}:\n{json}"
+    );
+    Ok(())
+}
