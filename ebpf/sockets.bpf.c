@@ -590,6 +590,8 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
  * registers, which still hold its arguments there (bpf_task_pt_regs, 5.15+):
  * - reads on 5.15+, whose entry programs are not attached at all (R34): a read needs no entry time,
  *   and one program run instead of two halves what every read on the node pays;
+ * - writes on 5.15+ when only TorchServe is traced (R35): its frontend never blocks in write, so a
+ *   response's start is its write's exit; egress records then carry no entry time and busy_us 0;
  * - a syscall that began before its process was traced (a thread-per-connection server blocked in
  *   read() on an idle keep-alive connection when the agent starts or discovery adds the process,
  *   R3). Without this the first request on each such connection would be lost.

@@ -114,6 +114,9 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // --pid or --port may use send/recv.
         socket_calls: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
         read_entries: read_entries_needed(),
+        // Only a server given by --port or --pid may block in write (thread per connection): for
+        // TorchServe alone a response is stamped when its write returns (probes::Need::WriteEntry).
+        write_entries: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
     })?;
     tracing::info!(
         thread_state = probes.thread_state().as_str(),

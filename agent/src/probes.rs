@@ -69,6 +69,10 @@ pub enum Need {
     ReadEntry,
     /// The entry of recvfrom/recvmsg: both [`Need::SocketCalls`] and [`Need::ReadEntry`].
     SocketCallsReadEntry,
+    /// The entry of write/writev/sendfile: where a response's write began ([`LoadOptions::write_entries`]).
+    WriteEntry,
+    /// The entry of sendto/sendmsg: both [`Need::SocketCalls`] and [`Need::WriteEntry`].
+    SocketCallsWriteEntry,
 }
 
 /// (program, tracepoint category, tracepoint, when needed); every needed one must load and attach.
@@ -115,14 +119,14 @@ pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
         "ss_enter_write",
         "syscalls",
         "sys_enter_write",
-        Need::Always,
+        Need::WriteEntry,
     ),
     ("ss_exit_write", "syscalls", "sys_exit_write", Need::Always),
     (
         "ss_enter_writev",
         "syscalls",
         "sys_enter_writev",
-        Need::Always,
+        Need::WriteEntry,
     ),
     (
         "ss_exit_writev",
@@ -134,7 +138,7 @@ pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
         "ss_enter_sendto",
         "syscalls",
         "sys_enter_sendto",
-        Need::SocketCalls,
+        Need::SocketCallsWriteEntry,
     ),
     (
         "ss_exit_sendto",
@@ -146,7 +150,7 @@ pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
         "ss_enter_sendmsg",
         "syscalls",
         "sys_enter_sendmsg",
-        Need::SocketCalls,
+        Need::SocketCallsWriteEntry,
     ),
     (
         "ss_exit_sendmsg",
@@ -158,7 +162,7 @@ pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
         "ss_enter_sendfile",
         "syscalls",
         "sys_enter_sendfile64",
-        Need::Always,
+        Need::WriteEntry,
     ),
     (
         "ss_exit_sendfile",
@@ -212,6 +216,14 @@ pub struct LoadOptions {
     /// Attach the entry programs of the read syscalls ([`Need::ReadEntry`]): a property of the
     /// kernel, [`read_entries_needed`].
     pub read_entries: bool,
+    /// Attach the entry programs of the write syscalls ([`Need::WriteEntry`]). They stamp a response
+    /// when its write began, which differs from when it returned only if the write blocks: a
+    /// thread-per-connection server sending more than the socket buffer holds to a slow client
+    /// (time to first byte, docs/decisions.md R10). TorchServe's frontend (Netty) writes without
+    /// blocking, and ~35 writes per request, most of them log lines, then run one program instead of
+    /// two (R35). Kernels before 5.15 attach them regardless ([`read_entries_needed`]): there the
+    /// exit cannot decide a call from the saved registers.
+    pub write_entries: bool,
 }
 
 impl LoadOptions {
@@ -223,6 +235,10 @@ impl LoadOptions {
             Need::Listen => self.watch_listen,
             Need::ReadEntry => self.read_entries,
             Need::SocketCallsReadEntry => self.socket_calls && self.read_entries,
+            Need::WriteEntry => self.write_entries || self.read_entries,
+            Need::SocketCallsWriteEntry => {
+                self.socket_calls && (self.write_entries || self.read_entries)
+            }
         }
     }
 }
@@ -236,6 +252,7 @@ impl Default for LoadOptions {
             watch_listen: true,
             socket_calls: true,
             read_entries: read_entries_needed(),
+            write_entries: true,
         }
     }
 }
@@ -580,5 +597,86 @@ impl Drop for Probes {
             }
         });
         tracing::debug!(programs = n, elapsed = ?started.elapsed(), "eBPF programs detached");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attached(opts: LoadOptions) -> Vec<&'static str> {
+        PROGRAMS
+            .iter()
+            .filter(|(_, _, _, need)| opts.needs(*need))
+            .map(|(prog, ..)| *prog)
+            .collect()
+    }
+
+    fn torchserve_only(read_entries: bool) -> LoadOptions {
+        LoadOptions {
+            watch_listen: false,
+            socket_calls: false,
+            read_entries,
+            write_entries: false,
+            ..LoadOptions::default()
+        }
+    }
+
+    #[test]
+    fn torchserve_alone_runs_one_program_per_read_and_write() {
+        let progs = attached(torchserve_only(false));
+        for entry in [
+            "ss_enter_read",
+            "ss_enter_readv",
+            "ss_enter_write",
+            "ss_enter_writev",
+        ] {
+            assert!(!progs.contains(&entry), "{entry} attached: {progs:?}");
+        }
+        for needed in [
+            "ss_exit_read",
+            "ss_exit_write",
+            "ss_exit_writev",
+            "ss_exit_accept4",
+        ] {
+            assert!(progs.contains(&needed), "{needed} missing: {progs:?}");
+        }
+        // recv*/send* are not TorchServe's frontend's calls (Need::SocketCalls).
+        for unneeded in ["ss_enter_sendto", "ss_exit_sendto", "ss_exit_recvfrom"] {
+            assert!(!progs.contains(&unneeded), "{unneeded} attached: {progs:?}");
+        }
+    }
+
+    #[test]
+    fn old_kernels_keep_every_entry_of_what_they_trace() {
+        // Before 5.15 the exit cannot decide from the saved registers.
+        let progs = attached(torchserve_only(true));
+        for entry in [
+            "ss_enter_read",
+            "ss_enter_readv",
+            "ss_enter_write",
+            "ss_enter_writev",
+        ] {
+            assert!(progs.contains(&entry), "{entry} missing: {progs:?}");
+        }
+        assert!(!progs.contains(&"ss_enter_sendto"), "{progs:?}");
+    }
+
+    #[test]
+    fn servers_given_by_port_get_write_entries_for_time_to_first_byte() {
+        let progs = attached(LoadOptions {
+            read_entries: false,
+            ..LoadOptions::default()
+        });
+        for entry in [
+            "ss_enter_write",
+            "ss_enter_writev",
+            "ss_enter_sendto",
+            "ss_enter_sendmsg",
+        ] {
+            assert!(progs.contains(&entry), "{entry} missing: {progs:?}");
+        }
+        assert!(!progs.contains(&"ss_enter_read"), "{progs:?}");
+        assert!(!progs.contains(&"ss_enter_recvfrom"), "{progs:?}");
     }
 }
