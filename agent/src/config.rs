@@ -105,6 +105,13 @@ pub struct Cli {
     #[arg(long, env = "SERVESCOPE_THREAD_STATE", value_enum, default_value_t = ThreadState::Auto)]
     pub thread_state: ThreadState,
 
+    /// Turn on the kernel's BPF run-time statistics while the agent runs, so that
+    /// servescope_bpf_program_runs_total and servescope_bpf_program_run_seconds_total count what the
+    /// agent's programs cost. The kernel then reads the clock twice around every BPF program run
+    /// on the host (~20–40 ns each), which is why it is off by default.
+    #[arg(long, env = "SERVESCOPE_BPF_STATS")]
+    pub bpf_stats: bool,
+
     /// How often to sample the system (CPU, memory, disk) and GPU families, in seconds. CPUUtilization
     /// is the busy share over this interval. TorchServe's own collector runs every 60 s.
     #[arg(
@@ -143,6 +150,7 @@ pub struct Config {
     pub discovery_interval: Duration,
     pub ringbuf_bytes: u32,
     pub thread_state: ThreadState,
+    pub bpf_stats: bool,
     pub sample_interval: Duration,
     pub sinks: SinksConfig,
     /// The request-log flags, kept to reread the config file on SIGHUP.
@@ -182,6 +190,7 @@ impl Cli {
             discovery_interval: Duration::from_millis(self.discovery_interval_ms),
             ringbuf_bytes: self.ringbuf_bytes,
             thread_state: self.thread_state,
+            bpf_stats: self.bpf_stats,
             sample_interval: Duration::from_secs(self.sample_interval_secs),
             sinks: self.sinks.resolve()?,
             sink_args: self.sinks,

@@ -118,6 +118,11 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // TorchServe alone a response is stamped when its write returns (probes::Need::WriteEntry).
         write_entries: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
     })?;
+    let mut probes = probes;
+    if cfg.bpf_stats {
+        probes.enable_run_stats()?;
+        tracing::info!("BPF run-time statistics on (--bpf-stats): servescope_bpf_program_* count");
+    }
     tracing::info!(
         thread_state = probes.thread_state().as_str(),
         "eBPF programs loaded and attached: {}",

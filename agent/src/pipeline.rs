@@ -389,6 +389,7 @@ pub async fn discover(
                 }
                 d.confirm_exits();
                 d.sample_workers();
+                d.sample_self(&registry);
                 for (reason, total) in d.probes.losses() {
                     let prev = lost_exported.insert(reason, total).unwrap_or(0);
                     if total > prev {
@@ -688,6 +689,18 @@ impl Discovery {
             })
             .collect();
         self.registry.set_worker_usage(&usage);
+    }
+
+    /// The agent's own CPU, memory and kernel program statistics (`servescope_agent_*`,
+    /// `servescope_bpf_program_*`): what it costs the node, on the node's own dashboards.
+    fn sample_self(&mut self, registry: &Registry) {
+        match self.proc_root.process_usage(self.own_pid) {
+            Ok((cpu_seconds, rss_bytes)) => {
+                registry.set_agent_usage(cpu_seconds, rss_bytes, &self.probes.run_stats());
+            }
+            // Only a broken /proc gets here, and the worker families say so too.
+            Err(e) => tracing::debug!("sampling the agent's own usage: {e:#}"),
+        }
     }
 
     /// The target count, and the target set for the samplers when it changed.

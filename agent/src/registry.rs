@@ -13,6 +13,7 @@ use prometheus::{
 pub use self::store::{Kind, Order, SeriesId, SeriesView, StoredFamily};
 use crate::{
     http::Exchange,
+    probes::ProgramRuns,
     routing::{self, Route},
 };
 
@@ -282,6 +283,11 @@ pub struct Registry {
     pub metrics_render_seconds: prometheus::Gauge,
     pub targets: IntGauge,
     pub build_info: IntGaugeVec,
+    // What the agent itself costs (set by `set_agent_usage`).
+    agent_cpu: prometheus::Counter,
+    agent_rss: prometheus::Gauge,
+    bpf_runs: IntCounterVec,
+    bpf_run_seconds: CounterVec,
     // Request-log sinks (sink/), labelled by `sink`: request_log, syslog, latency_csv.
     pub log_written: IntCounterVec,
     pub log_dropped: IntCounterVec,
@@ -473,6 +479,33 @@ impl Registry {
                 Opts::new("servescope_build_info", "servescope version; always 1."),
                 &["version"],
             )),
+            agent_cpu: must(prometheus::Counter::new(
+                "servescope_agent_cpu_seconds_total",
+                "CPU time (user + system) of the servescope process itself, from /proc/self/stat; \
+                 its eBPF programs' time is servescope_bpf_program_run_seconds_total.",
+            )),
+            agent_rss: must(prometheus::Gauge::new(
+                "servescope_agent_resident_memory_bytes",
+                "Resident memory of the servescope process itself (its ring-buffer mappings included).",
+            )),
+            bpf_runs: must(IntCounterVec::new(
+                Opts::new(
+                    "servescope_bpf_program_runs_total",
+                    "Runs of each of servescope's eBPF programs, counted by the kernel only while BPF \
+                     statistics are on (--bpf-stats, or sysctl kernel.bpf_stats_enabled=1); absent \
+                     until a program has run with them on.",
+                ),
+                &["program"],
+            )),
+            bpf_run_seconds: must(CounterVec::new(
+                Opts::new(
+                    "servescope_bpf_program_run_seconds_total",
+                    "Time spent in each of servescope's eBPF programs, counted by the kernel only \
+                     while BPF statistics are on. They run inside the syscalls of every process on \
+                     the host (and then filter), so this is what tracing costs the node in the kernel.",
+                ),
+                &["program"],
+            )),
             log_written: must(IntCounterVec::new(
                 Opts::new(
                     "servescope_log_written_total",
@@ -506,7 +539,7 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 16] = [
+        let collectors: [Box<dyn Collector>; 20] = [
             Box::new(r.in_flight.clone()),
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
@@ -523,6 +556,10 @@ impl Registry {
             Box::new(r.metrics_render_seconds.clone()),
             Box::new(r.targets.clone()),
             Box::new(r.build_info.clone()),
+            Box::new(r.agent_cpu.clone()),
+            Box::new(r.agent_rss.clone()),
+            Box::new(r.bpf_runs.clone()),
+            Box::new(r.bpf_run_seconds.clone()),
         ];
         for c in collectors {
             must(r.registry.register(c));
@@ -623,6 +660,26 @@ impl Registry {
                 if !keep.contains(&owned) {
                     let _ = self.worker_cpu.remove_label_values(&values);
                 }
+            }
+        }
+    }
+
+    /// What the agent costs: its own CPU seconds and resident bytes so far, and its programs' kernel
+    /// run statistics (cumulative, as the kernel keeps them; a program that has not run with
+    /// statistics on gets no series).
+    pub fn set_agent_usage(&self, cpu_seconds: f64, rss_bytes: f64, programs: &[ProgramRuns]) {
+        let grew = cpu_seconds - self.agent_cpu.get();
+        if grew > 0.0 {
+            self.agent_cpu.inc_by(grew);
+        }
+        self.agent_rss.set(rss_bytes);
+        for p in programs.iter().filter(|p| p.runs > 0) {
+            let runs = self.bpf_runs.with_label_values(&[p.name.as_str()]);
+            runs.inc_by(p.runs.saturating_sub(runs.get()));
+            let secs = self.bpf_run_seconds.with_label_values(&[p.name.as_str()]);
+            let grew = p.run_time.as_secs_f64() - secs.get();
+            if grew > 0.0 {
+                secs.inc_by(grew);
             }
         }
     }
@@ -1648,6 +1705,63 @@ mod tests {
         );
         let one = BTreeMap::from([("W-9000-m_1.0".to_owned(), 150.0)]);
         assert_eq!(series("servescope_worker_resident_memory_bytes"), one);
+    }
+
+    #[test]
+    fn agent_usage_counts_only_programs_that_ran_and_only_grows() {
+        let r = Registry::new();
+        let prog = |name: &str, runs: u64, ns: u64| ProgramRuns {
+            name: name.into(),
+            runs,
+            run_time: std::time::Duration::from_nanos(ns),
+        };
+        // (program → value) of one of the program families.
+        let series = |family: &str| -> BTreeMap<String, f64> {
+            r.gather()
+                .into_iter()
+                .filter(|f| f.name() == family)
+                .flat_map(|f| f.get_metric().to_vec())
+                .map(|m| {
+                    let program = m.get_label()[0].value().to_owned();
+                    (program, m.get_counter().get_value())
+                })
+                .collect()
+        };
+        let single = |family: &str| -> f64 {
+            r.gather()
+                .into_iter()
+                .find(|f| f.name() == family)
+                .map(|f| {
+                    let m = &f.get_metric()[0];
+                    m.get_counter().get_value() + m.get_gauge().get_value()
+                })
+                .unwrap_or(f64::NAN)
+        };
+        r.set_agent_usage(
+            1.5,
+            20e6,
+            &[prog("ss_exit_read", 10, 5_000), prog("ss_exit_write", 0, 0)],
+        );
+        // A lower reading (cannot happen for the kernel's counters) never makes a counter go back.
+        r.set_agent_usage(
+            1.0,
+            25e6,
+            &[
+                prog("ss_exit_read", 30, 2_000_000_000),
+                prog("ss_exit_write", 0, 0),
+            ],
+        );
+        assert_eq!(single("servescope_agent_cpu_seconds_total"), 1.5);
+        assert_eq!(single("servescope_agent_resident_memory_bytes"), 25e6);
+        assert_eq!(
+            series("servescope_bpf_program_runs_total"),
+            BTreeMap::from([("ss_exit_read".to_owned(), 30.0)]),
+            "a program with no runs (statistics off) has no series"
+        );
+        assert_eq!(
+            series("servescope_bpf_program_run_seconds_total"),
+            BTreeMap::from([("ss_exit_read".to_owned(), 2.0)])
+        );
     }
 
     #[test]

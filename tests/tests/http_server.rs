@@ -402,3 +402,87 @@ fn capabilities_are_dropped_after_load_and_tracing_goes_on() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// What the agent costs, on its own /metrics: its CPU and memory always, and with `--bpf-stats` its
+/// programs' runs and time as the kernel counts them. Runs count per request: the server's one
+/// `recvfrom` per request runs `ss_exit_recvfrom` at least once.
+#[test]
+fn the_agent_reports_its_own_cost() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server_self_cost")?;
+    let _server = start_server(SERVER_PORT)?;
+    let port = SERVER_PORT.to_string();
+    let agent = Agent::start(
+        &logs,
+        AGENT.parse()?,
+        &["--no-discovery", "--port", &port, "--bpf-stats"],
+    )?;
+    agent.wait_ready(Duration::from_secs(15))?;
+    const N: u32 = 200;
+    let mut c = Client::connect(SERVER_PORT)?;
+    for _ in 0..N {
+        ensure!(c.send("POST", "/predictions/alpha", b"x", false)? == 200);
+    }
+    drop(c);
+    let runs = |m: &Metrics, program: &str| {
+        m.get("servescope_bpf_program_runs_total", &[("program", program)])
+            .unwrap_or(0.0)
+    };
+    // Sampled every second with the agent's housekeeping.
+    let m = agent.wait_until(
+        Duration::from_secs(10),
+        "the programs' runs of the requests sent",
+        |m| runs(m, "ss_exit_recvfrom") >= f64::from(N),
+    )?;
+    let secs = m
+        .get(
+            "servescope_bpf_program_run_seconds_total",
+            &[("program", "ss_exit_recvfrom")],
+        )
+        .unwrap_or(0.0);
+    // A run costs tens of ns to a few µs: N runs take between 1 µs and 1 s.
+    ensure!(
+        (1e-6..1.0).contains(&secs),
+        "ss_exit_recvfrom ran {} times in {secs} s",
+        runs(&m, "ss_exit_recvfrom")
+    );
+    // Every series names one of the agent's programs.
+    for (s, _) in m.series("servescope_bpf_program_runs_total") {
+        let p = s.label("program").unwrap_or_default();
+        ensure!(p.starts_with("ss_"), "unexpected program label {p:?}");
+    }
+    let cpu = m
+        .get("servescope_agent_cpu_seconds_total", &[])
+        .unwrap_or(0.0);
+    ensure!(cpu > 0.0 && cpu < 60.0, "agent CPU {cpu} s");
+    let rss = m
+        .get("servescope_agent_resident_memory_bytes", &[])
+        .unwrap_or(0.0);
+    ensure!(
+        (1e6..500e6).contains(&rss),
+        "agent resident memory {rss} bytes"
+    );
+    drop(agent);
+
+    // Without --bpf-stats, and with the sysctl off (as on CI), the kernel counts nothing: no series
+    // rather than zeros that would read as "not running".
+    let stats_sysctl = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .context("reading kernel.bpf_stats_enabled")?;
+    let agent = Agent::start(&logs, AGENT.parse()?, &["--no-discovery", "--port", &port])?;
+    agent.wait_ready(Duration::from_secs(15))?;
+    let mut c = Client::connect(SERVER_PORT)?;
+    for _ in 0..10 {
+        ensure!(c.send("POST", "/predictions/alpha", b"x", false)? == 200);
+    }
+    let m = agent.wait_until(Duration::from_secs(10), "the agent's CPU sampled", |m| {
+        m.get("servescope_agent_cpu_seconds_total", &[])
+            .is_some_and(|v| v > 0.0)
+    })?;
+    if stats_sysctl.trim() == "0" {
+        ensure!(
+            !m.has("servescope_bpf_program_runs_total"),
+            "program runs exported with statistics off"
+        );
+    }
+    Ok(())
+}

@@ -91,6 +91,8 @@ fn every_deploy_query_returns_the_expected_series() -> Result<()> {
             &request_log.to_string_lossy(),
             "--latency-csv",
             &latency_csv.to_string_lossy(),
+            // The dashboard's cost panel reads the programs' run time, counted only with this.
+            "--bpf-stats",
         ],
     )?;
     agent.wait_ready(Duration::from_secs(15))?;
@@ -1065,6 +1067,19 @@ fn expectations(agent: &Metrics) -> BTreeMap<String, Expect> {
     put(
         "panel Request-log records dropped / A",
         series(&["instance", "sink"], V::Exact(0.0)).keys(&sinks),
+    );
+    // The agent and its programs both work while traffic flows (the programs' time: --bpf-stats).
+    put(
+        "panel servescope cost: CPU / A",
+        series(&["instance"], V::Positive),
+    );
+    put(
+        "panel servescope cost: CPU / B",
+        series(&["instance"], V::Positive),
+    );
+    put(
+        "panel servescope cost: memory / A",
+        series(&["instance", "job"], V::Positive),
     );
     e
 }
