@@ -1667,6 +1667,26 @@ mod tests {
         );
     }
 
+    /// (key → value) of a family's samples, keyed by `key` of each; gauges and counters alike (the
+    /// other type's value reads 0).
+    fn values_by(
+        r: &Registry,
+        family: &str,
+        key: impl Fn(&prometheus::proto::Metric) -> String,
+    ) -> BTreeMap<String, f64> {
+        r.gather()
+            .into_iter()
+            .filter(|f| f.name() == family)
+            .flat_map(|f| f.get_metric().to_vec())
+            .map(|m| {
+                (
+                    key(&m),
+                    m.get_gauge().get_value() + m.get_counter().get_value(),
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn worker_usage_replaces_series_and_cpu_only_grows() {
         let r = Registry::new();
@@ -1679,18 +1699,10 @@ mod tests {
             rss_bytes: rss,
         };
         // (worker name → value) of one of the worker families.
-        let series = |family: &str| -> BTreeMap<String, f64> {
-            r.gather()
-                .into_iter()
-                .filter(|f| f.name() == family)
-                .flat_map(|f| f.get_metric().to_vec())
-                .map(|m| {
-                    let name = labels_in_order(&m, WORKER_LABELS)[2].to_owned();
-                    // One of the two is set; the other reads 0.
-                    let v = m.get_gauge().get_value() + m.get_counter().get_value();
-                    (name, v)
-                })
-                .collect()
+        let series = |family: &str| {
+            values_by(&r, family, |m| {
+                labels_in_order(m, WORKER_LABELS)[2].to_owned()
+            })
         };
         r.set_worker_usage(&[
             usage("W-9000-m_1.0", 1.5, 100.0),
@@ -1716,25 +1728,12 @@ mod tests {
             run_time: std::time::Duration::from_nanos(ns),
         };
         // (program → value) of one of the program families.
-        let series = |family: &str| -> BTreeMap<String, f64> {
-            r.gather()
-                .into_iter()
-                .filter(|f| f.name() == family)
-                .flat_map(|f| f.get_metric().to_vec())
-                .map(|m| {
-                    let program = m.get_label()[0].value().to_owned();
-                    (program, m.get_counter().get_value())
-                })
-                .collect()
-        };
+        let series = |family: &str| values_by(&r, family, |m| m.get_label()[0].value().to_owned());
+        // The one sample of an unlabelled family.
         let single = |family: &str| -> f64 {
-            r.gather()
-                .into_iter()
-                .find(|f| f.name() == family)
-                .map(|f| {
-                    let m = &f.get_metric()[0];
-                    m.get_counter().get_value() + m.get_gauge().get_value()
-                })
+            values_by(&r, family, |_| String::new())
+                .get("")
+                .copied()
                 .unwrap_or(f64::NAN)
         };
         r.set_agent_usage(
