@@ -235,7 +235,7 @@ pub fn run(opts: Options) -> Result<()> {
             models: None,
             startup: Vec::new(),
             churn: None,
-            bystander: None,
+            bystander: Vec::new(),
             targets: Vec::new(),
             errors: Vec::new(),
             phase_seconds: Vec::new(),
@@ -1180,11 +1180,19 @@ impl Bench {
 
     // ---- 8. bystanders ---------------------------------------------------------------------------
 
-    /// Alternating agent-off / agent-on timings of syscalls made by this process, which the agent (on
-    /// h1server, `--port`) does not trace: what its tracepoints cost the rest of the node.
+    /// Alternating agent-off / agent-on timings of syscalls made by this process, which the agent does
+    /// not trace: what its tracepoints cost the rest of the node, with the agent watching h1server
+    /// by `--port` (write entries attached) here, and TorchServe by discovery in [`Bench::torchserve`]
+    /// (the DaemonSet's default: writes hooked at exit only, R35).
     fn bystander(&mut self, server: &H1Server) -> Result<()> {
-        const ITERATIONS: u32 = 200_000;
         let t = Self::h1_target(server);
+        let b = self.bystander_of(&t, "h1server (`--port`: write entries attached)")?;
+        self.results.bystander.push(b);
+        Ok(())
+    }
+
+    fn bystander_of(&self, t: &Target<'_>, watching: &str) -> Result<Bystander> {
+        const ITERATIONS: u32 = 200_000;
         let mut runs = Vec::new();
         for rep in 0..self.plan.reps {
             // Alternate which comes first, so a drift of the machine does not favour one side.
@@ -1228,7 +1236,8 @@ impl Bench {
                     .collect::<Vec<_>>(),
             )
         };
-        self.results.bystander = Some(Bystander {
+        Ok(Bystander {
+            watching: watching.to_owned(),
             iterations: ITERATIONS,
             off_getppid_ns: side(false, |r| r.getppid_ns),
             on_getppid_ns: side(true, |r| r.getppid_ns),
@@ -1237,8 +1246,7 @@ impl Bench {
             off_read_ns: side(false, |r| r.read_ns),
             on_read_ns: side(true, |r| r.read_ns),
             runs,
-        });
-        Ok(())
+        })
     }
 
     // ---- TorchServe ------------------------------------------------------------------------------
@@ -1288,6 +1296,14 @@ impl Bench {
         self.results.latency.push(l);
         let s = self.startup(&t, "discovery", if self.plan.quick { 1 } else { 3 })?;
         self.results.startup.push(s);
+        // Full mode only, as the h1server one (quick mode stays under its 2 minutes).
+        if !self.plan.quick {
+            let b = self.bystander_of(
+                &t,
+                "TorchServe (discovery: writes hooked at exit only, R35)",
+            )?;
+            self.results.bystander.push(b);
+        }
         ts.stop();
         Ok(())
     }

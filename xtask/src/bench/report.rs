@@ -263,6 +263,8 @@ pub struct BystanderRun {
 /// because it is a cost of the design, DESIGN.md decision 3 and docs/decisions.md R33).
 #[derive(Clone, Debug, Serialize)]
 pub struct Bystander {
+    /// What the agent traced meanwhile (which programs were attached).
+    pub watching: String,
     pub iterations: u32,
     pub runs: Vec<BystanderRun>,
     pub off_getppid_ns: Spread,
@@ -317,7 +319,8 @@ pub struct Results {
     pub models: Option<Models>,
     pub startup: Vec<Startup>,
     pub churn: Option<Churn>,
-    pub bystander: Option<Bystander>,
+    /// One per agent mode measured (full mode only).
+    pub bystander: Vec<Bystander>,
     pub targets: Vec<Target>,
     pub errors: Vec<PhaseError>,
     /// Wall time of each part, s.
@@ -1007,49 +1010,56 @@ impl Results {
             "## 8. Cost to processes the agent does not trace
 "
         );
-        let Some(b) = &self.bystander else {
+        if self.bystander.is_empty() {
             let _ = writeln!(o, "Not measured in this invocation (full mode only).\n");
             return;
-        };
+        }
         let _ = writeln!(
             o,
-            "The bench process itself, not a target, times {}k calls in each of five batches (median \
-             batch), agent off and on alternately ({} pairs), the agent watching h1server. The issue \
-             sets no target for it: it is what the syscall tracepoints cost every other process on \
-             the node (docs/decisions.md R33).\n",
-            b.iterations / 1000,
-            b.runs.len() / 2
+            "The bench process itself, not a target, times calls in batches (median batch), agent off \
+             and on alternately, for each way the agent was run. The issue sets no target for it: it \
+             is what the syscall tracepoints cost every other process on the node (docs/decisions.md \
+             R33).\n"
         );
-        let _ = writeln!(
-            o,
-            "| syscall | agent off, ns | agent on, ns | added, ns (medians) |\n|---|---|---|---|"
-        );
-        for (name, off, on) in [
-            (
-                "`getppid` (not hooked: syscall slow path only)",
-                b.off_getppid_ns,
-                b.on_getppid_ns,
-            ),
-            (
-                "`write` 64 B to /dev/null (hooked at entry and exit: programs find no target)",
-                b.off_write_ns,
-                b.on_write_ns,
-            ),
-            (
-                "`read` 64 B from /dev/zero (hooked at exit only on 5.15+, R34)",
-                b.off_read_ns,
-                b.on_read_ns,
-            ),
-        ] {
+        for b in &self.bystander {
             let _ = writeln!(
                 o,
-                "| {name} | {} | {} | {:+.0} |",
-                off.show(0),
-                on.show(0),
-                on.median - off.median
+                "Agent watching {}: {}k calls per batch, {} pairs.\n",
+                b.watching,
+                b.iterations / 1000,
+                b.runs.len() / 2
             );
+            let _ = writeln!(
+                o,
+                "| syscall | agent off, ns | agent on, ns | added, ns (medians) |\n|---|---|---|---|"
+            );
+            for (name, off, on) in [
+                (
+                    "`getppid` (not hooked: syscall slow path only)",
+                    b.off_getppid_ns,
+                    b.on_getppid_ns,
+                ),
+                (
+                    "`write` 64 B to /dev/null (hooked: the programs find no target)",
+                    b.off_write_ns,
+                    b.on_write_ns,
+                ),
+                (
+                    "`read` 64 B from /dev/zero (hooked at exit only on 5.15+, R34)",
+                    b.off_read_ns,
+                    b.on_read_ns,
+                ),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "| {name} | {} | {} | {:+.0} |",
+                    off.show(0),
+                    on.show(0),
+                    on.median - off.median
+                );
+            }
+            let _ = writeln!(o);
         }
-        let _ = writeln!(o);
     }
 }
 
