@@ -486,3 +486,44 @@ fn the_agent_reports_its_own_cost() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--bpf-stats` asks the kernel for BPF_ENABLE_STATS, which needs CAP_SYS_ADMIN: an agent without it
+/// that was asked for the statistics stops at start-up and says which flag needs which capability,
+/// rather than running without what it was asked for. Loading and tracing need no CAP_SYS_ADMIN.
+#[test]
+fn bpf_stats_without_cap_sys_admin_is_a_clear_error() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server_bpf_stats_caps")?;
+    let bin = Agent::binary()?;
+    let out = Command::new("setpriv")
+        .args([
+            "--inh-caps=-all",
+            "--bounding-set=-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search",
+            "--",
+        ])
+        .arg(&bin)
+        .args([
+            "--listen",
+            "127.0.0.1:19085",
+            "--no-discovery",
+            "--port",
+            "18099",
+            "--bpf-stats",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("running the agent under setpriv")?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    std::fs::write(logs.join("agent.log"), text.as_bytes())?;
+    ensure!(
+        out.status.code() == Some(1),
+        "expected exit 1, got {:?}:\n{text}",
+        out.status
+    );
+    ensure!(
+        text.contains("--bpf-stats") && text.contains("CAP_SYS_ADMIN"),
+        "the error should name the flag and the capability:\n{text}"
+    );
+    ensure!(!text.contains("panicked"), "{text}");
+    Ok(())
+}
