@@ -104,7 +104,12 @@ fn doctor(json: bool) -> ExitCode {
 fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)> {
     let access = Access::load(&cfg.access).context("setting up the metrics endpoint")?;
     let listener = server::bind_std(cfg.listen)?;
-    let probes = Probes::load(LoadOptions {
+    // Before loading: without CAP_SYS_ADMIN the agent stops here, having loaded nothing.
+    let run_stats = cfg
+        .bpf_stats
+        .then(servescope::probes::enable_run_stats)
+        .transpose()?;
+    let mut probes = Probes::load(LoadOptions {
         ringbuf_bytes: cfg.ringbuf_bytes,
         thread_state: cfg.thread_state,
         // Also how TorchServe workers are noticed (a traced frontend's child exec'ing).
@@ -118,9 +123,8 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // TorchServe alone a response is stamped when its write returns (probes::Need::WriteEntry).
         write_entries: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
     })?;
-    let mut probes = probes;
-    if cfg.bpf_stats {
-        probes.enable_run_stats()?;
+    if let Some(fd) = run_stats {
+        probes.keep_run_stats(fd);
         tracing::info!("BPF run-time statistics on (--bpf-stats): servescope_bpf_program_* count");
     }
     tracing::info!(

@@ -281,7 +281,7 @@ pub struct Probes {
     losses: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
     cost: LoadCost,
-    /// Held while the kernel's run-time statistics are on for us ([`Probes::enable_run_stats`]).
+    /// Held while the kernel's run-time statistics are on for us ([`enable_run_stats`]).
     run_stats: Option<std::os::fd::OwnedFd>,
 }
 
@@ -537,23 +537,13 @@ impl Probes {
             .count()
     }
 
-    /// Turns the kernel's BPF run-time statistics on for as long as these probes live
-    /// (`BPF_ENABLE_STATS`, 5.8+). The kernel counts its holders, so dropping ours never turns off
-    /// statistics that `kernel.bpf_stats_enabled` or another tool turned on. Costs two clock reads
-    /// around every program run on the whole host (~20–40 ns), so it is opt-in (`--bpf-stats`).
-    /// Needs CAP_SYS_ADMIN: call it before the capabilities are dropped.
-    pub fn enable_run_stats(&mut self) -> anyhow::Result<()> {
-        if self.run_stats.is_none() {
-            self.run_stats = Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context(
-                "enabling BPF run-time statistics (--bpf-stats; BPF_ENABLE_STATS needs Linux 5.8+ \
-                 and CAP_SYS_ADMIN)",
-            )?);
-        }
-        Ok(())
+    /// Keeps the fd of [`enable_run_stats`] for as long as these probes live.
+    pub fn keep_run_stats(&mut self, fd: std::os::fd::OwnedFd) {
+        self.run_stats = Some(fd);
     }
 
     /// Each loaded program's run count and run time so far. The kernel counts only while BPF
-    /// statistics are on ([`Probes::enable_run_stats`], or `kernel.bpf_stats_enabled`); else both
+    /// statistics are on ([`enable_run_stats`], or `kernel.bpf_stats_enabled`); else both
     /// stay 0. One `bpf(BPF_OBJ_GET_INFO_BY_FD)` per program.
     pub fn run_stats(&self) -> Vec<ProgramRuns> {
         self._ebpf
@@ -583,6 +573,19 @@ impl Probes {
             })
             .collect()
     }
+}
+
+/// Turns the kernel's BPF run-time statistics on for as long as the returned fd is open
+/// (`BPF_ENABLE_STATS`, 5.8+). The kernel counts its holders, so closing ours never turns off
+/// statistics that `kernel.bpf_stats_enabled` or another tool turned on, and a crash cannot leave
+/// them on. Costs two clock reads around every program run on the whole host (~20–40 ns), so it is
+/// opt-in (`--bpf-stats`). Needs CAP_SYS_ADMIN: ask before loading, so that a missing capability
+/// stops the agent before it has loaded anything.
+pub fn enable_run_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).context(
+        "enabling BPF run-time statistics (--bpf-stats; BPF_ENABLE_STATS needs Linux 5.8+ and \
+         CAP_SYS_ADMIN)",
+    )
 }
 
 /// One program's runs so far ([`Probes::run_stats`]).

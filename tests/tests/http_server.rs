@@ -525,5 +525,7 @@ fn bpf_stats_without_cap_sys_admin_is_a_clear_error() -> Result<()> {
         "the error should name the flag and the capability:\n{text}"
     );
     ensure!(!text.contains("panicked"), "{text}");
+    // Asked before loading: nothing was loaded and attached for nothing.
+    ensure!(!text.contains("eBPF programs loaded"), "{text}");
     Ok(())
 }
