@@ -500,10 +500,9 @@ static __always_inline void bump_fd_epoch(void)
  * of a hash lookup (a few MB of kernel memory on a node with tens of thousands of threads, freed with
  * them). The hash build keeps state for traced threads only, so that others cannot evict it.
  */
-static __always_inline struct task_state *traced_thread(__u64 id)
+static __always_inline struct task_state *traced_thread_of(struct task_state *t, __u64 id)
 {
 	__u64 gen = targets_generation();
-	struct task_state *t = state_get(0);
 	if (t && t->gen == gen)
 		return t->target ? t : NULL;
 	__u32 target = target_flags(id >> 32);
@@ -526,6 +525,18 @@ static __always_inline struct task_state *traced_thread(__u64 id)
 	return target ? t : NULL;
 }
 
+/* traced_thread_of the thread's state as stored now. */
+static __always_inline struct task_state *traced_thread(__u64 id)
+{
+	return traced_thread_of(state_get(0), id);
+}
+
+/* Whether the thread's mask says `fd` is not traced (a stale mask is reset before it is asked). */
+static __always_inline int fd_ignored(struct task_state *t, int fd)
+{
+	return fd >= 0 && fd < 64 && ((t->ignored >> (fd & 63)) & 1);
+}
+
 /* Remembers in the thread's mask that `fd` is not traced, whatever the syscall. */
 static __always_inline void remember_ignored(struct task_state *t, int fd)
 {
@@ -539,10 +550,9 @@ static __always_inline void remember_ignored(struct task_state *t, int fd)
  * Such fds are remembered per thread (`ignored`), so that the next write to them skips the `conns`
  * lookup too: in a busy JVM that hash bucket is a cache miss nearly every time.
  */
-static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
+static __always_inline int enter_data_of(struct task_state *t, __u64 id, int fd, __u64 buf, __u64 iovcnt,
+					 __u8 sys)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct task_state *t = traced_thread(id);
 	if (!t)
 		return 0;
 	t->sys = sys;
@@ -556,7 +566,7 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 		t->fd_epoch = epoch;
 		t->ignored = 0;
 	}
-	if (fd < 64 && (t->ignored >> (fd & 63)) & 1)
+	if (fd_ignored(t, fd))
 		return 0;
 	int ignored = 0;
 	struct conn_info *c = get_conn(id, fd, t->target, &ignored);
@@ -585,6 +595,24 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
 	return 0;
 }
 
+static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	return enter_data_of(traced_thread(id), id, fd, buf, iovcnt, sys);
+}
+
+/*
+ * The current task's saved user registers, which hold a syscall's arguments until it returns
+ * (bpf_task_pt_regs, 5.15+); NULL before 5.15, where the verifier prunes every use.
+ */
+static __always_inline struct pt_regs *syscall_regs(void)
+{
+	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_task_pt_regs))
+		return NULL;
+	/* The helper wants a trusted task pointer: the BTF one, not bpf_get_current_task()'s scalar. */
+	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
 /*
  * A data syscall whose sys_enter was not seen, decided at its exit from the task's saved user
  * registers, which still hold its arguments there (bpf_task_pt_regs, 5.15+):
@@ -596,15 +624,13 @@ static __always_inline int enter_data(int fd, __u64 buf, __u64 iovcnt, __u8 sys)
  *   read() on an idle keep-alive connection when the agent starts or discovery adds the process,
  *   R3). Without this the first request on each such connection would be lost.
  * The decision is enter_data's, on the thread's own state, so an untraced fd is learnt into its mask
- * here too. Returns 1 with the thread's state at CALL_DATA when the syscall is traced.
+ * here too. `t` is the thread's state as the exit found it (NULL if it has none), so that it is not
+ * looked up again. Returns 1 with the thread's state at CALL_DATA when the syscall is traced.
  */
-static __always_inline int enter_from_regs(__u8 sys)
+static __always_inline int enter_from_regs(struct task_state *t, __u64 id, __u8 sys)
 {
-	/* On older kernels the verifier prunes this branch and the entry programs stay attached. */
-	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_task_pt_regs))
-		return 0;
-	/* The helper wants a trusted task pointer: the BTF one, not bpf_get_current_task()'s scalar. */
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	/* On older kernels the verifier prunes this and the entry programs stay attached. */
+	struct pt_regs *regs = syscall_regs();
 	if (!regs)
 		return 0;
 	/* Plain loads, not BPF_CORE_READ: the helper returns a trusted BTF pointer, whose fields the
@@ -617,10 +643,10 @@ static __always_inline int enter_from_regs(__u8 sys)
 	__u64 third = (sys == SS_SYS_READV || sys == SS_SYS_WRITEV || sys == SS_SYS_WRITE || sys == SS_SYS_SENDTO)
 			      ? PT_REGS_PARM3_SYSCALL(regs)
 			      : 0;
-	enter_data(fd, buf, third, sys);
-	struct task_state *t = state_get(0);
+	t = traced_thread_of(t, id);
 	if (!t)
 		return 0;
+	enter_data_of(t, id, fd, buf, third, sys);
 	if (t->state != CALL_DATA || t->sys != sys) {
 		/* This is the exit: a CALL_SKIP left here would make the thread's next read of this
 		 * syscall look like one whose entry decided to skip it. */
@@ -637,17 +663,12 @@ static __always_inline int enter_from_regs(__u8 sys)
  * of untraced fds, under the current fd epoch: enter_data's own early skip, without its lookups of the
  * thread's state and generation, which the exit has already made.
  */
-static __always_inline int known_ignored_fd(__u64 ignored, __u64 fd_epoch)
+static __always_inline int known_ignored_fd(struct task_state *t)
 {
-	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_task_pt_regs))
+	if (!t->ignored || t->fd_epoch != current_fd_epoch())
 		return 0;
-	if (!ignored || fd_epoch != current_fd_epoch())
-		return 0;
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	if (!regs)
-		return 0;
-	int fd = (__s32)PT_REGS_PARM1_SYSCALL(regs);
-	return fd >= 0 && fd < 64 && ((ignored >> (fd & 63)) & 1);
+	struct pt_regs *regs = syscall_regs();
+	return regs && fd_ignored(t, (__s32)PT_REGS_PARM1_SYSCALL(regs));
 }
 
 /* Microseconds from `from` to `to`, saturating at the field's maximum. */
@@ -853,12 +874,14 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 					return 0;
 				/* A traced thread's call on an fd it has learnt is untraced (the JVM's log
 				 * writes, ~33 per TorchServe request): the fd is all that must be read. */
-				if (known_ignored_fd(t->ignored, t->fd_epoch))
+				if (known_ignored_fd(t))
 					return 0;
 			}
 		}
-		if (ret <= 0 || !enter_from_regs(sys))
+		if (ret <= 0 || !enter_from_regs(t, id, sys))
 			return 0;
+		/* Looked up again rather than passed back: clang then carries nothing enter_from_regs
+		 * stored into `a`, and this path shares the tail below with the other. */
 		t = state_get(0);
 		if (!t)
 			return 0;
