@@ -270,7 +270,7 @@ const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// Loaded and attached programs with the maps the agent drives. Dropping it detaches everything.
 pub struct Probes {
     /// Keeps programs and maps alive.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     /// The attachments, owned here so that dropping [`Probes`] detaches them all at once (see Drop).
     links: Vec<TracePointLink>,
     targets: HashMap<MapData, u32, u32>,
@@ -432,15 +432,10 @@ impl Probes {
         let conns = HashMap::try_from(take(&mut ebpf, "conns")?).context("map `conns`")?;
         let losses = PerCpuArray::try_from(take(&mut ebpf, "losses")?).context("map `losses`")?;
         let ring = RingBuf::try_from(take(&mut ebpf, "events")?).context("map `events`")?;
-        let mut programs: Vec<ProgramCost> = ebpf
-            .programs()
-            // Only loaded programs have kernel info; the ones these options do not need stay unloaded.
-            .filter_map(|(name, p)| {
-                let info = p.info().ok()?;
-                Some(ProgramCost {
-                    name: name.to_owned(),
-                    verified_insns: info.verified_instruction_count(),
-                })
+        let mut programs: Vec<ProgramCost> = loaded_programs(&ebpf)
+            .map(|(name, info)| ProgramCost {
+                name: name.to_owned(),
+                verified_insns: info.verified_instruction_count(),
             })
             .collect();
         programs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -453,7 +448,7 @@ impl Probes {
             "eBPF programs attached"
         );
         Ok(Probes {
-            _ebpf: ebpf,
+            ebpf,
             links,
             targets,
             targets_gen,
@@ -546,15 +541,11 @@ impl Probes {
     /// statistics are on ([`enable_run_stats`], or `kernel.bpf_stats_enabled`); else both
     /// stay 0. One `bpf(BPF_OBJ_GET_INFO_BY_FD)` per program.
     pub fn run_stats(&self) -> Vec<ProgramRuns> {
-        self._ebpf
-            .programs()
-            .filter_map(|(name, p)| {
-                let info = p.info().ok()?;
-                Some(ProgramRuns {
-                    name: name.to_owned(),
-                    runs: info.run_count(),
-                    run_time: info.run_time(),
-                })
+        loaded_programs(&self.ebpf)
+            .map(|(name, info)| ProgramRuns {
+                name: name.to_owned(),
+                runs: info.run_count(),
+                run_time: info.run_time(),
             })
             .collect()
     }
@@ -594,6 +585,13 @@ pub struct ProgramRuns {
     pub name: String,
     pub runs: u64,
     pub run_time: std::time::Duration,
+}
+
+/// The object's loaded programs with their kernel info (one `bpf(BPF_OBJ_GET_INFO_BY_FD)` each);
+/// the ones these options did not need were never loaded and have none.
+fn loaded_programs(ebpf: &Ebpf) -> impl Iterator<Item = (&str, aya::programs::ProgramInfo)> {
+    ebpf.programs()
+        .filter_map(|(name, p)| Some((name, p.info().ok()?)))
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -658,6 +656,13 @@ mod tests {
             .collect()
     }
 
+    /// Asserts that each of `names` is (`want`) or is not attached.
+    fn assert_attached(progs: &[&str], names: &[&str], want: bool) {
+        for name in names {
+            assert_eq!(progs.contains(name), want, "{name} attached: {progs:?}");
+        }
+    }
+
     fn torchserve_only(read_entries: bool) -> LoadOptions {
         LoadOptions {
             watch_listen: false,
@@ -671,41 +676,37 @@ mod tests {
     #[test]
     fn torchserve_alone_runs_one_program_per_read_and_write() {
         let progs = attached(torchserve_only(false));
-        for entry in [
+        let entries = [
             "ss_enter_read",
             "ss_enter_readv",
             "ss_enter_write",
             "ss_enter_writev",
-        ] {
-            assert!(!progs.contains(&entry), "{entry} attached: {progs:?}");
-        }
-        for needed in [
+        ];
+        assert_attached(&progs, &entries, false);
+        let exits = [
             "ss_exit_read",
             "ss_exit_write",
             "ss_exit_writev",
             "ss_exit_accept4",
-        ] {
-            assert!(progs.contains(&needed), "{needed} missing: {progs:?}");
-        }
+        ];
+        assert_attached(&progs, &exits, true);
         // recv*/send* are not TorchServe's frontend's calls (Need::SocketCalls).
-        for unneeded in ["ss_enter_sendto", "ss_exit_sendto", "ss_exit_recvfrom"] {
-            assert!(!progs.contains(&unneeded), "{unneeded} attached: {progs:?}");
-        }
+        let socket_calls = ["ss_enter_sendto", "ss_exit_sendto", "ss_exit_recvfrom"];
+        assert_attached(&progs, &socket_calls, false);
     }
 
     #[test]
     fn old_kernels_keep_every_entry_of_what_they_trace() {
         // Before 5.15 the exit cannot decide from the saved registers.
         let progs = attached(torchserve_only(true));
-        for entry in [
+        let entries = [
             "ss_enter_read",
             "ss_enter_readv",
             "ss_enter_write",
             "ss_enter_writev",
-        ] {
-            assert!(progs.contains(&entry), "{entry} missing: {progs:?}");
-        }
-        assert!(!progs.contains(&"ss_enter_sendto"), "{progs:?}");
+        ];
+        assert_attached(&progs, &entries, true);
+        assert_attached(&progs, &["ss_enter_sendto"], false);
     }
 
     #[test]
@@ -714,15 +715,13 @@ mod tests {
             read_entries: false,
             ..LoadOptions::default()
         });
-        for entry in [
+        let entries = [
             "ss_enter_write",
             "ss_enter_writev",
             "ss_enter_sendto",
             "ss_enter_sendmsg",
-        ] {
-            assert!(progs.contains(&entry), "{entry} missing: {progs:?}");
-        }
-        assert!(!progs.contains(&"ss_enter_read"), "{progs:?}");
-        assert!(!progs.contains(&"ss_enter_recvfrom"), "{progs:?}");
+        ];
+        assert_attached(&progs, &entries, true);
+        assert_attached(&progs, &["ss_enter_read", "ss_enter_recvfrom"], false);
     }
 }
