@@ -1046,6 +1046,129 @@ int ss_exit_sendfile(struct trace_event_raw_sys_exit *ctx)
 	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
 }
 
+/*
+ * Socket-level data hooks (docs/decisions.md R39; DESIGN.md decision 3 as revised there). On 6.3+
+ * `sock_send_length` and `sock_recv_length` fire inside sock_sendmsg/sock_recvmsg, on return, for
+ * socket traffic only: a log line written to a file, or any read or write of a process nobody traces,
+ * runs no program at all, where a syscall tracepoint on write runs one for every write on the host.
+ * The call is the syscall the task is in (its number and arguments are in the saved registers, as
+ * in R3), decided and recorded by exit_data as a syscall exit whose entry was not seen. Calls
+ * outside the traced set (io_uring, sendmmsg, splice, kernel-internal sends) do not match a number
+ * below and are not recorded, as with the syscall hooks. The agent attaches these programs instead
+ * of the data syscalls' (probes::DataHooks::Sockets).
+ */
+#define MSG_PEEK 2
+#define MSG_ERRQUEUE 0x2000
+
+#if defined(__TARGET_ARCH_x86)
+#define NR_READ 0
+#define NR_WRITE 1
+#define NR_READV 19
+#define NR_WRITEV 20
+#define NR_SENDFILE 40
+#define NR_SENDTO 44
+#define NR_RECVFROM 45
+#define NR_SENDMSG 46
+#define NR_RECVMSG 47
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_READ 63
+#define NR_WRITE 64
+#define NR_READV 65
+#define NR_WRITEV 66
+#define NR_SENDFILE 71
+#define NR_SENDTO 206
+#define NR_RECVFROM 207
+#define NR_SENDMSG 211
+#define NR_RECVMSG 212
+#else
+#error "syscall numbers of this architecture are missing"
+#endif
+
+/* The number of the syscall the task is in (-1 outside one), from its saved registers. */
+static __always_inline long syscall_nr(void)
+{
+	struct pt_regs *regs = syscall_regs();
+	if (!regs)
+		return -1;
+#if defined(__TARGET_ARCH_x86)
+	return regs->orig_ax;
+#else
+	return regs->syscallno;
+#endif
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(ss_sock_send, struct sock *sk, int ret, int flags)
+{
+	if (ret <= 0)
+		return 0;
+	/* One case per syscall: exit_data wants its syscall as a constant (see its tail's switch). */
+	switch (syscall_nr()) {
+	case NR_WRITE:
+		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_WRITE);
+	case NR_WRITEV:
+		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_WRITEV);
+	case NR_SENDTO:
+		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_SENDTO);
+	case NR_SENDMSG:
+		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_SENDMSG);
+	case NR_SENDFILE:
+		/* Each chunk the splice hands to the socket: one record each, no head. */
+		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
+	default:
+		return 0;
+	}
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
+{
+	/* A peek leaves the bytes to be read again; the error queue holds no stream data. */
+	if (ret <= 0 || (flags & (MSG_PEEK | MSG_ERRQUEUE)))
+		return 0;
+	switch (syscall_nr()) {
+	case NR_READ:
+		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_READ);
+	case NR_READV:
+		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_READV);
+	case NR_RECVFROM:
+		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_RECVFROM);
+	case NR_RECVMSG:
+		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_RECVMSG);
+	default:
+		return 0;
+	}
+}
+
+/*
+ * With the socket hooks, a TorchServe worker's stdout pipe (its `[METRICS]` lines, R17) has no hook
+ * of its own: the agent attaches this to libc's write() in each worker process alone (a uprobe
+ * scoped to its pid), so no other process pays anything. A worker writes ~3 lines per request. The
+ * record is made at entry, with the byte count asked for: a write to a blocking pipe writes all of it.
+ */
+SEC("uprobe")
+int BPF_KPROBE(ss_worker_write, int fd, const void *buf, __u64 count)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct task_state *t = traced_thread(id);
+	if (!t || !(t->target & SS_TARGET_WORKER) || (__s64)count <= 0)
+		return 0;
+	enter_data_of(t, id, fd, (__u64)buf, count, SS_SYS_WRITE);
+	/* Only the pipes: the worker's sockets are the socket hooks' (its own calls decide them). */
+	int pipe = t->state == CALL_DATA && t->family == SS_FAMILY_PIPE;
+	t->state = CALL_NONE;
+	if (!pipe)
+		return 0;
+	struct scratch *s = get_scratch();
+	if (!s)
+		return 0;
+	struct conn_info c = { .id = t->conn_id, .family = SS_FAMILY_PIPE };
+	fill_header(&s->ev, id, fd, &c, SS_EV_DATA, SS_DIR_EGRESS, SS_SYS_WRITE, count);
+	copy_flat(&s->ev, buf, count);
+	submit(&s->ev);
+	return 0;
+}
+
 /* accept/accept4: the returned fd starts a fresh stream, so the agent may parse it from byte 0. */
 static __always_inline int exit_accept(long ret)
 {

@@ -6,7 +6,7 @@ use clap::Parser;
 
 use crate::{
     exposition::access::AccessConfig,
-    probes::ThreadState,
+    probes::{DataHooks, ThreadState},
     sink::config::{SinkArgs, SinksConfig},
 };
 
@@ -105,6 +105,15 @@ pub struct Cli {
     #[arg(long, env = "SERVESCOPE_THREAD_STATE", value_enum, default_value_t = ThreadState::Auto)]
     pub thread_state: ThreadState,
 
+    /// Where the kernel sees the traced sockets' data: `sockets` (the sock_send_length and
+    /// sock_recv_length tracepoints, Linux 6.3+: only socket traffic runs a program, and TorchServe
+    /// workers' stdout is read by a uprobe on their libc's write), `syscalls` (tracepoints on
+    /// read/write and the other data syscalls: every such call on the host runs a program; keeps a
+    /// blocking write's start, time to first byte), or `auto` (sockets where the kernel has them,
+    /// unless --port or --pid is given).
+    #[arg(long, env = "SERVESCOPE_DATA_HOOKS", value_enum, default_value_t = DataHooks::Auto)]
+    pub data_hooks: DataHooks,
+
     /// Turn on the kernel's BPF run-time statistics while the agent runs, so that
     /// servescope_bpf_program_runs_total and servescope_bpf_program_run_seconds_total count what the
     /// agent's programs cost. The kernel then reads the clock twice around every BPF program run
@@ -150,6 +159,7 @@ pub struct Config {
     pub discovery_interval: Duration,
     pub ringbuf_bytes: u32,
     pub thread_state: ThreadState,
+    pub data_hooks: DataHooks,
     pub bpf_stats: bool,
     pub sample_interval: Duration,
     pub sinks: SinksConfig,
@@ -190,6 +200,7 @@ impl Cli {
             discovery_interval: Duration::from_millis(self.discovery_interval_ms),
             ringbuf_bytes: self.ringbuf_bytes,
             thread_state: self.thread_state,
+            data_hooks: self.data_hooks,
             bpf_stats: self.bpf_stats,
             sample_interval: Duration::from_secs(self.sample_interval_secs),
             sinks: self.sinks.resolve()?,

@@ -122,6 +122,7 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // Only a server given by --port or --pid may block in write (thread per connection): for
         // TorchServe alone a response is stamped when its write returns (probes::Need::WriteEntry).
         write_entries: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
+        data_hooks: cfg.data_hooks,
     })?;
     if let Some(fd) = run_stats {
         probes.keep_run_stats(fd);
@@ -129,6 +130,7 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
     }
     tracing::info!(
         thread_state = probes.thread_state().as_str(),
+        data_hooks = probes.data_hooks().as_str(),
         "eBPF programs loaded and attached: {}",
         probes.load_cost().summary()
     );

@@ -388,6 +388,7 @@ pub async fn discover(
                     d.rescan();
                 }
                 d.confirm_exits();
+                d.probes.retry_worker_pipes();
                 d.sample_workers();
                 d.sample_self(&registry);
                 for (reason, total) in d.probes.losses() {

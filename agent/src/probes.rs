@@ -1,14 +1,25 @@
 //! Loads the eBPF object built from `ebpf/sockets.bpf.c`, attaches its tracepoints, and owns its maps.
 
-use std::{path::Path, time::Instant};
+use std::{
+    collections::HashMap as StdHashMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::{Context, bail};
 use aya::{
-    Ebpf, EbpfLoader, include_bytes_aligned,
+    Btf, Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLink},
+    programs::{
+        BtfTracePoint, TracePoint, UProbe,
+        tp_btf::BtfTracePointLink,
+        trace_point::TracePointLink,
+        uprobe::{UProbeLink, UProbeScope},
+    },
 };
 
+use aya_obj::btf::BtfKind;
 use serde::Serialize;
 
 use crate::events::{ConnKey, LOSS_REASONS, TARGET_TRACED, TARGET_WORKER};
@@ -50,11 +61,68 @@ impl ThreadState {
     }
 }
 
+/// Where the kernel programs see the traced sockets' data (docs/decisions.md R39).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataHooks {
+    /// `sockets` where the kernel has them and no server is given by `--port`/`--pid`, else
+    /// `syscalls`.
+    #[default]
+    Auto,
+    /// Syscall tracepoints on read/write and the other data syscalls: every such call of every
+    /// process on the host runs a program, which returns at once for the untraced ones. Keeps a
+    /// blocking write's start (time to first byte) for servers given by `--port`/`--pid`.
+    Syscalls,
+    /// The `sock_send_length`/`sock_recv_length` tracepoints (Linux 6.3+), which fire for socket
+    /// traffic only, plus a uprobe on libc's `write` in each TorchServe worker for its `[METRICS]`
+    /// pipe. A response is stamped when its last write returned.
+    Sockets,
+}
+
+impl DataHooks {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataHooks::Auto => "auto",
+            DataHooks::Syscalls => "syscalls",
+            DataHooks::Sockets => "sockets",
+        }
+    }
+
+    /// What `Auto` means here: sockets when the kernel has the tracepoints and nothing needs a
+    /// write's entry (`write_entries`: a server given by `--port`/`--pid`, R10).
+    pub fn resolve(self, write_entries: bool) -> DataHooks {
+        match self {
+            DataHooks::Auto if !write_entries && socket_hooks_supported() => DataHooks::Sockets,
+            DataHooks::Auto => DataHooks::Syscalls,
+            chosen => chosen,
+        }
+    }
+}
+
+/// The socket tracepoints this kernel's BTF describes ([`DataHooks::Sockets`] needs both, and
+/// `bpf_task_pt_regs` for the call's arguments, which every 6.3 kernel has).
+const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+
+/// Whether this kernel has the tracepoints of [`DataHooks::Sockets`] (6.3+): looked up in its BTF,
+/// where each tracepoint has a `btf_trace_<name>` typedef.
+pub fn socket_hooks_supported() -> bool {
+    Btf::from_sys_fs().is_ok_and(|btf| {
+        SOCKET_TRACEPOINTS.iter().all(|tp| {
+            btf.id_by_type_name_kind(&format!("btf_trace_{tp}"), BtfKind::Typedef)
+                .is_ok()
+        })
+    })
+}
+
 /// Which programs a run needs: those of the other classes are not even loaded, so their syscalls
 /// cost nothing anywhere on the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
     Always,
+    /// The exits of read/readv/write/writev/sendfile: the data path of [`DataHooks::Syscalls`].
+    SyscallData,
+    /// The socket tracepoints: the data path of [`DataHooks::Sockets`]. Every data syscall
+    /// program (this and the classes below) is off then.
+    SocketData,
     /// recvfrom/sendto/recvmsg/sendmsg: servers found by `--port` may use them. TorchServe's frontend
     /// (Netty, JVM) reads and writes with read/readv/write/writev only, and its workers' socket
     /// reads are not needed (the kernel walks the frontend's frames), so without `--port` these
@@ -75,129 +143,159 @@ pub enum Need {
     SocketCallsWriteEntry,
 }
 
-/// (program, tracepoint category, tracepoint, when needed); every needed one must load and attach.
-pub const PROGRAMS: [(&str, &str, &str, Need); 26] = [
+/// A program's attach point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// A tracefs tracepoint: (category, name).
+    Tracepoint(&'static str, &'static str),
+    /// A BTF-typed raw tracepoint (`tp_btf`), by name.
+    Btf(&'static str),
+}
+
+/// (program, attach point, when needed); every needed one must load and attach. The uprobe of
+/// [`DataHooks::Sockets`] (`ss_worker_write`) is not here: it is attached per worker
+/// ([`Probes::add_worker`]).
+pub const PROGRAMS: [(&str, Hook, Need); 28] = [
     (
         "ss_enter_read",
-        "syscalls",
-        "sys_enter_read",
+        Hook::Tracepoint("syscalls", "sys_enter_read"),
         Need::ReadEntry,
     ),
-    ("ss_exit_read", "syscalls", "sys_exit_read", Need::Always),
+    (
+        "ss_exit_read",
+        Hook::Tracepoint("syscalls", "sys_exit_read"),
+        Need::SyscallData,
+    ),
     (
         "ss_enter_readv",
-        "syscalls",
-        "sys_enter_readv",
+        Hook::Tracepoint("syscalls", "sys_enter_readv"),
         Need::ReadEntry,
     ),
-    ("ss_exit_readv", "syscalls", "sys_exit_readv", Need::Always),
+    (
+        "ss_exit_readv",
+        Hook::Tracepoint("syscalls", "sys_exit_readv"),
+        Need::SyscallData,
+    ),
     (
         "ss_enter_recvfrom",
-        "syscalls",
-        "sys_enter_recvfrom",
+        Hook::Tracepoint("syscalls", "sys_enter_recvfrom"),
         Need::SocketCallsReadEntry,
     ),
     (
         "ss_exit_recvfrom",
-        "syscalls",
-        "sys_exit_recvfrom",
+        Hook::Tracepoint("syscalls", "sys_exit_recvfrom"),
         Need::SocketCalls,
     ),
     (
         "ss_enter_recvmsg",
-        "syscalls",
-        "sys_enter_recvmsg",
+        Hook::Tracepoint("syscalls", "sys_enter_recvmsg"),
         Need::SocketCallsReadEntry,
     ),
     (
         "ss_exit_recvmsg",
-        "syscalls",
-        "sys_exit_recvmsg",
+        Hook::Tracepoint("syscalls", "sys_exit_recvmsg"),
         Need::SocketCalls,
     ),
     (
         "ss_enter_write",
-        "syscalls",
-        "sys_enter_write",
+        Hook::Tracepoint("syscalls", "sys_enter_write"),
         Need::WriteEntry,
     ),
-    ("ss_exit_write", "syscalls", "sys_exit_write", Need::Always),
+    (
+        "ss_exit_write",
+        Hook::Tracepoint("syscalls", "sys_exit_write"),
+        Need::SyscallData,
+    ),
     (
         "ss_enter_writev",
-        "syscalls",
-        "sys_enter_writev",
+        Hook::Tracepoint("syscalls", "sys_enter_writev"),
         Need::WriteEntry,
     ),
     (
         "ss_exit_writev",
-        "syscalls",
-        "sys_exit_writev",
-        Need::Always,
+        Hook::Tracepoint("syscalls", "sys_exit_writev"),
+        Need::SyscallData,
     ),
     (
         "ss_enter_sendto",
-        "syscalls",
-        "sys_enter_sendto",
+        Hook::Tracepoint("syscalls", "sys_enter_sendto"),
         Need::SocketCallsWriteEntry,
     ),
     (
         "ss_exit_sendto",
-        "syscalls",
-        "sys_exit_sendto",
+        Hook::Tracepoint("syscalls", "sys_exit_sendto"),
         Need::SocketCalls,
     ),
     (
         "ss_enter_sendmsg",
-        "syscalls",
-        "sys_enter_sendmsg",
+        Hook::Tracepoint("syscalls", "sys_enter_sendmsg"),
         Need::SocketCallsWriteEntry,
     ),
     (
         "ss_exit_sendmsg",
-        "syscalls",
-        "sys_exit_sendmsg",
+        Hook::Tracepoint("syscalls", "sys_exit_sendmsg"),
         Need::SocketCalls,
     ),
     (
         "ss_enter_sendfile",
-        "syscalls",
-        "sys_enter_sendfile64",
+        Hook::Tracepoint("syscalls", "sys_enter_sendfile64"),
         Need::WriteEntry,
     ),
     (
         "ss_exit_sendfile",
-        "syscalls",
-        "sys_exit_sendfile64",
-        Need::Always,
+        Hook::Tracepoint("syscalls", "sys_exit_sendfile64"),
+        Need::SyscallData,
+    ),
+    (
+        "ss_sock_send",
+        Hook::Btf("sock_send_length"),
+        Need::SocketData,
+    ),
+    (
+        "ss_sock_recv",
+        Hook::Btf("sock_recv_length"),
+        Need::SocketData,
     ),
     (
         "ss_exit_accept",
-        "syscalls",
-        "sys_exit_accept",
+        Hook::Tracepoint("syscalls", "sys_exit_accept"),
         Need::Always,
     ),
     (
         "ss_exit_accept4",
-        "syscalls",
-        "sys_exit_accept4",
+        Hook::Tracepoint("syscalls", "sys_exit_accept4"),
         Need::Always,
     ),
     (
         "ss_enter_close",
-        "syscalls",
-        "sys_enter_close",
+        Hook::Tracepoint("syscalls", "sys_enter_close"),
         Need::Always,
     ),
-    ("ss_enter_dup2", "syscalls", "sys_enter_dup2", Need::Always),
-    ("ss_enter_dup3", "syscalls", "sys_enter_dup3", Need::Always),
+    (
+        "ss_enter_dup2",
+        Hook::Tracepoint("syscalls", "sys_enter_dup2"),
+        Need::Always,
+    ),
+    (
+        "ss_enter_dup3",
+        Hook::Tracepoint("syscalls", "sys_enter_dup3"),
+        Need::Always,
+    ),
     (
         "ss_enter_listen",
-        "syscalls",
-        "sys_enter_listen",
+        Hook::Tracepoint("syscalls", "sys_enter_listen"),
         Need::Listen,
     ),
-    ("ss_exec", "sched", "sched_process_exec", Need::Always),
-    ("ss_exit", "sched", "sched_process_exit", Need::Always),
+    (
+        "ss_exec",
+        Hook::Tracepoint("sched", "sched_process_exec"),
+        Need::Always,
+    ),
+    (
+        "ss_exit",
+        Hook::Tracepoint("sched", "sched_process_exit"),
+        Need::Always,
+    ),
 ];
 
 /// What to load the programs with.
@@ -224,13 +322,20 @@ pub struct LoadOptions {
     /// two (R35). Kernels before 5.15 attach them regardless ([`read_entries_needed`]): there the
     /// exit cannot decide a call from the saved registers.
     pub write_entries: bool,
+    /// Where the data is seen; `Auto` is resolved at load ([`DataHooks::resolve`] with
+    /// `write_entries`).
+    pub data_hooks: DataHooks,
 }
 
 impl LoadOptions {
     /// Whether a program of class `need` is loaded and attached.
     pub fn needs(&self, need: Need) -> bool {
+        let syscalls = self.data_hooks != DataHooks::Sockets;
         match need {
             Need::Always => true,
+            Need::SocketData => !syscalls,
+            _ if !syscalls => false,
+            Need::SyscallData => true,
             Need::SocketCalls => self.socket_calls,
             Need::Listen => self.watch_listen,
             Need::ReadEntry => self.read_entries,
@@ -253,6 +358,7 @@ impl Default for LoadOptions {
             socket_calls: true,
             read_entries: read_entries_needed(),
             write_entries: true,
+            data_hooks: DataHooks::Auto,
         }
     }
 }
@@ -272,7 +378,13 @@ pub struct Probes {
     /// Keeps programs and maps alive.
     ebpf: Ebpf,
     /// The attachments, owned here so that dropping [`Probes`] detaches them all at once (see Drop).
-    links: Vec<TracePointLink>,
+    links: Vec<Link>,
+    /// [`DataHooks::Auto`] resolved.
+    data_hooks: DataHooks,
+    /// With [`DataHooks::Sockets`]: each traced worker's uprobe on its libc's `write`.
+    worker_pipes: StdHashMap<u32, UProbeLink>,
+    /// Workers whose uprobe is still to be attached, with the attempts made.
+    pipes_pending: StdHashMap<u32, u32>,
     targets: HashMap<MapData, u32, u32>,
     /// Bumped after every change to `targets`: threads re-check their process then (sockets.bpf.c).
     targets_gen: Array<MapData, u64>,
@@ -379,6 +491,16 @@ impl Probes {
     /// [`ThreadState::Auto`] a kernel that refuses the task-storage build gets the hash-map build.
     pub fn load(opts: LoadOptions) -> anyhow::Result<Self> {
         preflight()?;
+        if opts.data_hooks == DataHooks::Sockets && !socket_hooks_supported() {
+            bail!(
+                "--data-hooks sockets needs the sock_send_length and sock_recv_length tracepoints \
+                 (Linux 6.3+), which this kernel's BTF does not have: use --data-hooks auto or syscalls"
+            );
+        }
+        let opts = LoadOptions {
+            data_hooks: opts.data_hooks.resolve(opts.write_entries),
+            ..opts
+        };
         match opts.thread_state {
             ThreadState::Auto => match Self::load_object(opts, ThreadState::TaskStorage) {
                 Ok(probes) => Ok(probes),
@@ -420,11 +542,24 @@ impl Probes {
                 "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \
                  with BTF and BPF ring buffers (5.8+), and no lockdown in confidentiality mode",
             )?;
+        let btf = match opts.data_hooks {
+            DataHooks::Sockets => Some(Btf::from_sys_fs().context("reading the kernel's BTF")?),
+            _ => None,
+        };
         let mut links = Vec::with_capacity(PROGRAMS.len());
-        for (prog, category, tracepoint, need) in PROGRAMS {
+        for (prog, hook, need) in PROGRAMS {
             if opts.needs(need) {
-                links.push(attach(&mut ebpf, prog, category, tracepoint)?);
+                links.push(attach(&mut ebpf, prog, hook, btf.as_ref())?);
             }
+        }
+        if opts.data_hooks == DataHooks::Sockets {
+            // Loaded now, so that a rejection stops the agent at start; attached per worker.
+            let p: &mut UProbe = program(&mut ebpf, WORKER_WRITE)?
+                .try_into()
+                .with_context(|| format!("program `{WORKER_WRITE}` is not a uprobe"))?;
+            p.load().with_context(|| {
+                format!("the kernel rejected program `{WORKER_WRITE}` (verifier or permissions)")
+            })?;
         }
         let targets = HashMap::try_from(take(&mut ebpf, "targets")?).context("map `targets`")?;
         let targets_gen =
@@ -445,11 +580,15 @@ impl Probes {
         };
         tracing::debug!(
             thread_state = thread_state.as_str(),
+            data_hooks = opts.data_hooks.as_str(),
             "eBPF programs attached"
         );
         Ok(Probes {
             ebpf,
             links,
+            data_hooks: opts.data_hooks,
+            worker_pipes: StdHashMap::new(),
+            pipes_pending: StdHashMap::new(),
             targets,
             targets_gen,
             thread_state,
@@ -464,6 +603,11 @@ impl Probes {
     /// What loading these programs cost ([`LoadCost`]).
     pub fn load_cost(&self) -> &LoadCost {
         &self.cost
+    }
+
+    /// Where the loaded programs see the data ([`DataHooks::Auto`] resolved).
+    pub fn data_hooks(&self) -> DataHooks {
+        self.data_hooks
     }
 
     /// Where the loaded programs keep per-thread state ([`ThreadState::Auto`] resolved).
@@ -498,11 +642,84 @@ impl Probes {
         self.targets
             .insert(tgid, TARGET_TRACED | TARGET_WORKER, 0)
             .with_context(|| format!("adding worker pid {tgid} to the kernel's target map"))?;
-        self.bump_targets_gen()
+        self.bump_targets_gen()?;
+        if self.data_hooks == DataHooks::Sockets && !self.worker_pipes.contains_key(&tgid) {
+            self.pipes_pending.insert(tgid, 0);
+            self.retry_worker_pipes();
+        }
+        Ok(())
+    }
+
+    /// Attaches the uprobe of each worker whose earlier attempt failed ([`Probes::add_worker`]),
+    /// for up to [`PIPE_ATTEMPTS`] calls (the agent's housekeeping makes one a second). A worker
+    /// found right after its exec may not have mapped its libc yet. One that never gets the uprobe
+    /// is still traced: only its `[METRICS]` lines (HandlerTime, PredictionTime) are missed, which
+    /// the last failure says.
+    pub fn retry_worker_pipes(&mut self) {
+        let pending: Vec<(u32, u32)> = self.pipes_pending.iter().map(|(&p, &n)| (p, n)).collect();
+        for (tgid, tries) in pending {
+            match self.attach_worker_pipe(tgid) {
+                Ok(link) => {
+                    self.pipes_pending.remove(&tgid);
+                    self.worker_pipes.insert(tgid, link);
+                    tracing::debug!(pid = tgid, "worker stdout uprobe attached");
+                }
+                Err(e)
+                    if tries + 1 >= PIPE_ATTEMPTS
+                        || !Path::new(&format!("/proc/{tgid}")).exists() =>
+                {
+                    self.pipes_pending.remove(&tgid);
+                    tracing::warn!(
+                        pid = tgid,
+                        error = format!("{e:#}"),
+                        "cannot see this worker's stdout: its HandlerTime and PredictionTime are \
+                         not reported"
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        pid = tgid,
+                        error = format!("{e:#}"),
+                        "worker stdout uprobe: retrying"
+                    );
+                    self.pipes_pending.insert(tgid, tries + 1);
+                }
+            }
+        }
+    }
+
+    /// Workers whose stdout uprobe is attached (tests and diagnostics).
+    pub fn worker_pipes(&self) -> usize {
+        self.worker_pipes.len()
+    }
+
+    /// Attaches `ss_worker_write` to `write` in the libc that worker `tgid` has mapped, for that
+    /// process alone (the uprobe's breakpoint is set in no other process).
+    fn attach_worker_pipe(&mut self, tgid: u32) -> anyhow::Result<UProbeLink> {
+        let pid = NonZeroU32::new(tgid).context("pid 0")?;
+        let maps = std::fs::read_to_string(format!("/proc/{tgid}/maps"))
+            .with_context(|| format!("reading /proc/{tgid}/maps"))?;
+        let libc = libc_in_maps(&maps).with_context(|| {
+            format!("no C library (libc.so, ld-musl) in /proc/{tgid}/maps: a static binary")
+        })?;
+        // Through the process's root: in a container the path is the container's.
+        let path =
+            Path::new(&format!("/proc/{tgid}/root")).join(libc.strip_prefix("/").unwrap_or(&libc));
+        let p: &mut UProbe = program(&mut self.ebpf, WORKER_WRITE)?
+            .try_into()
+            .with_context(|| format!("program `{WORKER_WRITE}` is not a uprobe"))?;
+        let id = p
+            .attach("write", &path, UProbeScope::OneProcess(pid))
+            .with_context(|| format!("attaching to write() in {}", path.display()))?;
+        p.take_link(id)
+            .with_context(|| format!("taking the link of `{WORKER_WRITE}`"))
     }
 
     /// Stops tracing `tgid` and frees its connections' kernel state.
     pub fn remove_target(&mut self, tgid: u32) -> anyhow::Result<()> {
+        // Detaches its uprobe, if it is a worker.
+        self.worker_pipes.remove(&tgid);
+        self.pipes_pending.remove(&tgid);
         match self.targets.remove(&tgid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => {
@@ -599,25 +816,69 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
         .with_context(|| format!("the eBPF object has no map `{name}` (build mismatch)"))
 }
 
-fn attach(
-    ebpf: &mut Ebpf,
-    prog: &str,
-    category: &str,
-    tracepoint: &str,
-) -> anyhow::Result<TracePointLink> {
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("the eBPF object has no program `{prog}` (build mismatch)"))?
-        .try_into()
-        .with_context(|| format!("program `{prog}` is not a tracepoint"))?;
-    p.load().with_context(|| {
-        format!("the kernel rejected program `{prog}` (verifier or permissions)")
-    })?;
-    let id = p
-        .attach(category, tracepoint)
-        .with_context(|| format!("attaching `{prog}` to tracepoint {category}:{tracepoint}"))?;
-    p.take_link(id)
-        .with_context(|| format!("taking the link of `{prog}`"))
+/// The uprobe of [`DataHooks::Sockets`] on a worker's `write`.
+const WORKER_WRITE: &str = "ss_worker_write";
+
+/// Attempts at a worker's uprobe ([`Probes::retry_worker_pipes`]).
+const PIPE_ATTEMPTS: u32 = 10;
+
+/// One attachment of [`PROGRAMS`]; dropping it detaches.
+enum Link {
+    Tracepoint(#[expect(dead_code, reason = "held for its Drop, which detaches")] TracePointLink),
+    Btf(#[expect(dead_code, reason = "held for its Drop, which detaches")] BtfTracePointLink),
+    Uprobe(#[expect(dead_code, reason = "held for its Drop, which detaches")] UProbeLink),
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(prog)
+        .with_context(|| format!("the eBPF object has no program `{prog}` (build mismatch)"))
+}
+
+fn attach(ebpf: &mut Ebpf, prog: &str, hook: Hook, btf: Option<&Btf>) -> anyhow::Result<Link> {
+    let rejected = || format!("the kernel rejected program `{prog}` (verifier or permissions)");
+    match hook {
+        Hook::Tracepoint(category, tracepoint) => {
+            let p: &mut TracePoint = program(ebpf, prog)?
+                .try_into()
+                .with_context(|| format!("program `{prog}` is not a tracepoint"))?;
+            p.load().with_context(rejected)?;
+            let id = p.attach(category, tracepoint).with_context(|| {
+                format!("attaching `{prog}` to tracepoint {category}:{tracepoint}")
+            })?;
+            Ok(Link::Tracepoint(
+                p.take_link(id)
+                    .with_context(|| format!("taking the link of `{prog}`"))?,
+            ))
+        }
+        Hook::Btf(tracepoint) => {
+            let btf = btf.context("no BTF to load a tp_btf program with")?;
+            let p: &mut BtfTracePoint = program(ebpf, prog)?
+                .try_into()
+                .with_context(|| format!("program `{prog}` is not a tp_btf program"))?;
+            p.load(tracepoint, btf).with_context(rejected)?;
+            let id = p
+                .attach()
+                .with_context(|| format!("attaching `{prog}` to tp_btf/{tracepoint}"))?;
+            Ok(Link::Btf(
+                p.take_link(id)
+                    .with_context(|| format!("taking the link of `{prog}`"))?,
+            ))
+        }
+    }
+}
+
+/// The C library mapped in a `/proc/<pid>/maps` text: glibc's `libc.so.6` (or an old
+/// `libc-2.x.so`), or musl's `ld-musl-<arch>.so.1`, which holds its `write`.
+fn libc_in_maps(maps: &str) -> Option<PathBuf> {
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            let name = path.rsplit('/').next().unwrap_or(path);
+            name.starts_with("libc.so")
+                || (name.starts_with("libc-") && name.ends_with(".so"))
+                || name.starts_with("ld-musl-")
+        })
+        .map(PathBuf::from)
 }
 
 impl Drop for Probes {
@@ -626,7 +887,12 @@ impl Drop for Probes {
     /// for 1.5 s idle and 11–17 s under load. Concurrent waiters share grace periods.
     fn drop(&mut self) {
         let started = std::time::Instant::now();
-        let links = std::mem::take(&mut self.links);
+        let mut links = std::mem::take(&mut self.links);
+        links.extend(
+            self.worker_pipes
+                .drain()
+                .map(|(_, link)| Link::Uprobe(link)),
+        );
         let n = links.len();
         std::thread::scope(|scope| {
             for link in links {
@@ -651,7 +917,7 @@ mod tests {
     fn attached(opts: LoadOptions) -> Vec<&'static str> {
         PROGRAMS
             .iter()
-            .filter(|(_, _, _, need)| opts.needs(*need))
+            .filter(|(_, _, need)| opts.needs(*need))
             .map(|(prog, ..)| *prog)
             .collect()
     }
@@ -693,6 +959,85 @@ mod tests {
         // recv*/send* are not TorchServe's frontend's calls (Need::SocketCalls).
         let socket_calls = ["ss_enter_sendto", "ss_exit_sendto", "ss_exit_recvfrom"];
         assert_attached(&progs, &socket_calls, false);
+    }
+
+    #[test]
+    fn socket_hooks_replace_every_data_syscall_program() {
+        for write_entries in [false, true] {
+            let progs = attached(LoadOptions {
+                write_entries,
+                read_entries: false,
+                data_hooks: DataHooks::Sockets,
+                ..LoadOptions::default()
+            });
+            let data_syscalls: Vec<&str> = PROGRAMS
+                .iter()
+                .filter(|(name, ..)| {
+                    ["read", "write", "recv", "send"]
+                        .iter()
+                        .any(|call| name.contains(call))
+                })
+                .map(|(name, ..)| *name)
+                .filter(|name| !name.starts_with("ss_sock_"))
+                .collect();
+            assert!(data_syscalls.len() >= 18, "{data_syscalls:?}");
+            assert_attached(&progs, &data_syscalls, false);
+            assert_attached(&progs, &["ss_sock_send", "ss_sock_recv"], true);
+            // The connection life cycle and discovery keep their hooks.
+            let rest = [
+                "ss_exit_accept4",
+                "ss_enter_close",
+                "ss_enter_dup2",
+                "ss_exec",
+            ];
+            assert_attached(&progs, &rest, true);
+        }
+        // And the syscall build attaches none of the socket hooks.
+        let progs = attached(torchserve_only(false));
+        assert_attached(&progs, &["ss_sock_send", "ss_sock_recv"], false);
+    }
+
+    #[test]
+    fn auto_keeps_syscalls_where_a_write_entry_is_needed() {
+        // A server given by --port may block in write: its time to first byte needs the entry.
+        assert_eq!(DataHooks::Auto.resolve(true), DataHooks::Syscalls);
+        assert_eq!(DataHooks::Syscalls.resolve(false), DataHooks::Syscalls);
+        assert_eq!(DataHooks::Sockets.resolve(true), DataHooks::Sockets);
+        // This kernel (6.18) has the tracepoints.
+        assert!(socket_hooks_supported());
+        assert_eq!(DataHooks::Auto.resolve(false), DataHooks::Sockets);
+    }
+
+    #[test]
+    fn the_c_library_is_found_in_a_process_map() {
+        let glibc = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:00 1 /usr/bin/python3.11
+7f9df4000000-7f9df40c5000 r--p 00000000 fe:00 326305 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f9df4c1e000-7f9df4c44000 r--p 00000000 fe:00 326279 /usr/lib/x86_64-linux-gnu/libc.so.6
+7ffd1000-7ffd2000 rw-p 00000000 00:00 0 [stack]
+";
+        assert_eq!(
+            libc_in_maps(glibc),
+            Some(PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"))
+        );
+        let old = "7f00-7f01 r-xp 00000000 08:01 2 /lib/x86_64-linux-gnu/libc-2.31.so\n";
+        assert_eq!(
+            libc_in_maps(old),
+            Some(PathBuf::from("/lib/x86_64-linux-gnu/libc-2.31.so"))
+        );
+        let musl = "7f00-7f01 r-xp 00000000 08:01 2 /lib/ld-musl-x86_64.so.1\n";
+        assert_eq!(
+            libc_in_maps(musl),
+            Some(PathBuf::from("/lib/ld-musl-x86_64.so.1"))
+        );
+        // A static binary, and names that only look alike.
+        let none = "\
+00400000-00401000 r-xp 00000000 08:01 3 /usr/local/bin/static-python
+7f00-7f01 r-xp 00000000 08:01 4 /usr/lib/libcapstone.so.4
+7f00-7f01 r-xp 00000000 08:01 5 /opt/lib/libc++.so.1
+";
+        assert_eq!(libc_in_maps(none), None);
+        assert_eq!(libc_in_maps(""), None);
     }
 
     #[test]
