@@ -188,7 +188,8 @@ const RECOMMENDED: [(u32, &str, &str); 2] = [
     (
         21,
         "CAP_SYS_ADMIN",
-        "label TorchServe in other UTS namespaces (pods) with their own hostnames",
+        "label TorchServe in other UTS namespaces (pods) with their own hostnames, and attach the \
+         TorchServe workers' uprobes of the socket data hooks",
     ),
 ];
 
@@ -207,6 +208,7 @@ pub fn run(
         bpffs(env),
         capabilities(env),
         lockdown(env),
+        data_hooks(env),
     ];
     // Loading needs BTF and tracefs; without them the dry run would only repeat those failures.
     let prereqs_ok = checks
@@ -297,6 +299,41 @@ fn nvml(open: impl FnOnce() -> Result<Box<dyn GpuSource>, GpuError>) -> Check {
             format!("library found, but listing devices failed: {e}"),
             "check the driver with nvidia-smi",
         ),
+    }
+}
+
+/// Where the agent will see TorchServe's data (probes::DataHooks): a warning where it must use the
+/// syscall tracepoints, which cost every process on the host something.
+fn data_hooks(env: &Env) -> Check {
+    const NAME: &str = "data hooks";
+    if !crate::probes::socket_hooks_in(&env.btf) {
+        return Check::warn(
+            NAME,
+            "syscalls: this kernel has no sock_send_length/sock_recv_length tracepoints, so every \
+             read and write of every process on the host runs a program (that returns at once for \
+             the untraced ones)",
+            "Linux 6.3 or newer has them (docs/decisions.md R39)",
+        );
+    }
+    let status = fs::read_to_string(&env.self_status).unwrap_or_default();
+    let sys_admin = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|eff| eff & (1 << 21) != 0);
+    if sys_admin {
+        Check::ok(
+            NAME,
+            "sockets: only socket traffic runs a program (sock_send_length/sock_recv_length), \
+             and a uprobe on each TorchServe worker's libc write (with --port/--pid: syscalls)",
+        )
+    } else {
+        Check::warn(
+            NAME,
+            "syscalls: the kernel has the socket tracepoints, but without CAP_SYS_ADMIN the \
+             TorchServe workers' uprobes cannot be attached",
+            "grant CAP_SYS_ADMIN (the DaemonSet and the systemd unit in deploy/ do)",
+        )
     }
 }
 
@@ -524,7 +561,12 @@ mod tests {
         fs::create_dir_all(tracing.join("events/syscalls")).expect("mkdir");
         Env {
             osrelease: w("osrelease", "6.18.44-generic\n"),
-            btf: w("btf/vmlinux", "btf"),
+            btf: {
+                let path = root.join("btf/vmlinux");
+                fs::create_dir_all(root.join("btf")).expect("mkdir");
+                fs::write(&path, btf_with_typedefs(&SOCKET_TYPEDEFS)).expect("write");
+                path
+            },
             tracefs: vec![tracing],
             bpffs: "/sys/fs/bpf".into(),
             mounts: w("mounts", "bpf /sys/fs/bpf bpf rw 0 0\n"),
@@ -532,6 +574,65 @@ mod tests {
             self_status: w("status", "Name:\tservescope\nCapEff:\t000001ffffffffff\n"),
             proc: root.join("proc"),
         }
+    }
+
+    const SOCKET_TYPEDEFS: [&str; 2] = ["btf_trace_sock_send_length", "btf_trace_sock_recv_length"];
+
+    /// A minimal little-endian BTF blob: one typedef of `void` per name (linux/btf.h layout).
+    fn btf_with_typedefs(names: &[&str]) -> Vec<u8> {
+        let mut strings = vec![0u8];
+        let mut types = Vec::new();
+        for name in names {
+            let off = u32::try_from(strings.len()).expect("small");
+            strings.extend_from_slice(name.as_bytes());
+            strings.push(0);
+            types.extend_from_slice(&off.to_le_bytes()); // name_off
+            types.extend_from_slice(&(8u32 << 24).to_le_bytes()); // info: BTF_KIND_TYPEDEF
+            types.extend_from_slice(&0u32.to_le_bytes()); // type: void
+        }
+        let len = |v: &Vec<u8>| u32::try_from(v.len()).expect("small");
+        let mut out = Vec::new();
+        out.extend_from_slice(&0xeb9fu16.to_le_bytes()); // magic
+        out.extend_from_slice(&[1, 0]); // version, flags
+        out.extend_from_slice(&24u32.to_le_bytes()); // hdr_len
+        out.extend_from_slice(&0u32.to_le_bytes()); // type_off
+        out.extend_from_slice(&len(&types).to_le_bytes());
+        out.extend_from_slice(&len(&types).to_le_bytes()); // str_off
+        out.extend_from_slice(&len(&strings).to_le_bytes());
+        out.extend(types);
+        out.extend(strings);
+        out
+    }
+
+    #[test]
+    fn data_hooks_follow_the_kernel_and_cap_sys_admin() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut env = good_env(d.path());
+        let r = run(&env, || Ok(LoadCost::default()), one_gpu);
+        assert!(
+            check(&r, "data hooks").detail.starts_with("sockets"),
+            "{}",
+            r.to_text()
+        );
+        // A kernel before 6.3: no socket tracepoints in its BTF.
+        fs::write(&env.btf, btf_with_typedefs(&["btf_trace_sys_enter"])).expect("write");
+        let r = run(&env, || Ok(LoadCost::default()), one_gpu);
+        let c = check(&r, "data hooks");
+        assert_eq!(c.status, Status::Warn, "{}", r.to_text());
+        assert!(c.detail.starts_with("syscalls") && c.fix.as_deref().unwrap_or("").contains("6.3"));
+        assert_eq!(r.exit_code(), 0, "a warning, not a failure");
+        // The tracepoints, but no CAP_SYS_ADMIN (bit 21) for the workers' uprobes.
+        fs::write(&env.btf, btf_with_typedefs(&SOCKET_TYPEDEFS)).expect("write");
+        env.self_status = d.path().join("status-no-admin");
+        fs::write(&env.self_status, "CapEff:\t000001ffffdfffff\n").expect("write");
+        let r = run(&env, || Ok(LoadCost::default()), one_gpu);
+        let c = check(&r, "data hooks");
+        assert_eq!(c.status, Status::Warn, "{}", r.to_text());
+        assert!(
+            c.fix.as_deref().unwrap_or("").contains("CAP_SYS_ADMIN"),
+            "{}",
+            r.to_text()
+        );
     }
 
     fn check<'a>(r: &'a Report, name: &str) -> &'a Check {

@@ -81,8 +81,18 @@ fn doctor(json: bool) -> ExitCode {
     let report = servescope::doctor::run(
         &servescope::doctor::Env::default(),
         || {
-            Probes::load(servescope::probes::LoadOptions::default())
-                .map(|probes| probes.load_cost().clone())
+            let mut cost = Probes::load(LoadOptions::default())?.load_cost().clone();
+            // The default options attach the syscall hooks (every program a `--port` run may
+            // use); the socket hooks that TorchServe runs get are loaded on their own after.
+            if servescope::probes::socket_hooks_supported() {
+                let sockets = Probes::load(LoadOptions {
+                    data_hooks: servescope::probes::DataHooks::Sockets,
+                    write_entries: false,
+                    ..LoadOptions::default()
+                })?;
+                cost.merge(sockets.load_cost());
+            }
+            Ok(cost)
         },
         sampler::nvml::open_nvml,
     );
@@ -123,6 +133,7 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         // TorchServe alone a response is stamped when its write returns (probes::Need::WriteEntry).
         write_entries: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
         data_hooks: cfg.data_hooks,
+        worker_uprobes: servescope::probes::may_attach_uprobes(),
     })?;
     if let Some(fd) = run_stats {
         probes.keep_run_stats(fd);

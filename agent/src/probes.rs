@@ -87,11 +87,14 @@ impl DataHooks {
         }
     }
 
-    /// What `Auto` means here: sockets when the kernel has the tracepoints and nothing needs a
-    /// write's entry (`write_entries`: a server given by `--port`/`--pid`, R10).
-    pub fn resolve(self, write_entries: bool) -> DataHooks {
+    /// What `Auto` means here: sockets when the kernel has the tracepoints, nothing needs a
+    /// write's entry (`write_entries`: a server given by `--port`/`--pid`, R10) and the agent can
+    /// attach the TorchServe workers' uprobes (`worker_uprobes`, [`may_attach_uprobes`]).
+    pub fn resolve(self, write_entries: bool, worker_uprobes: bool) -> DataHooks {
         match self {
-            DataHooks::Auto if !write_entries && socket_hooks_supported() => DataHooks::Sockets,
+            DataHooks::Auto if !write_entries && worker_uprobes && socket_hooks_supported() => {
+                DataHooks::Sockets
+            }
             DataHooks::Auto => DataHooks::Syscalls,
             chosen => chosen,
         }
@@ -102,10 +105,28 @@ impl DataHooks {
 /// `bpf_task_pt_regs` for the call's arguments, which every 6.3 kernel has).
 const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 
+/// Whether the agent will be able to attach a uprobe after load, as [`DataHooks::Sockets`] does for
+/// each TorchServe worker: the kernel asks for CAP_SYS_ADMIN there (CAP_PERFMON no longer suffices
+/// since "perf: Require CAP_SYS_ADMIN for uprobes", 2025, backported to stable kernels), and the
+/// agent keeps that capability after load when it was granted (privileges.rs).
+pub fn may_attach_uprobes() -> bool {
+    caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_ADMIN,
+    )
+    .unwrap_or(false)
+}
+
 /// Whether this kernel has the tracepoints of [`DataHooks::Sockets`] (6.3+): looked up in its BTF,
 /// where each tracepoint has a `btf_trace_<name>` typedef.
 pub fn socket_hooks_supported() -> bool {
-    Btf::from_sys_fs().is_ok_and(|btf| {
+    socket_hooks_in(Path::new(BTF_PATH))
+}
+
+/// [`socket_hooks_supported`] of the kernel whose BTF is at `btf` (the doctor's fixtures).
+pub fn socket_hooks_in(btf: &Path) -> bool {
+    Btf::parse_file(btf, aya::Endianness::default()).is_ok_and(|btf| {
         SOCKET_TRACEPOINTS.iter().all(|tp| {
             btf.id_by_type_name_kind(&format!("btf_trace_{tp}"), BtfKind::Typedef)
                 .is_ok()
@@ -323,8 +344,10 @@ pub struct LoadOptions {
     /// exit cannot decide a call from the saved registers.
     pub write_entries: bool,
     /// Where the data is seen; `Auto` is resolved at load ([`DataHooks::resolve`] with
-    /// `write_entries`).
+    /// `write_entries` and `worker_uprobes`).
     pub data_hooks: DataHooks,
+    /// The agent can attach uprobes after load ([`may_attach_uprobes`]).
+    pub worker_uprobes: bool,
 }
 
 impl LoadOptions {
@@ -359,6 +382,7 @@ impl Default for LoadOptions {
             read_entries: read_entries_needed(),
             write_entries: true,
             data_hooks: DataHooks::Auto,
+            worker_uprobes: true,
         }
     }
 }
@@ -436,6 +460,17 @@ impl LoadCost {
             .max_by_key(|&(_, n)| n)
     }
 
+    /// Adds the programs of another load that this one did not have, and its time.
+    pub fn merge(&mut self, other: &LoadCost) {
+        for p in &other.programs {
+            if !self.programs.iter().any(|q| q.name == p.name) {
+                self.programs.push(p.clone());
+            }
+        }
+        self.programs.sort_by(|a, b| a.name.cmp(&b.name));
+        self.took_ms += other.took_ms;
+    }
+
     /// One line for logs and `servescope doctor`.
     pub fn summary(&self) -> String {
         match self.costliest() {
@@ -497,8 +532,16 @@ impl Probes {
                  (Linux 6.3+), which this kernel's BTF does not have: use --data-hooks auto or syscalls"
             );
         }
+        if opts.data_hooks == DataHooks::Sockets && !opts.worker_uprobes {
+            tracing::warn!(
+                "--data-hooks sockets without CAP_SYS_ADMIN: TorchServe workers' stdout uprobes \
+                 cannot be attached, so HandlerTime and PredictionTime are not reported"
+            );
+        }
         let opts = LoadOptions {
-            data_hooks: opts.data_hooks.resolve(opts.write_entries),
+            data_hooks: opts
+                .data_hooks
+                .resolve(opts.write_entries, opts.worker_uprobes),
             ..opts
         };
         match opts.thread_state {
@@ -644,46 +687,47 @@ impl Probes {
             .with_context(|| format!("adding worker pid {tgid} to the kernel's target map"))?;
         self.bump_targets_gen()?;
         if self.data_hooks == DataHooks::Sockets && !self.worker_pipes.contains_key(&tgid) {
-            self.pipes_pending.insert(tgid, 0);
-            self.retry_worker_pipes();
+            self.try_worker_pipe(tgid, 0);
         }
         Ok(())
     }
 
-    /// Attaches the uprobe of each worker whose earlier attempt failed ([`Probes::add_worker`]),
-    /// for up to [`PIPE_ATTEMPTS`] calls (the agent's housekeeping makes one a second). A worker
-    /// found right after its exec may not have mapped its libc yet. One that never gets the uprobe
-    /// is still traced: only its `[METRICS]` lines (HandlerTime, PredictionTime) are missed, which
-    /// the last failure says.
+    /// Attaches the uprobe of each worker whose earlier attempt failed ([`Probes::add_worker`]);
+    /// the agent's housekeeping calls this once a second. A worker found right after its exec may
+    /// not have mapped its libc yet.
     pub fn retry_worker_pipes(&mut self) {
-        let pending: Vec<(u32, u32)> = self.pipes_pending.iter().map(|(&p, &n)| (p, n)).collect();
+        let pending: Vec<(u32, u32)> = self.pipes_pending.drain().collect();
         for (tgid, tries) in pending {
-            match self.attach_worker_pipe(tgid) {
-                Ok(link) => {
-                    self.pipes_pending.remove(&tgid);
-                    self.worker_pipes.insert(tgid, link);
-                    tracing::debug!(pid = tgid, "worker stdout uprobe attached");
-                }
-                Err(e)
-                    if tries + 1 >= PIPE_ATTEMPTS
-                        || !Path::new(&format!("/proc/{tgid}")).exists() =>
-                {
-                    self.pipes_pending.remove(&tgid);
-                    tracing::warn!(
-                        pid = tgid,
-                        error = format!("{e:#}"),
-                        "cannot see this worker's stdout: its HandlerTime and PredictionTime are \
-                         not reported"
-                    );
-                }
-                Err(e) => {
-                    tracing::debug!(
-                        pid = tgid,
-                        error = format!("{e:#}"),
-                        "worker stdout uprobe: retrying"
-                    );
-                    self.pipes_pending.insert(tgid, tries + 1);
-                }
+            self.try_worker_pipe(tgid, tries);
+        }
+    }
+
+    /// One attempt at worker `tgid`'s uprobe, after `tries` failed ones. After [`PIPE_ATTEMPTS`],
+    /// or once the process is gone, it gives up: the worker is still traced, only its `[METRICS]`
+    /// lines (HandlerTime, PredictionTime) are missed, which the warning says.
+    fn try_worker_pipe(&mut self, tgid: u32, tries: u32) {
+        match self.attach_worker_pipe(tgid) {
+            Ok(link) => {
+                self.worker_pipes.insert(tgid, link);
+                tracing::debug!(pid = tgid, "worker stdout uprobe attached");
+            }
+            Err(e)
+                if tries + 1 >= PIPE_ATTEMPTS || !Path::new(&format!("/proc/{tgid}")).exists() =>
+            {
+                tracing::warn!(
+                    pid = tgid,
+                    error = format!("{e:#}"),
+                    "cannot see this worker's stdout: its HandlerTime and PredictionTime are \
+                     not reported"
+                );
+            }
+            Err(e) => {
+                tracing::debug!(
+                    pid = tgid,
+                    error = format!("{e:#}"),
+                    "worker stdout uprobe: retrying"
+                );
+                self.pipes_pending.insert(tgid, tries + 1);
             }
         }
     }
@@ -1000,12 +1044,17 @@ mod tests {
     #[test]
     fn auto_keeps_syscalls_where_a_write_entry_is_needed() {
         // A server given by --port may block in write: its time to first byte needs the entry.
-        assert_eq!(DataHooks::Auto.resolve(true), DataHooks::Syscalls);
-        assert_eq!(DataHooks::Syscalls.resolve(false), DataHooks::Syscalls);
-        assert_eq!(DataHooks::Sockets.resolve(true), DataHooks::Sockets);
+        assert_eq!(DataHooks::Auto.resolve(true, true), DataHooks::Syscalls);
+        // Without CAP_SYS_ADMIN the workers' uprobes cannot be attached after load.
+        assert_eq!(DataHooks::Auto.resolve(false, false), DataHooks::Syscalls);
+        assert_eq!(
+            DataHooks::Syscalls.resolve(false, true),
+            DataHooks::Syscalls
+        );
+        assert_eq!(DataHooks::Sockets.resolve(true, false), DataHooks::Sockets);
         // This kernel (6.18) has the tracepoints.
         assert!(socket_hooks_supported());
-        assert_eq!(DataHooks::Auto.resolve(false), DataHooks::Sockets);
+        assert_eq!(DataHooks::Auto.resolve(false, true), DataHooks::Sockets);
     }
 
     #[test]

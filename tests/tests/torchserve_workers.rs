@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    os::unix::fs::PermissionsExt,
     path::PathBuf,
     thread,
     time::Duration,
@@ -194,16 +195,60 @@ fn check_queue_latency(agent: &Metrics, ts: &Metrics, model: &str, fit: Fit) -> 
     Ok(())
 }
 
+/// On this kernel (6.18) the agent sees TorchServe through the socket tracepoints, and the workers'
+/// `[METRICS]` lines through a uprobe on each worker's libc `write` (docs/decisions.md R39). Workers
+/// started after load (scale-up, the restarted one) get theirs after the agent dropped the
+/// capabilities only loading needed.
 #[test]
 fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<()> {
-    let (logs, home) = prepare("workers_are_mapped_batched_and_timed_through_scaling_and_restart")?;
+    workers_through_scaling_and_restart(
+        "workers_are_mapped_batched_and_timed_through_scaling_and_restart",
+        None,
+        "sockets",
+    )
+}
+
+/// Without CAP_SYS_ADMIN the kernel refuses uprobes, so `auto` takes the syscall tracepoints (which
+/// kernels before 6.3 use too): there the workers' pipes are seen by the write syscall's programs.
+#[test]
+fn workers_are_mapped_batched_and_timed_with_the_syscall_hooks() -> Result<()> {
+    workers_through_scaling_and_restart(
+        "workers_are_mapped_batched_and_timed_with_the_syscall_hooks",
+        Some(CAPS_WITHOUT_SYS_ADMIN),
+        "syscalls",
+    )
+}
+
+/// The deployments' capabilities (deploy/) less CAP_SYS_ADMIN, as setpriv names them.
+const CAPS_WITHOUT_SYS_ADMIN: &str = "+bpf,+perfmon,+sys_ptrace,+dac_read_search,+dac_override";
+
+/// Runs the agent (`auto` data hooks) as root, or with only `caps`.
+fn workers_through_scaling_and_restart(name: &str, caps: Option<&str>, loaded: &str) -> Result<()> {
+    let (logs, home) = prepare(name)?;
     let ts = home.start(&logs)?;
-    let agent = Agent::start(
-        &logs,
-        loopback(AGENT_LISTEN),
-        &["--discovery-interval-ms", "200"],
-    )?;
+    let args = ["--discovery-interval-ms", "200"];
+    let agent = match caps {
+        None => Agent::start(&logs, loopback(AGENT_LISTEN), &args)?,
+        Some(caps) => {
+            let wrapper = logs.join("capabilities.sh");
+            fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh\nexec setpriv --inh-caps=-all --bounding-set=-all,{caps} -- '{}' \"$@\"\n",
+                    Agent::binary()?.display()
+                ),
+            )?;
+            fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
+            Agent::start_binary(&wrapper, &logs, loopback(AGENT_LISTEN), &args)?
+        }
+    };
     agent.wait_ready(READY_TIMEOUT)?;
+    let want = format!("data_hooks=\"{loaded}\"");
+    ensure!(
+        agent.log_tail().contains(&want),
+        "the agent should say it loaded the {loaded} data hooks ({want}):\n{}",
+        agent.log_tail()
+    );
 
     // 1. Workers loaded before the agent started: named from their archives' manifests.
     for model in ["echo", "slow", "fail"] {
@@ -522,5 +567,10 @@ fn workers_are_mapped_batched_and_timed_through_scaling_and_restart() -> Result<
         "records lost"
     );
     eprintln!("restart: {dead_name} → {restarted:?}");
+    let log = fs::read_to_string(agent.log_path())?;
+    ensure!(
+        !log.contains("cannot see this worker's stdout"),
+        "a worker's stdout uprobe did not attach:\n{log}"
+    );
     Ok(())
 }
