@@ -18,6 +18,7 @@ pub mod metric_lines;
 pub mod otf;
 pub mod pipeline;
 pub mod privileges;
+pub mod probe_site;
 pub mod probes;
 pub mod registry;
 pub mod routing;

@@ -15,7 +15,7 @@ use aya::{
         BtfTracePoint, TracePoint, UProbe,
         tp_btf::BtfTracePointLink,
         trace_point::TracePointLink,
-        uprobe::{UProbeLink, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
 
@@ -409,6 +409,8 @@ pub struct Probes {
     worker_pipes: StdHashMap<u32, UProbeLink>,
     /// Workers whose uprobe is still to be attached, with the attempts made.
     pipes_pending: StdHashMap<u32, u32>,
+    /// [`Probes::write_site`] by the libc's (device, inode).
+    write_sites: StdHashMap<(u64, u64), u64>,
     targets: HashMap<MapData, u32, u32>,
     /// Bumped after every change to `targets`: threads re-check their process then (sockets.bpf.c).
     targets_gen: Array<MapData, u64>,
@@ -632,6 +634,7 @@ impl Probes {
             data_hooks: opts.data_hooks,
             worker_pipes: StdHashMap::new(),
             pipes_pending: StdHashMap::new(),
+            write_sites: StdHashMap::new(),
             targets,
             targets_gen,
             thread_state,
@@ -737,6 +740,48 @@ impl Probes {
         self.worker_pipes.len()
     }
 
+    /// Where in the `write` of the libc at `path` the workers' uprobe goes: the offset of an
+    /// instruction the kernel emulates (probe_site.rs: ~10× cheaper per hit here than a single
+    /// step), else 0. Remembered per file, since every worker of a node maps the same one or two.
+    fn write_site(&mut self, path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let key = std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+        if let Some(&at) = key.and_then(|k| self.write_sites.get(&k)) {
+            return at;
+        }
+        let at = if cfg!(target_arch = "x86_64") {
+            std::fs::read(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|elf| crate::probe_site::function_bytes(&elf, "write", 64))
+                .map(|code| crate::probe_site::emulated_offset(&code))
+        } else {
+            Ok(None)
+        };
+        let at = match at {
+            Ok(Some(at)) => at,
+            Ok(None) => {
+                tracing::info!(
+                    libc = %path.display(),
+                    "no emulated instruction at the start of write(): the workers' uprobe is \
+                     single-stepped (slower per [METRICS] line)"
+                );
+                0
+            }
+            Err(e) => {
+                tracing::info!(
+                    libc = %path.display(),
+                    error = format!("{e:#}"),
+                    "cannot read write() to place the workers' uprobe; it goes on its first byte"
+                );
+                0
+            }
+        };
+        if let Some(k) = key {
+            self.write_sites.insert(k, at);
+        }
+        at
+    }
+
     /// Attaches `ss_worker_write` to `write` in the libc that worker `tgid` has mapped, for that
     /// process alone (the uprobe's breakpoint is set in no other process).
     fn attach_worker_pipe(&mut self, tgid: u32) -> anyhow::Result<UProbeLink> {
@@ -749,11 +794,16 @@ impl Probes {
         // Through the process's root: in a container the path is the container's.
         let path =
             Path::new(&format!("/proc/{tgid}/root")).join(libc.strip_prefix("/").unwrap_or(&libc));
+        let offset = self.write_site(&path);
         let p: &mut UProbe = program(&mut self.ebpf, WORKER_WRITE)?
             .try_into()
             .with_context(|| format!("program `{WORKER_WRITE}` is not a uprobe"))?;
         let id = p
-            .attach("write", &path, UProbeScope::OneProcess(pid))
+            .attach(
+                UProbeAttachLocation::SymbolOffset("write", offset),
+                &path,
+                UProbeScope::OneProcess(pid),
+            )
             .with_context(|| format!("attaching to write() in {}", path.display()))?;
         p.take_link(id)
             .with_context(|| format!("taking the link of `{WORKER_WRITE}`"))
