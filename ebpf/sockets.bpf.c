@@ -6,9 +6,11 @@
  * a TCP socket returns at once; a traced syscall yields its timestamp, connection id, direction, full
  * length and at most SS_HEAD_MAX bytes of its buffer. HTTP is parsed by the agent.
  *
- * Hooks are syscall tracepoints (stable ABI; kprobes and fentry are unavailable on the target kernels).
- * Data syscalls save their arguments at sys_enter (keyed by thread) and emit at sys_exit, when the
- * byte count is known and received bytes are in the buffer.
+ * Hooks are tracepoints (stable ABI; kprobes and fentry are unavailable on the target kernels). Data
+ * is seen either on the data syscalls' tracepoints (sys_enter saves the arguments, keyed by thread;
+ * sys_exit emits, when the byte count is known and received bytes are in the buffer) or, on 6.3+, on
+ * the socket tracepoints sock_send_length/sock_recv_length, which run only for socket traffic and
+ * decide like an exit whose entry was not seen (docs/decisions.md R39). The agent attaches one set.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_core_read.h>
