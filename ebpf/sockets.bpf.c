@@ -53,6 +53,9 @@ struct conn_info {
 	/* A frontend's worker socket: bytes of the inference frame being written that are still to
 	 * come (the frame's first write was partial), so that its continuation is not walked as a frame. */
 	__u32 otf_skip;
+	/* The socket this entry was made for (socket hooks only, R39): an fd number that names another
+	 * socket now was closed and reused unseen, since no close() is hooked there. */
+	__u64 sk;
 };
 
 /*
@@ -66,6 +69,20 @@ struct {
 	__type(key, struct ss_conn_key);
 	__type(value, struct conn_info);
 } conns SEC(".maps");
+
+/* With the socket hooks (R39): the `conns` entry of each traced TCP socket, so that its end, seen by
+ * inet_sock_set_state in whatever context the state changes, finds the (tgid, fd) it was keyed by. */
+struct sk_conn {
+	struct ss_conn_key key;
+	__u64 id;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct sk_conn);
+} sk_conns SEC(".maps");
 
 /* What a thread's current syscall is doing, between its sys_enter and sys_exit. */
 enum call_state {
@@ -258,15 +275,9 @@ static __always_inline struct sock *stream_sock(int fd, __u8 *family)
 	return NULL;
 }
 
-/*
- * Whether `fd` is a pipe of a TorchServe worker target (SS_TARGET_WORKER): the worker prints its
- * `[METRICS]` lines to its stdout pipe. `flags` are the target's (cached per thread), so processes
- * without the flag pay nothing here.
- */
-static __always_inline int worker_pipe(__u32 flags, int fd)
+/* The file type and mode of `fd` in the current task (0 when it is not open). */
+static __always_inline umode_t fd_mode(int fd)
 {
-	if (!(flags & SS_TARGET_WORKER))
-		return 0;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
@@ -275,7 +286,17 @@ static __always_inline int worker_pipe(__u32 flags, int fd)
 	struct file *file = NULL;
 	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
 		return 0;
-	return (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) == S_IFIFO;
+	return BPF_CORE_READ(file, f_inode, i_mode);
+}
+
+/*
+ * Whether `fd` is a pipe of a TorchServe worker target (SS_TARGET_WORKER): the worker prints its
+ * `[METRICS]` lines to its stdout pipe. `flags` are the target's (cached per thread), so processes
+ * without the flag pay nothing here.
+ */
+static __always_inline int worker_pipe(__u32 flags, int fd)
+{
+	return (flags & SS_TARGET_WORKER) && (fd_mode(fd) & S_IFMT) == S_IFIFO;
 }
 
 /* Emits the SS_EV_OPEN record of a newly tracked connection, with the client's address (sk NULL: a
@@ -853,6 +874,8 @@ rest:
 	return 0;
 }
 
+static __always_inline int data_tail(__u64 id, struct task_state *ap, long ret, __u8 dir, __u8 sys);
+
 static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -890,7 +913,14 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 		t->state = CALL_NONE;
 		a = *t;
 	}
+	return data_tail(id, &a, ret, dir, sys);
+}
 
+/* The record of a traced data call `a` (its connection, buffer and count in the fields exit_data
+ * copies from the thread's state) that moved `ret` bytes. */
+static __always_inline int data_tail(__u64 id, struct task_state *ap, long ret, __u8 dir, __u8 sys)
+{
+	struct task_state a = *ap;
 	struct scratch *s = get_scratch();
 	if (!s)
 		return 0;
@@ -1099,47 +1129,191 @@ static __always_inline long syscall_nr(void)
 #endif
 }
 
+/* A connection of the socket hooks ended (its fd closed, or reused for another socket unseen). */
+static __always_inline void emit_close(__u64 pid_tgid, int fd, struct conn_info *c)
+{
+	struct scratch *s = get_scratch();
+	if (!s)
+		return;
+	fill_header(&s->ev, pid_tgid, fd, c, SS_EV_CLOSE, SS_DIR_INGRESS, SS_SYS_CLOSE, 0);
+	submit(&s->ev);
+}
+
+/*
+ * The `conns` entry of (tgid, fd) for `sk`, made now: the fd is first seen, or it named another
+ * socket before (closed and reused, which the socket hooks do not see: the old connection is
+ * reported closed here). A stream socket of a traced family gets a new connection; anything else an
+ * ignored entry. A TCP connection whose first read holds every byte it has received is fresh
+ * (accepted = 1: parsed from byte 0, as after a hooked accept()); otherwise it is picked up at its
+ * next request boundary, like one open before the agent started.
+ */
+static __always_inline struct conn_info *sock_conn(__u64 id, struct ss_conn_key *key, struct conn_info *old,
+						   struct sock *sk, __u16 fam, long ret, __u8 dir)
+{
+	if (old && old->family != FAMILY_IGNORED)
+		emit_close(id, key->fd, old);
+	if (BPF_CORE_READ(sk, sk_type) != SOCK_STREAM ||
+	    !(fam == AF_INET || fam == AF_INET6 || (trace_unix && fam == AF_UNIX))) {
+		struct conn_info entry = { .family = FAMILY_IGNORED, .sk = (__u64)sk };
+		bpf_map_update_elem(&conns, key, &entry, BPF_ANY);
+		return NULL;
+	}
+	__u8 fresh = fam != AF_UNIX && dir == SS_DIR_INGRESS &&
+		     BPF_CORE_READ((struct tcp_sock *)sk, bytes_received) == (__u64)ret;
+	struct conn_info *c = new_conn(key, (__u8)fam, fresh);
+	if (!c)
+		return NULL;
+	c->sk = (__u64)sk;
+	if (fam != AF_UNIX) {
+		struct sk_conn sc = { .key = *key, .id = c->id };
+		__u64 skey = (__u64)sk;
+		bpf_map_update_elem(&sk_conns, &skey, &sc, BPF_ANY);
+	}
+	emit_open(id, key->fd, c, sk);
+	return c;
+}
+
+/*
+ * One socket send or receive of `ret` bytes, in syscall `sys` (the number in the saved registers
+ * matched it): the decision of enter_from_regs, made on the socket itself. No fd mask: with no
+ * close() hooked it could outlive its fd, and the writes it exists for (log files) run nothing here.
+ */
+static __always_inline int sock_data(struct sock *sk, long ret, __u8 dir, __u8 sys)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct task_state *t = traced_thread(id);
+	if (!t)
+		return 0;
+	__u16 fam = BPF_CORE_READ(sk, __sk_common.skc_family);
+	/* A worker's own socket traffic (~25 field-by-field reads per request) is not needed: the
+	 * frontend's frames are walked where they are written (otf_frame). */
+	if ((t->target & SS_TARGET_WORKER) && fam == AF_UNIX)
+		return 0;
+	struct pt_regs *regs = syscall_regs();
+	if (!regs)
+		return 0;
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = (__s32)PT_REGS_PARM1_SYSCALL(regs) };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	if (!c || c->sk != (__u64)sk) {
+		c = sock_conn(id, &key, c, sk, fam, ret, dir);
+		if (!c)
+			return 0;
+	}
+	if (c->family == FAMILY_IGNORED)
+		return 0;
+	struct task_state a = {
+		.buf = sys == SS_SYS_SENDFILE ? 0 : PT_REGS_PARM2_SYSCALL(regs),
+		/* iovec count, or for flat writes the byte count (the frame walk's bound) */
+		.iovcnt = (sys == SS_SYS_READV || sys == SS_SYS_WRITEV || sys == SS_SYS_WRITE || sys == SS_SYS_SENDTO)
+				  ? PT_REGS_PARM3_SYSCALL(regs)
+				  : 0,
+		.conn_id = c->id,
+		.fd = key.fd,
+		.target = t->target,
+		.sys = sys,
+		.family = c->family,
+		.accepted = c->accepted,
+	};
+	return data_tail(id, &a, ret, dir, sys);
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(ss_sock_send, struct sock *sk, int ret, int flags)
 {
 	if (ret <= 0)
 		return 0;
-	/* One case per syscall: exit_data wants its syscall as a constant (see its tail's switch). */
+	/* One case per syscall: data_tail wants its syscall as a constant (see its switch). */
 	switch (syscall_nr()) {
 	case NR_WRITE:
-		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_WRITE);
+		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_WRITE);
 	case NR_WRITEV:
-		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_WRITEV);
+		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_WRITEV);
 	case NR_SENDTO:
-		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_SENDTO);
+		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_SENDTO);
 	case NR_SENDMSG:
-		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_SENDMSG);
+		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_SENDMSG);
 	case NR_SENDFILE:
 		/* Each chunk the splice hands to the socket: one record each, no head. */
-		return exit_data(ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
+		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
 	default:
 		return 0;
 	}
+}
+
+/*
+ * End of stream on a traced unix connection: its peer closed (a TorchServe worker that died or was
+ * scaled down). Unix sockets have no state tracepoint, so this is where the socket hooks see such a
+ * connection end; a TCP one ends in ss_sock_state instead, when this side closes too.
+ */
+static __always_inline int unix_eof(struct sock *sk)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (!traced_thread(id) || BPF_CORE_READ(sk, __sk_common.skc_family) != AF_UNIX)
+		return 0;
+	struct pt_regs *regs = syscall_regs();
+	if (!regs)
+		return 0;
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = (__s32)PT_REGS_PARM1_SYSCALL(regs) };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	if (!c || c->sk != (__u64)sk || c->family == FAMILY_IGNORED)
+		return 0;
+	emit_close(id, key.fd, c);
+	bpf_map_delete_elem(&conns, &key);
+	return 0;
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
 {
 	/* A peek leaves the bytes to be read again; the error queue holds no stream data. */
-	if (ret <= 0 || (flags & (MSG_PEEK | MSG_ERRQUEUE)))
+	if (flags & (MSG_PEEK | MSG_ERRQUEUE))
+		return 0;
+	if (ret == 0)
+		return unix_eof(sk);
+	if (ret < 0)
 		return 0;
 	switch (syscall_nr()) {
 	case NR_READ:
-		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_READ);
+		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_READ);
 	case NR_READV:
-		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_READV);
+		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_READV);
 	case NR_RECVFROM:
-		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_RECVFROM);
+		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_RECVFROM);
 	case NR_RECVMSG:
-		return exit_data(ret, SS_DIR_INGRESS, SS_SYS_RECVMSG);
+		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_RECVMSG);
 	default:
 		return 0;
 	}
+}
+
+#define TCP_FIN_WAIT1 4
+#define TCP_CLOSE 7
+#define TCP_LAST_ACK 9
+
+/*
+ * The end of a traced TCP connection under the socket hooks, which hook no close(): the first of
+ * FIN_WAIT1 (this side closed or shut down first), LAST_ACK (it closed after the peer) and CLOSE
+ * (reset, or the end of either). Fires for every TCP state change on the host, mostly in softirq
+ * context: the connection is found by its socket, not by the current task.
+ */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(ss_sock_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	if (newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK && newstate != TCP_CLOSE)
+		return 0;
+	__u64 skey = (__u64)sk;
+	struct sk_conn *found = bpf_map_lookup_elem(&sk_conns, &skey);
+	if (!found)
+		return 0;
+	struct sk_conn sc = *found;
+	bpf_map_delete_elem(&sk_conns, &skey);
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &sc.key);
+	if (!c || c->id != sc.id)
+		return 0;
+	/* The record's task is the process the connection belonged to. */
+	emit_close(((__u64)sc.key.tgid << 32) | sc.key.tgid, sc.key.fd, c);
+	bpf_map_delete_elem(&conns, &sc.key);
+	return 0;
 }
 
 /*
@@ -1153,19 +1327,32 @@ int BPF_KPROBE(ss_worker_write, int fd, const void *buf, __u64 count)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct task_state *t = traced_thread(id);
-	if (!t || !(t->target & SS_TARGET_WORKER) || (__s64)count <= 0)
+	if (!t || !(t->target & SS_TARGET_WORKER) || (__s64)count <= 0 || fd < 0)
 		return 0;
-	enter_data_of(t, id, fd, (__u64)buf, count, SS_SYS_WRITE);
-	/* Only the pipes: the worker's sockets are the socket hooks' (its own calls decide them). */
-	int pipe = t->state == CALL_DATA && t->family == SS_FAMILY_PIPE;
-	t->state = CALL_NONE;
-	if (!pipe)
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = fd };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	if (!c) {
+		umode_t mode = fd_mode(fd);
+		/* A socket is the socket hooks' to decide (by its own calls, with its `sk`). */
+		if ((mode & S_IFMT) == S_IFSOCK)
+			return 0;
+		if ((mode & S_IFMT) != S_IFIFO) {
+			/* A file (log): remembered, so the next write costs one lookup. */
+			struct conn_info entry = { .family = FAMILY_IGNORED };
+			bpf_map_update_elem(&conns, &key, &entry, BPF_ANY);
+			return 0;
+		}
+		c = new_conn(&key, SS_FAMILY_PIPE, 0);
+		if (!c)
+			return 0;
+		emit_open(id, fd, c, NULL);
+	}
+	if (c->family != SS_FAMILY_PIPE)
 		return 0;
 	struct scratch *s = get_scratch();
 	if (!s)
 		return 0;
-	struct conn_info c = { .id = t->conn_id, .family = SS_FAMILY_PIPE };
-	fill_header(&s->ev, id, fd, &c, SS_EV_DATA, SS_DIR_EGRESS, SS_SYS_WRITE, count);
+	fill_header(&s->ev, id, fd, c, SS_EV_DATA, SS_DIR_EGRESS, SS_SYS_WRITE, count);
 	copy_flat(&s->ev, buf, count);
 	submit(&s->ev);
 	return 0;

@@ -141,9 +141,15 @@ pub enum Need {
     Always,
     /// The exits of read/readv/write/writev/sendfile: the data path of [`DataHooks::Syscalls`].
     SyscallData,
-    /// The socket tracepoints: the data path of [`DataHooks::Sockets`]. Every data syscall
-    /// program (this and the classes below) is off then.
+    /// The socket tracepoints: the data path of [`DataHooks::Sockets`], and the end of a TCP
+    /// connection there (`inet_sock_set_state`). Every syscall data program (this and the classes
+    /// below) is off then.
     SocketData,
+    /// accept/accept4/close/dup2/dup3: where a connection of [`DataHooks::Syscalls`] begins and
+    /// ends. The socket hooks tell a new connection by its socket and see its end in its TCP state,
+    /// so that with them no syscall tracepoint at all is attached for TorchServe (any one puts every
+    /// syscall of every process on the kernel's slow path).
+    SyscallLifecycle,
     /// recvfrom/sendto/recvmsg/sendmsg: servers found by `--port` may use them. TorchServe's frontend
     /// (Netty, JVM) reads and writes with read/readv/write/writev only, and its workers' socket
     /// reads are not needed (the kernel walks the frontend's frames), so without `--port` these
@@ -176,7 +182,7 @@ pub enum Hook {
 /// (program, attach point, when needed); every needed one must load and attach. The uprobe of
 /// [`DataHooks::Sockets`] (`ss_worker_write`) is not here: it is attached per worker
 /// ([`Probes::add_worker`]).
-pub const PROGRAMS: [(&str, Hook, Need); 28] = [
+pub const PROGRAMS: [(&str, Hook, Need); 29] = [
     (
         "ss_enter_read",
         Hook::Tracepoint("syscalls", "sys_enter_read"),
@@ -278,29 +284,34 @@ pub const PROGRAMS: [(&str, Hook, Need); 28] = [
         Need::SocketData,
     ),
     (
+        "ss_sock_state",
+        Hook::Btf("inet_sock_set_state"),
+        Need::SocketData,
+    ),
+    (
         "ss_exit_accept",
         Hook::Tracepoint("syscalls", "sys_exit_accept"),
-        Need::Always,
+        Need::SyscallLifecycle,
     ),
     (
         "ss_exit_accept4",
         Hook::Tracepoint("syscalls", "sys_exit_accept4"),
-        Need::Always,
+        Need::SyscallLifecycle,
     ),
     (
         "ss_enter_close",
         Hook::Tracepoint("syscalls", "sys_enter_close"),
-        Need::Always,
+        Need::SyscallLifecycle,
     ),
     (
         "ss_enter_dup2",
         Hook::Tracepoint("syscalls", "sys_enter_dup2"),
-        Need::Always,
+        Need::SyscallLifecycle,
     ),
     (
         "ss_enter_dup3",
         Hook::Tracepoint("syscalls", "sys_enter_dup3"),
-        Need::Always,
+        Need::SyscallLifecycle,
     ),
     (
         "ss_enter_listen",
@@ -357,10 +368,11 @@ impl LoadOptions {
         match need {
             Need::Always => true,
             Need::SocketData => !syscalls,
-            _ if !syscalls => false,
-            Need::SyscallData => true,
-            Need::SocketCalls => self.socket_calls,
+            // Discovery by --port, whichever hooks see the data.
             Need::Listen => self.watch_listen,
+            _ if !syscalls => false,
+            Need::SyscallData | Need::SyscallLifecycle => true,
+            Need::SocketCalls => self.socket_calls,
             Need::ReadEntry => self.read_entries,
             Need::SocketCallsReadEntry => self.socket_calls && self.read_entries,
             Need::WriteEntry => self.write_entries || self.read_entries,
@@ -415,7 +427,10 @@ pub struct Probes {
     /// Bumped after every change to `targets`: threads re-check their process then (sockets.bpf.c).
     targets_gen: Array<MapData, u64>,
     thread_state: ThreadState,
-    conns: HashMap<MapData, ConnKey, [u8; 16]>,
+    /// `struct conn_info` values, opaque here (only the keys are read).
+    conns: HashMap<MapData, ConnKey, [u8; 24]>,
+    /// `struct sk_conn` by socket address (the socket hooks): (tgid, fd) first.
+    sk_conns: HashMap<MapData, u64, [u8; 16]>,
     losses: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
     cost: LoadCost,
@@ -610,6 +625,7 @@ impl Probes {
         let targets_gen =
             Array::try_from(take(&mut ebpf, "targets_gen")?).context("map `targets_gen`")?;
         let conns = HashMap::try_from(take(&mut ebpf, "conns")?).context("map `conns`")?;
+        let sk_conns = HashMap::try_from(take(&mut ebpf, "sk_conns")?).context("map `sk_conns`")?;
         let losses = PerCpuArray::try_from(take(&mut ebpf, "losses")?).context("map `losses`")?;
         let ring = RingBuf::try_from(take(&mut ebpf, "events")?).context("map `events`")?;
         let mut programs: Vec<ProgramCost> = loaded_programs(&ebpf)
@@ -639,6 +655,7 @@ impl Probes {
             targets_gen,
             thread_state,
             conns,
+            sk_conns,
             losses,
             ring: Some(ring),
             cost,
@@ -830,6 +847,16 @@ impl Probes {
         for k in stale {
             // A concurrent close may already have removed it.
             let _ = self.conns.remove(&k);
+        }
+        let stale: Vec<u64> = self
+            .sk_conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v[..4] == tgid.to_ne_bytes())
+            .map(|(sk, _)| sk)
+            .collect();
+        for sk in stale {
+            let _ = self.sk_conns.remove(&sk);
         }
         Ok(())
     }
@@ -1076,15 +1103,32 @@ mod tests {
                 .collect();
             assert!(data_syscalls.len() >= 18, "{data_syscalls:?}");
             assert_attached(&progs, &data_syscalls, false);
-            assert_attached(&progs, &["ss_sock_send", "ss_sock_recv"], true);
-            // The connection life cycle and discovery keep their hooks.
-            let rest = [
+            assert_attached(
+                &progs,
+                &["ss_sock_send", "ss_sock_recv", "ss_sock_state"],
+                true,
+            );
+            // Nor the connection life cycle's syscalls: no syscall tracepoint at all, but for
+            // listen() with --port (discovery). The process events are sched tracepoints.
+            let lifecycle = [
+                "ss_exit_accept",
                 "ss_exit_accept4",
                 "ss_enter_close",
                 "ss_enter_dup2",
-                "ss_exec",
+                "ss_enter_dup3",
             ];
-            assert_attached(&progs, &rest, true);
+            assert_attached(&progs, &lifecycle, false);
+            assert_attached(&progs, &["ss_exec", "ss_exit", "ss_enter_listen"], true);
+            let syscall_hooks: Vec<&str> = PROGRAMS
+                .iter()
+                .filter(|(name, hook, need)| {
+                    matches!(hook, Hook::Tracepoint("syscalls", _))
+                        && *need != Need::Listen
+                        && progs.contains(name)
+                })
+                .map(|(name, ..)| *name)
+                .collect();
+            assert!(syscall_hooks.is_empty(), "{syscall_hooks:?}");
         }
         // And the syscall build attaches none of the socket hooks.
         let progs = attached(torchserve_only(false));
