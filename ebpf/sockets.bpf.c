@@ -1289,6 +1289,9 @@ int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
 #define TCP_FIN_WAIT1 4
 #define TCP_CLOSE 7
 #define TCP_LAST_ACK 9
+#define TCP_LISTEN 10
+
+static __always_inline void emit_proc(__u64 pid_tgid, __u8 kind, __u64 arg);
 
 /*
  * The end of a traced TCP connection under the socket hooks, which hook no close(): the first of
@@ -1299,6 +1302,13 @@ int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(ss_sock_state, const struct sock *sk, const int oldstate, const int newstate)
 {
+	/* listen() on a TCP socket, in the listener's own context and bound by then: discovery by
+	 * --port without the listen syscall's tracepoint (ss_enter_listen does it for the syscall hooks). */
+	if (newstate == TCP_LISTEN) {
+		if (watch_listen)
+			emit_proc(bpf_get_current_pid_tgid(), SS_EV_LISTEN, BPF_CORE_READ(sk, __sk_common.skc_num));
+		return 0;
+	}
 	if (newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK && newstate != TCP_CLOSE)
 		return 0;
 	__u64 skey = (__u64)sk;

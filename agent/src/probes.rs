@@ -155,7 +155,8 @@ pub enum Need {
     /// reads are not needed (the kernel walks the frontend's frames), so without `--port` these
     /// programs — ~25 runs per request from a Python worker's field-by-field reads — stay out.
     SocketCalls,
-    /// listen(): discovery by `--port`.
+    /// listen(): discovery by `--port`, with the syscall hooks (the socket hooks see it as a TCP
+    /// state change, in `ss_sock_state`).
     Listen,
     /// The entry of read/readv: only on kernels without `bpf_task_pt_regs` (before 5.15). Elsewhere
     /// a read is decided at its exit from the saved registers: it needs no entry time, and one
@@ -368,9 +369,9 @@ impl LoadOptions {
         match need {
             Need::Always => true,
             Need::SocketData => !syscalls,
-            // Discovery by --port, whichever hooks see the data.
-            Need::Listen => self.watch_listen,
             _ if !syscalls => false,
+            // With the socket hooks, ss_sock_state sees listen() (the socket's TCP_LISTEN state).
+            Need::Listen => self.watch_listen,
             Need::SyscallData | Need::SyscallLifecycle => true,
             Need::SocketCalls => self.socket_calls,
             Need::ReadEntry => self.read_entries,
@@ -1108,8 +1109,9 @@ mod tests {
                 &["ss_sock_send", "ss_sock_recv", "ss_sock_state"],
                 true,
             );
-            // Nor the connection life cycle's syscalls: no syscall tracepoint at all, but for
-            // listen() with --port (discovery). The process events are sched tracepoints.
+            // Nor the connection life cycle's syscalls, nor listen() (ss_sock_state sees the
+            // socket's TCP_LISTEN state): no syscall tracepoint at all. The process events are
+            // sched tracepoints.
             let lifecycle = [
                 "ss_exit_accept",
                 "ss_exit_accept4",
@@ -1118,13 +1120,11 @@ mod tests {
                 "ss_enter_dup3",
             ];
             assert_attached(&progs, &lifecycle, false);
-            assert_attached(&progs, &["ss_exec", "ss_exit", "ss_enter_listen"], true);
+            assert_attached(&progs, &["ss_exec", "ss_exit"], true);
             let syscall_hooks: Vec<&str> = PROGRAMS
                 .iter()
-                .filter(|(name, hook, need)| {
-                    matches!(hook, Hook::Tracepoint("syscalls", _))
-                        && *need != Need::Listen
-                        && progs.contains(name)
+                .filter(|(name, hook, _)| {
+                    matches!(hook, Hook::Tracepoint("syscalls", _)) && progs.contains(name)
                 })
                 .map(|(name, ..)| *name)
                 .collect();

@@ -41,9 +41,20 @@ fn targets(agent: &Agent) -> Result<f64> {
 
 #[test]
 fn listen_and_exit_events_drive_discovery() -> Result<()> {
+    listen_and_exit_events("discovery_events", "auto", "syscalls")
+}
+
+/// The same with the socket hooks, which see listen() as the socket's TCP_LISTEN state
+/// (`inet_sock_set_state`) instead of on the listen syscall's tracepoint.
+#[test]
+fn listen_and_exit_events_drive_discovery_with_the_socket_hooks() -> Result<()> {
+    listen_and_exit_events("discovery_events_sockets", "sockets", "sockets")
+}
+
+fn listen_and_exit_events(name: &str, hooks: &str, loaded: &str) -> Result<()> {
     require_root()?;
     ensure_kernel_prereqs()?;
-    let logs = log_dir("discovery_events")?;
+    let logs = log_dir(name)?;
     let watched = free_port()?;
     let other = free_port()?;
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
@@ -56,11 +67,19 @@ fn listen_and_exit_events_drive_discovery() -> Result<()> {
             &watched.to_string(),
             "--discovery-interval-ms",
             "600000",
+            "--data-hooks",
+            hooks,
         ],
     )?;
     agent.wait_until(Duration::from_secs(15), "serving /metrics", |m| {
         m.has("servescope_targets")
     })?;
+    let want = format!("data_hooks=\"{loaded}\"");
+    ensure!(
+        agent.log_tail().contains(&want),
+        "the agent should say it loaded {want}:\n{}",
+        agent.log_tail()
+    );
     // Let the one start-up scan pass.
     std::thread::sleep(Duration::from_millis(500));
     ensure!(targets(&agent)? == 0.0, "nothing listens yet");

@@ -1021,8 +1021,7 @@ impl Results {
              is what the agent's hooks cost every other process on the node. With the syscall hooks \
              any syscall tracepoint puts every syscall on the kernel's slow path and every hooked \
              call runs a program that finds no target (docs/decisions.md R33); the socket hooks run \
-             nothing for a file or an untraced process, and attach no syscall tracepoint but \
-             listen()'s with --port (R39).\n"
+             nothing for a file or an untraced process, and attach no syscall tracepoint (R39).\n"
         );
         for b in &self.bystander {
             let _ = writeln!(
