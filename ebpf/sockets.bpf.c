@@ -1090,6 +1090,8 @@ int ss_exit_sendfile(struct trace_event_raw_sys_exit *ctx)
  * of the data syscalls' (probes::DataHooks::Sockets).
  */
 #define MSG_PEEK 2
+#define EPIPE 32
+#define ECONNRESET 104
 #define MSG_ERRQUEUE 0x2000
 
 #if defined(__TARGET_ARCH_x86)
@@ -1217,9 +1219,34 @@ static __always_inline int sock_data(struct sock *sk, long ret, __u8 dir, __u8 s
 	return data_tail(id, &a, ret, dir, sys);
 }
 
+/*
+ * The end of a traced unix connection: end of stream, or the reset or broken pipe of a peer that
+ * went away (a TorchServe worker killed with a request still unread gives its frontend ECONNRESET,
+ * not EOF). Unix sockets have no state tracepoint, so this is where the socket hooks see such a
+ * connection end; a TCP one ends in ss_sock_state instead, when this side closes too.
+ */
+static __always_inline int unix_end(struct sock *sk)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (!traced_thread(id) || BPF_CORE_READ(sk, __sk_common.skc_family) != AF_UNIX)
+		return 0;
+	struct pt_regs *regs = syscall_regs();
+	if (!regs)
+		return 0;
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = (__s32)PT_REGS_PARM1_SYSCALL(regs) };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	if (!c || c->sk != (__u64)sk || c->family == FAMILY_IGNORED)
+		return 0;
+	emit_close(id, key.fd, c);
+	bpf_map_delete_elem(&conns, &key);
+	return 0;
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(ss_sock_send, struct sock *sk, int ret, int flags)
 {
+	if (ret == -EPIPE || ret == -ECONNRESET)
+		return unix_end(sk);
 	if (ret <= 0)
 		return 0;
 	/* One case per syscall: data_tail wants its syscall as a constant (see its switch). */
@@ -1240,36 +1267,14 @@ int BPF_PROG(ss_sock_send, struct sock *sk, int ret, int flags)
 	}
 }
 
-/*
- * End of stream on a traced unix connection: its peer closed (a TorchServe worker that died or was
- * scaled down). Unix sockets have no state tracepoint, so this is where the socket hooks see such a
- * connection end; a TCP one ends in ss_sock_state instead, when this side closes too.
- */
-static __always_inline int unix_eof(struct sock *sk)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	if (!traced_thread(id) || BPF_CORE_READ(sk, __sk_common.skc_family) != AF_UNIX)
-		return 0;
-	struct pt_regs *regs = syscall_regs();
-	if (!regs)
-		return 0;
-	struct ss_conn_key key = { .tgid = id >> 32, .fd = (__s32)PT_REGS_PARM1_SYSCALL(regs) };
-	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
-	if (!c || c->sk != (__u64)sk || c->family == FAMILY_IGNORED)
-		return 0;
-	emit_close(id, key.fd, c);
-	bpf_map_delete_elem(&conns, &key);
-	return 0;
-}
-
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
 {
 	/* A peek leaves the bytes to be read again; the error queue holds no stream data. */
 	if (flags & (MSG_PEEK | MSG_ERRQUEUE))
 		return 0;
-	if (ret == 0)
-		return unix_eof(sk);
+	if (ret == 0 || ret == -ECONNRESET)
+		return unix_end(sk);
 	if (ret < 0)
 		return 0;
 	switch (syscall_nr()) {
