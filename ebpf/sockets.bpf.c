@@ -874,7 +874,7 @@ rest:
 	return 0;
 }
 
-static __always_inline int data_tail(__u64 id, struct task_state *ap, long ret, __u8 dir, __u8 sys);
+static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys);
 
 static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 {
@@ -917,43 +917,42 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 }
 
 /* The record of a traced data call `a` (its connection, buffer and count in the fields exit_data
- * copies from the thread's state) that moved `ret` bytes. */
-static __always_inline int data_tail(__u64 id, struct task_state *ap, long ret, __u8 dir, __u8 sys)
+ * copies from the thread's state; a stack copy, never the map value) that moved `ret` bytes. */
+static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys)
 {
-	struct task_state a = *ap;
 	struct scratch *s = get_scratch();
 	if (!s)
 		return 0;
-	struct conn_info c = { .id = a.conn_id, .family = a.family, .accepted = a.accepted };
-	fill_header(&s->ev, id, a.fd, &c, SS_EV_DATA, dir, sys, (__u64)ret);
+	struct conn_info c = { .id = a->conn_id, .family = a->family, .accepted = a->accepted };
+	fill_header(&s->ev, id, a->fd, &c, SS_EV_DATA, dir, sys, (__u64)ret);
 	/*
 	 * Sent bytes are stamped when the write began: a blocking write of a large response to a slow
 	 * client returns only once the kernel has queued all of it, but its first bytes (the status line)
 	 * left at entry. Stamping at exit would turn time-to-first-byte into time-to-last-byte; the time
 	 * the write took goes in busy_us, so the end of the response is known too.
 	 */
-	if (dir == SS_DIR_EGRESS && a.enter_ns) {
-		s->ev.busy_us = micros_between(a.enter_ns, s->ev.ts_ns);
-		s->ev.ts_ns = a.enter_ns;
+	if (dir == SS_DIR_EGRESS && a->enter_ns) {
+		s->ev.busy_us = micros_between(a->enter_ns, s->ev.ts_ns);
+		s->ev.ts_ns = a->enter_ns;
 	}
 
-	/* `sys`, not `a.sys`: both branches checked them equal, and a constant lets clang fold this
+	/* `sys`, not `a->sys`: both branches checked them equal, and a constant lets clang fold this
 	 * switch. On the copy the verifier walks every case twice (R34: start-up 135 → 659 ms). */
 	switch (sys) {
 	case SS_SYS_READ:
 	case SS_SYS_RECVFROM:
 	case SS_SYS_WRITE:
 	case SS_SYS_SENDTO:
-		copy_flat(&s->ev, (const void *)a.buf, (__u64)ret);
+		copy_flat(&s->ev, (const void *)a->buf, (__u64)ret);
 		break;
 	case SS_SYS_READV:
 	case SS_SYS_WRITEV:
-		copy_iov(s, (const struct iovec *)a.buf, a.iovcnt, (__u64)ret);
+		copy_iov(s, (const struct iovec *)a->buf, a->iovcnt, (__u64)ret);
 		break;
 	case SS_SYS_RECVMSG:
 	case SS_SYS_SENDMSG: {
 		struct user_msghdr msg;
-		if (!bpf_probe_read_user(&msg, sizeof(msg), (const void *)a.buf))
+		if (!bpf_probe_read_user(&msg, sizeof(msg), (const void *)a->buf))
 			copy_iov(s, msg.msg_iov, msg.msg_iovlen, (__u64)ret);
 		break;
 	}
@@ -962,9 +961,9 @@ static __always_inline int data_tail(__u64 id, struct task_state *ap, long ret, 
 	}
 	submit(&s->ev);
 	/* A TorchServe frontend's frame to a worker (flat write: the whole frame is in one buffer). */
-	if (a.family == AF_UNIX && dir == SS_DIR_EGRESS && !(a.target & SS_TARGET_WORKER) &&
+	if (a->family == AF_UNIX && dir == SS_DIR_EGRESS && !(a->target & SS_TARGET_WORKER) &&
 	    (sys == SS_SYS_WRITE || sys == SS_SYS_SENDTO))
-		otf_frame(id, &a, ret);
+		otf_frame(id, a, ret);
 	return 0;
 }
 
@@ -1084,7 +1083,7 @@ int ss_exit_sendfile(struct trace_event_raw_sys_exit *ctx)
  * socket traffic only: a log line written to a file, or any read or write of a process nobody traces,
  * runs no program at all, where a syscall tracepoint on write runs one for every write on the host.
  * The call is the syscall the task is in (its number and arguments are in the saved registers, as
- * in R3), decided and recorded by exit_data as a syscall exit whose entry was not seen. Calls
+ * in R3), decided on the socket itself (sock_data) and recorded as a syscall exit is (data_tail). Calls
  * outside the traced set (io_uring, sendmmsg, splice, kernel-internal sends) do not match a number
  * below and are not recorded, as with the syscall hooks. The agent attaches these programs instead
  * of the data syscalls' (probes::DataHooks::Sockets).

@@ -315,13 +315,7 @@ fn data_hooks(env: &Env) -> Check {
             "Linux 6.3 or newer has them (docs/decisions.md R39)",
         );
     }
-    let status = fs::read_to_string(&env.self_status).unwrap_or_default();
-    let sys_admin = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|eff| eff & (1 << 21) != 0);
-    if sys_admin {
+    if effective_caps(env).is_some_and(|eff| eff & (1 << 21) != 0) {
         Check::ok(
             NAME,
             "sockets: only socket traffic runs a program (sock_send_length/sock_recv_length), \
@@ -433,14 +427,18 @@ fn bpffs(env: &Env) -> Check {
     }
 }
 
-fn capabilities(env: &Env) -> Check {
-    const NAME: &str = "capabilities";
-    let status = fs::read_to_string(&env.self_status).unwrap_or_default();
-    let Some(eff) = status
+/// The effective capability set of this process (`CapEff` in its status file), as bits.
+fn effective_caps(env: &Env) -> Option<u64> {
+    let status = fs::read_to_string(&env.self_status).ok()?;
+    status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    else {
+}
+
+fn capabilities(env: &Env) -> Check {
+    const NAME: &str = "capabilities";
+    let Some(eff) = effective_caps(env) else {
         return Check::warn(
             NAME,
             "cannot read CapEff from /proc/self/status",

@@ -91,8 +91,18 @@ impl DataHooks {
     /// write's entry (`write_entries`: a server given by `--port`/`--pid`, R10) and the agent can
     /// attach the TorchServe workers' uprobes (`worker_uprobes`, [`may_attach_uprobes`]).
     pub fn resolve(self, write_entries: bool, worker_uprobes: bool) -> DataHooks {
+        self.resolve_with(write_entries, worker_uprobes, socket_hooks_supported)
+    }
+
+    /// [`DataHooks::resolve`] with the kernel's answer from `supported`, asked only if it matters.
+    fn resolve_with(
+        self,
+        write_entries: bool,
+        worker_uprobes: bool,
+        supported: impl FnOnce() -> bool,
+    ) -> DataHooks {
         match self {
-            DataHooks::Auto if !write_entries && worker_uprobes && socket_hooks_supported() => {
+            DataHooks::Auto if !write_entries && worker_uprobes && supported() => {
                 DataHooks::Sockets
             }
             DataHooks::Auto => DataHooks::Syscalls,
@@ -126,11 +136,13 @@ pub fn socket_hooks_supported() -> bool {
 
 /// [`socket_hooks_supported`] of the kernel whose BTF is at `btf` (the doctor's fixtures).
 pub fn socket_hooks_in(btf: &Path) -> bool {
-    Btf::parse_file(btf, aya::Endianness::default()).is_ok_and(|btf| {
-        SOCKET_TRACEPOINTS.iter().all(|tp| {
-            btf.id_by_type_name_kind(&format!("btf_trace_{tp}"), BtfKind::Typedef)
-                .is_ok()
-        })
+    Btf::parse_file(btf, aya::Endianness::default()).is_ok_and(|btf| has_socket_tracepoints(&btf))
+}
+
+fn has_socket_tracepoints(btf: &Btf) -> bool {
+    SOCKET_TRACEPOINTS.iter().all(|tp| {
+        btf.id_by_type_name_kind(&format!("btf_trace_{tp}"), BtfKind::Typedef)
+            .is_ok()
     })
 }
 
@@ -544,40 +556,57 @@ impl Probes {
     /// [`ThreadState::Auto`] a kernel that refuses the task-storage build gets the hash-map build.
     pub fn load(opts: LoadOptions) -> anyhow::Result<Self> {
         preflight()?;
-        if opts.data_hooks == DataHooks::Sockets && !socket_hooks_supported() {
-            bail!(
-                "--data-hooks sockets needs the sock_send_length and sock_recv_length tracepoints \
-                 (Linux 6.3+), which this kernel's BTF does not have: use --data-hooks auto or syscalls"
-            );
-        }
         if opts.data_hooks == DataHooks::Sockets && !opts.worker_uprobes {
             tracing::warn!(
                 "--data-hooks sockets without CAP_SYS_ADMIN: TorchServe workers' stdout uprobes \
                  cannot be attached, so HandlerTime and PredictionTime are not reported"
             );
         }
-        let opts = LoadOptions {
-            data_hooks: opts
-                .data_hooks
-                .resolve(opts.write_entries, opts.worker_uprobes),
-            ..opts
-        };
+        // The kernel's BTF (megabytes) is parsed at most once: to choose the hooks, then to load
+        // the tp_btf programs.
+        let mut btf = None;
+        let data_hooks =
+            opts.data_hooks
+                .resolve_with(opts.write_entries, opts.worker_uprobes, || {
+                    btf = Btf::from_sys_fs().ok();
+                    btf.as_ref().is_some_and(has_socket_tracepoints)
+                });
+        if data_hooks == DataHooks::Sockets {
+            if btf.is_none() {
+                btf = Btf::from_sys_fs().ok();
+            }
+            if !btf.as_ref().is_some_and(has_socket_tracepoints) {
+                bail!(
+                    "--data-hooks sockets needs the sock_send_length and sock_recv_length \
+                     tracepoints (Linux 6.3+), which this kernel's BTF does not have: use \
+                     --data-hooks auto or syscalls"
+                );
+            }
+        }
+        let opts = LoadOptions { data_hooks, ..opts };
         match opts.thread_state {
-            ThreadState::Auto => match Self::load_object(opts, ThreadState::TaskStorage) {
-                Ok(probes) => Ok(probes),
-                Err(e) => {
-                    tracing::info!(
-                        "task-local storage is not available to tracepoint programs on this kernel \
+            ThreadState::Auto => {
+                match Self::load_object(opts, ThreadState::TaskStorage, btf.as_ref()) {
+                    Ok(probes) => Ok(probes),
+                    Err(e) => {
+                        tracing::info!(
+                            "task-local storage is not available to tracepoint programs on this kernel \
                          ({e:#}); keeping per-thread syscall state in a hash map instead"
-                    );
-                    Self::load_object(opts, ThreadState::Hash)
+                        );
+                        Self::load_object(opts, ThreadState::Hash, btf.as_ref())
+                    }
                 }
-            },
-            chosen => Self::load_object(opts, chosen),
+            }
+            chosen => Self::load_object(opts, chosen, btf.as_ref()),
         }
     }
 
-    fn load_object(opts: LoadOptions, thread_state: ThreadState) -> anyhow::Result<Self> {
+    /// `btf`: the kernel's, parsed by [`Probes::load`] (present whenever the socket hooks were chosen).
+    fn load_object(
+        opts: LoadOptions,
+        thread_state: ThreadState,
+        btf: Option<&Btf>,
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let ringbuf_bytes = opts.ringbuf_bytes;
         let object = match thread_state {
@@ -603,14 +632,10 @@ impl Probes {
                 "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \
                  with BTF and BPF ring buffers (5.8+), and no lockdown in confidentiality mode",
             )?;
-        let btf = match opts.data_hooks {
-            DataHooks::Sockets => Some(Btf::from_sys_fs().context("reading the kernel's BTF")?),
-            _ => None,
-        };
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for (prog, hook, need) in PROGRAMS {
             if opts.needs(need) {
-                links.push(attach(&mut ebpf, prog, hook, btf.as_ref())?);
+                links.push(attach(&mut ebpf, prog, hook, btf)?);
             }
         }
         if opts.data_hooks == DataHooks::Sockets {
