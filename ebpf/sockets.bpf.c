@@ -1166,8 +1166,22 @@ static __always_inline struct conn_info *sock_conn(__u64 id, struct ss_conn_key 
 		return NULL;
 	c->sk = (__u64)sk;
 	if (fam != AF_UNIX) {
-		struct sk_conn sc = { .key = *key, .id = c->id };
 		__u64 skey = (__u64)sk;
+		/* The socket already had a connection under another fd number: it was dup'd there (a
+		 * server moving a connection onto another fd, the old one left open or closed unseen). It
+		 * is one connection; the old entry is reported closed here, or nothing would end it (its
+		 * socket's end finds this newest entry only). Should both numbers stay in use, each
+		 * switch between them starts a connection anew at its next request, as after an eviction. */
+		struct sk_conn *prev = bpf_map_lookup_elem(&sk_conns, &skey);
+		if (prev && prev->key.fd != key->fd) {
+			struct ss_conn_key pkey = prev->key;
+			struct conn_info *p = bpf_map_lookup_elem(&conns, &pkey);
+			if (p && p->id == prev->id) {
+				emit_close(((__u64)pkey.tgid << 32) | pkey.tgid, pkey.fd, p);
+				bpf_map_delete_elem(&conns, &pkey);
+			}
+		}
+		struct sk_conn sc = { .key = *key, .id = c->id };
 		bpf_map_update_elem(&sk_conns, &skey, &sc, BPF_ANY);
 	}
 	emit_open(id, key->fd, c, sk);
@@ -1291,30 +1305,15 @@ int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
 }
 
 #define TCP_FIN_WAIT1 4
-#define TCP_CLOSE 7
 #define TCP_LAST_ACK 9
 #define TCP_LISTEN 10
 
 static __always_inline void emit_proc(__u64 pid_tgid, __u8 kind, __u64 arg);
 
-/*
- * The end of a traced TCP connection under the socket hooks, which hook no close(): the first of
- * FIN_WAIT1 (this side closed or shut down first), LAST_ACK (it closed after the peer) and CLOSE
- * (reset, or the end of either). Fires for every TCP state change on the host, mostly in softirq
- * context: the connection is found by its socket, not by the current task.
- */
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(ss_sock_state, const struct sock *sk, const int oldstate, const int newstate)
+/* The end of the traced TCP connection of `sk`, if it has one (found by its socket: these run in
+ * whatever context the socket changes, mostly softirq, not in the connection's process). */
+static __always_inline int sk_end(const struct sock *sk)
 {
-	/* listen() on a TCP socket, in the listener's own context and bound by then: discovery by
-	 * --port without the listen syscall's tracepoint (ss_enter_listen does it for the syscall hooks). */
-	if (newstate == TCP_LISTEN) {
-		if (watch_listen)
-			emit_proc(bpf_get_current_pid_tgid(), SS_EV_LISTEN, BPF_CORE_READ(sk, __sk_common.skc_num));
-		return 0;
-	}
-	if (newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK && newstate != TCP_CLOSE)
-		return 0;
 	__u64 skey = (__u64)sk;
 	struct sk_conn *found = bpf_map_lookup_elem(&sk_conns, &skey);
 	if (!found)
@@ -1328,6 +1327,39 @@ int BPF_PROG(ss_sock_state, const struct sock *sk, const int oldstate, const int
 	emit_close(((__u64)sc.key.tgid << 32) | sc.key.tgid, sc.key.fd, c);
 	bpf_map_delete_elem(&conns, &sc.key);
 	return 0;
+}
+
+/*
+ * The end of a traced TCP connection under the socket hooks, which hook no close(): FIN_WAIT1 (this
+ * side closed or shut down first) or LAST_ACK (it closed after the peer). Fires for every TCP state
+ * change on the host. Not at CLOSE: a reset moves the socket there while its process may still be
+ * inside a send to it (a blocking write of a large response, which then returns the part that was
+ * sent), and that send must still find its connection; ss_sock_destroy ends those instead.
+ */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(ss_sock_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	/* listen() on a TCP socket, in the listener's own context and bound by then: discovery by
+	 * --port without the listen syscall's tracepoint (ss_enter_listen does it for the syscall hooks). */
+	if (newstate == TCP_LISTEN) {
+		if (watch_listen)
+			emit_proc(bpf_get_current_pid_tgid(), SS_EV_LISTEN, BPF_CORE_READ(sk, __sk_common.skc_num));
+		return 0;
+	}
+	if (newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK)
+		return 0;
+	return sk_end(sk);
+}
+
+/*
+ * The end of a traced TCP connection that reached neither FIN_WAIT1 nor LAST_ACK (reset by the peer,
+ * or closed with unread data or SO_LINGER 0, which resets it): its socket is destroyed once its
+ * process has closed the fd, after any send still under way on it. Once per TCP socket on the host.
+ */
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(ss_sock_destroy, struct sock *sk)
+{
+	return sk_end(sk);
 }
 
 /*

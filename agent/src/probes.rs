@@ -154,7 +154,7 @@ pub enum Need {
     /// The exits of read/readv/write/writev/sendfile: the data path of [`DataHooks::Syscalls`].
     SyscallData,
     /// The socket tracepoints: the data path of [`DataHooks::Sockets`], and the end of a TCP
-    /// connection there (`inet_sock_set_state`). Every syscall data program (this and the classes
+    /// connection there (`inet_sock_set_state`, `tcp_destroy_sock`). Every syscall data program (this and the classes
     /// below) is off then.
     SocketData,
     /// accept/accept4/close/dup2/dup3: where a connection of [`DataHooks::Syscalls`] begins and
@@ -195,7 +195,7 @@ pub enum Hook {
 /// (program, attach point, when needed); every needed one must load and attach. The uprobe of
 /// [`DataHooks::Sockets`] (`ss_worker_write`) is not here: it is attached per worker
 /// ([`Probes::add_worker`]).
-pub const PROGRAMS: [(&str, Hook, Need); 29] = [
+pub const PROGRAMS: [(&str, Hook, Need); 30] = [
     (
         "ss_enter_read",
         Hook::Tracepoint("syscalls", "sys_enter_read"),
@@ -299,6 +299,11 @@ pub const PROGRAMS: [(&str, Hook, Need); 29] = [
     (
         "ss_sock_state",
         Hook::Btf("inet_sock_set_state"),
+        Need::SocketData,
+    ),
+    (
+        "ss_sock_destroy",
+        Hook::Btf("tcp_destroy_sock"),
         Need::SocketData,
     ),
     (
@@ -1131,7 +1136,12 @@ mod tests {
             assert_attached(&progs, &data_syscalls, false);
             assert_attached(
                 &progs,
-                &["ss_sock_send", "ss_sock_recv", "ss_sock_state"],
+                &[
+                    "ss_sock_send",
+                    "ss_sock_recv",
+                    "ss_sock_state",
+                    "ss_sock_destroy",
+                ],
                 true,
             );
             // Nor the connection life cycle's syscalls, nor listen() (ss_sock_state sees the

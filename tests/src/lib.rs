@@ -57,6 +57,68 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// The agent's two sets of data hooks (`--data-hooks`): the syscall tracepoints, which `auto`
+/// takes for servers given by `--port`/`--pid`, and the socket tracepoints, which it takes for
+/// TorchServe on 6.3+ kernels (docs/decisions.md R39). A test of traffic that either may see runs
+/// on both ([`on_both_hooks!`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hooks {
+    Syscalls,
+    Sockets,
+}
+
+impl Hooks {
+    /// The value of `--data-hooks`, and of the start-up log's `data_hooks=`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hooks::Syscalls => "syscalls",
+            Hooks::Sockets => "sockets",
+        }
+    }
+
+    /// The agent's arguments that choose this set.
+    pub fn args(self) -> [&'static str; 2] {
+        ["--data-hooks", self.name()]
+    }
+
+    /// Fails unless `agent` says in its start-up log that it attached this set: a forced set that
+    /// silently became the other would test the wrong hooks.
+    pub fn ensure_attached(self, agent: &Agent) -> Result<()> {
+        let log = fs::read_to_string(agent.log_path())
+            .with_context(|| format!("reading {}", agent.log_path().display()))?;
+        let want = format!("data_hooks=\"{}\"", self.name());
+        anyhow::ensure!(
+            log.contains(&want),
+            "the agent's log does not say {want}:\n{log}"
+        );
+        Ok(())
+    }
+}
+
+/// For each named test function taking a [`Hooks`], one `#[test]` per set of data hooks:
+/// `syscalls::<name>` and `sockets::<name>` (so `cargo test sockets::` runs one set).
+#[macro_export]
+macro_rules! on_both_hooks {
+    ($($name:ident),+ $(,)?) => {
+        mod syscalls {
+            $(
+                #[test]
+                fn $name() -> ::anyhow::Result<()> {
+                    super::$name($crate::Hooks::Syscalls)
+                }
+            )+
+        }
+        mod sockets {
+            $(
+                #[test]
+                fn $name() -> ::anyhow::Result<()> {
+                    super::$name($crate::Hooks::Sockets)
+                }
+            )+
+        }
+    };
+}
+
 /// A fresh directory for one test's logs: `target/integration/<name>/` (emptied first, so the files always
 /// describe the last run).
 pub fn log_dir(name: &str) -> Result<PathBuf> {

@@ -14,7 +14,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use servescope_integration::{Agent, Metrics, ServerProcess, h1, http, log_dir, require_root};
+use servescope_integration::{
+    Agent, Hooks, Metrics, ServerProcess, h1, http, log_dir, on_both_hooks, require_root,
+};
+
+// On each set of data hooks (`syscalls::…`, `sockets::…`).
+on_both_hooks!(hostile_traffic_leaves_legitimate_counts_exact);
 
 const SERVER_PORT: u16 = 18_190;
 const AGENT_PORT: u16 = 19_190;
@@ -154,19 +159,19 @@ fn hostile_inputs() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-#[test]
-fn hostile_traffic_leaves_legitimate_counts_exact() -> Result<()> {
+fn hostile_traffic_leaves_legitimate_counts_exact(hooks: Hooks) -> Result<()> {
     require_root()?;
-    let logs = log_dir("hostile")?;
+    let logs = log_dir(&format!("hostile/{}", hooks.name()))?;
     let server = ServerProcess::predict_server(&logs, SERVER_PORT)?;
     let port = SERVER_PORT.to_string();
     let addr = server.addr();
     let agent = Agent::start(
         &logs,
         loopback(AGENT_PORT),
-        &["--no-discovery", "--port", &port],
+        &[&["--no-discovery", "--port", &port][..], &hooks.args()].concat(),
     )?;
     agent.wait_ready(Duration::from_secs(30))?;
+    hooks.ensure_attached(&agent)?;
     let rss_start = rss_kib(agent.pid())?;
 
     // The legitimate model has its series before the spray, as a model in service would.

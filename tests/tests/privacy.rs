@@ -17,7 +17,12 @@ use std::{
 };
 
 use anyhow::{Result, ensure};
-use servescope_integration::{Agent, Metrics, ServerProcess, http, log_dir, require_root};
+use servescope_integration::{
+    Agent, Hooks, Metrics, ServerProcess, http, log_dir, on_both_hooks, require_root,
+};
+
+// On each set of data hooks (`syscalls::…`, `sockets::…`).
+on_both_hooks!(bodies_and_queries_reach_no_sink_log_or_metric);
 
 const SERVER_PORT: u16 = 18_194;
 const AGENT_PORT: u16 = 19_194;
@@ -33,10 +38,9 @@ fn written(m: &Metrics, sink: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[test]
-fn bodies_and_queries_reach_no_sink_log_or_metric() -> Result<()> {
+fn bodies_and_queries_reach_no_sink_log_or_metric(hooks: Hooks) -> Result<()> {
     require_root()?;
-    let logs = log_dir("privacy")?;
+    let logs = log_dir(&format!("privacy/{}", hooks.name()))?;
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     // Unique to this run, so an old file cannot match; 16 bytes, so the server's echo (the first 16
     // body bytes) carries it whole in every response.
@@ -77,6 +81,8 @@ fn bodies_and_queries_reach_no_sink_log_or_metric() -> Result<()> {
         loopback(AGENT_PORT),
         &[
             "--no-discovery",
+            "--data-hooks",
+            hooks.name(),
             "--port",
             &port,
             "--config",
@@ -90,6 +96,7 @@ fn bodies_and_queries_reach_no_sink_log_or_metric() -> Result<()> {
         ],
     )?;
     agent.wait_ready(Duration::from_secs(30))?;
+    hooks.ensure_attached(&agent)?;
 
     // Small bodies (inside the kernel's 512-byte head copy), a large one, errors, and the marker in
     // the query string too.

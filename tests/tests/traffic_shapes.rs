@@ -17,13 +17,35 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use servescope_integration::{
-    Agent, ensure_kernel_prereqs,
+    Agent, Hooks, ensure_kernel_prereqs,
     h1::{
         Client, Expected, Family, H1Server, chunked_bytes, eventually, get_bytes, latency_sum_us,
         request_bytes,
     },
-    kernel, log_dir, require_root,
+    kernel, log_dir, on_both_hooks, require_root,
 };
+
+// Every shape, on each set of data hooks (`syscalls::<test>`, `sockets::<test>`).
+on_both_hooks!(
+    keep_alive_connection_carries_hundreds_of_requests,
+    a_scrape_counts_every_request_answered_before_it,
+    hundreds_of_concurrent_connections,
+    requests_arriving_byte_by_byte_and_in_odd_chunks,
+    pipelined_requests_on_one_connection,
+    pipelined_burst_beyond_the_copied_bytes,
+    request_bodies_from_empty_to_8_mib_and_chunked,
+    responses_by_write_writev_several_writes_and_sendfile,
+    large_response_latency_is_time_to_first_byte,
+    error_responses_closed_by_the_server,
+    client_resets_mid_request_and_mid_response,
+    half_closed_clients,
+    fd_reuse_gets_a_fresh_connection,
+    a_log_fd_number_reused_for_a_socket_is_traced,
+    ipv4_ipv6_and_v4_mapped_listeners,
+    the_agent_never_traces_itself,
+    several_listening_ports_in_one_process,
+    connections_open_before_the_agent_are_picked_up_at_the_next_request,
+);
 
 const H1SERVER: &str = env!("CARGO_BIN_EXE_h1server");
 /// Agent start to "target traced": BPF load, attach, first discovery scan.
@@ -47,16 +69,23 @@ fn free_addr() -> Result<SocketAddr> {
 }
 
 /// Starts the agent tracing whatever listens on `ports` (and nothing else), and waits until it does.
-fn start_agent(logs: &Path, ports: &[u16], extra: &[&str]) -> Result<Agent> {
+fn start_agent(logs: &Path, hooks: Hooks, ports: &[u16], extra: &[&str]) -> Result<Agent> {
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     let mut args = vec!["--no-discovery", "--discovery-interval-ms", "100"];
+    args.extend(hooks.args());
     for p in &ports {
         args.extend(["--port", p.as_str()]);
     }
     args.extend(extra);
     let agent = Agent::start(logs, free_addr()?, &args)?;
     agent.wait_ready(READY)?;
+    hooks.ensure_attached(&agent)?;
     Ok(agent)
+}
+
+/// This test's log directory, one per set of hooks.
+fn logs_of(test: &str, hooks: Hooks) -> Result<PathBuf> {
+    log_dir(&format!("traffic_shapes/{}/{test}", hooks.name()))
 }
 
 /// One h1server traced by one agent.
@@ -66,12 +95,18 @@ struct Traced {
     agent: Agent,
 }
 
-fn traced(test: &str, family: Family, ports: &[u16], extra: &[&str]) -> Result<Traced> {
+fn traced(
+    test: &str,
+    hooks: Hooks,
+    family: Family,
+    ports: &[u16],
+    extra: &[&str],
+) -> Result<Traced> {
     require_root()?;
     ensure_kernel_prereqs()?;
-    let logs = log_dir(&format!("traffic_shapes/{test}"))?;
+    let logs = logs_of(test, hooks)?;
     let server = H1Server::start(Path::new(H1SERVER), &logs, family, ports)?;
-    let agent = start_agent(&logs, &[server.port()], extra)?;
+    let agent = start_agent(&logs, hooks, &[server.port()], extra)?;
     Ok(Traced {
         logs,
         server,
@@ -80,13 +115,13 @@ fn traced(test: &str, family: Family, ports: &[u16], extra: &[&str]) -> Result<T
 }
 
 /// [`traced`], with the agent also writing its request log (`--request-log`) to `requests.jsonl`.
-fn traced_with_request_log(test: &str, family: Family) -> Result<Traced> {
+fn traced_with_request_log(test: &str, hooks: Hooks, family: Family) -> Result<Traced> {
     require_root()?;
     ensure_kernel_prereqs()?;
-    let logs = log_dir(&format!("traffic_shapes/{test}"))?;
+    let logs = logs_of(test, hooks)?;
     let server = H1Server::start(Path::new(H1SERVER), &logs, family, &[0])?;
     let log = logs.join("requests.jsonl").to_string_lossy().into_owned();
-    let agent = start_agent(&logs, &[server.port()], &["--request-log", &log])?;
+    let agent = start_agent(&logs, hooks, &[server.port()], &["--request-log", &log])?;
     Ok(Traced {
         logs,
         server,
@@ -135,9 +170,8 @@ impl Traced {
 }
 
 /// A client keeps one connection for hundreds of requests, as SDKs and load balancers do.
-#[test]
-fn keep_alive_connection_carries_hundreds_of_requests() -> Result<()> {
-    let t = traced("keep_alive", Family::V4, &[0], &[])?;
+fn keep_alive_connection_carries_hundreds_of_requests(hooks: Hooks) -> Result<()> {
+    let t = traced("keep_alive", hooks, Family::V4, &[0], &[])?;
     let mut c = t.client()?;
     for i in 0..300 {
         let st = c.call("POST", "/predictions/ka", format!("request {i}").as_bytes())?;
@@ -161,9 +195,8 @@ fn keep_alive_connection_carries_hundreds_of_requests() -> Result<()> {
 /// A scrape counts every request answered before it was sent: /metrics drains the ring buffer before
 /// it renders (R30) instead of showing what the reader's 100 ms timer last collected. Each round's
 /// single scrape, sent right after the round's last response, must already hold all of them.
-#[test]
-fn a_scrape_counts_every_request_answered_before_it() -> Result<()> {
-    let t = traced("fresh_scrape", Family::V4, &[0], &[])?;
+fn a_scrape_counts_every_request_answered_before_it(hooks: Hooks) -> Result<()> {
+    let t = traced("fresh_scrape", hooks, Family::V4, &[0], &[])?;
     let host = hostname();
     let requests2xx = |m: &servescope_integration::Metrics| {
         m.get("Requests2XX", &[("Level", "Host"), ("Hostname", &host)])
@@ -197,11 +230,10 @@ fn a_scrape_counts_every_request_answered_before_it() -> Result<()> {
 }
 
 /// 250 connections open at once, each carrying a few requests concurrently.
-#[test]
-fn hundreds_of_concurrent_connections() -> Result<()> {
+fn hundreds_of_concurrent_connections(hooks: Hooks) -> Result<()> {
     const CONNS: usize = 250;
     const PER_CONN: u32 = 4;
-    let t = traced("concurrent", Family::V4, &[0], &[])?;
+    let t = traced("concurrent", hooks, Family::V4, &[0], &[])?;
     // Every connection is open before the first request is sent.
     let clients = (0..CONNS).map(|_| t.client()).collect::<Result<Vec<_>>>()?;
     let start = Arc::new(Barrier::new(CONNS));
@@ -240,10 +272,9 @@ fn hundreds_of_concurrent_connections() -> Result<()> {
 /// Heads and bodies that reach the server in many reads: byte by byte, in odd chunk sizes, split right
 /// inside the blank line that ends the head. Latency starts at the request's *last* byte, so slow
 /// uploads do not inflate it.
-#[test]
-fn requests_arriving_byte_by_byte_and_in_odd_chunks() -> Result<()> {
+fn requests_arriving_byte_by_byte_and_in_odd_chunks(hooks: Hooks) -> Result<()> {
     const DELAY_MS: u32 = 30;
-    let t = traced("split_requests", Family::V4, &[0], &[])?;
+    let t = traced("split_requests", hooks, Family::V4, &[0], &[])?;
     let mut c = t.client()?;
 
     // Byte by byte, 1 ms apart: ~100 ms of upload per request, then DELAY_MS in the server.
@@ -294,9 +325,8 @@ fn requests_arriving_byte_by_byte_and_in_odd_chunks() -> Result<()> {
 }
 
 /// Pipelined requests (several sent before the first response is read) that h1server answers in order.
-#[test]
-fn pipelined_requests_on_one_connection() -> Result<()> {
-    let t = traced("pipelined", Family::V4, &[0], &[])?;
+fn pipelined_requests_on_one_connection(hooks: Hooks) -> Result<()> {
+    let t = traced("pipelined", hooks, Family::V4, &[0], &[])?;
     let mut want = t.expect();
     let mut c = t.client()?;
     // Short requests in groups of three per write: all three heads are within the bytes the kernel
@@ -343,10 +373,9 @@ fn pipelined_requests_on_one_connection() -> Result<()> {
 /// rule (agent/src/http/parser.rs): every response still counts in its status class; the ones that
 /// cannot be paired with a request count in servescope_unmatched_responses_total instead of a model,
 /// never silently; the next request boundary restores exact attribution.
-#[test]
-fn pipelined_burst_beyond_the_copied_bytes() -> Result<()> {
+fn pipelined_burst_beyond_the_copied_bytes(hooks: Hooks) -> Result<()> {
     const BURST: u32 = 40;
-    let t = traced("pipelined_burst", Family::V4, &[0], &[])?;
+    let t = traced("pipelined_burst", hooks, Family::V4, &[0], &[])?;
     let mut c = t.client()?;
     let mut burst = Vec::new();
     for i in 0..BURST {
@@ -411,9 +440,8 @@ fn pipelined_burst_beyond_the_copied_bytes() -> Result<()> {
 /// Request bodies from empty to 8 MiB with Content-Length, chunked bodies (small and 2 MiB), and
 /// `Expect: 100-continue`, one after another on one connection: framing stays aligned, and latency
 /// starts when the last body byte arrived, not the first.
-#[test]
-fn request_bodies_from_empty_to_8_mib_and_chunked() -> Result<()> {
-    let t = traced("bodies", Family::V4, &[0], &[])?;
+fn request_bodies_from_empty_to_8_mib_and_chunked(hooks: Hooks) -> Result<()> {
+    let t = traced("bodies", hooks, Family::V4, &[0], &[])?;
     let mut c = t.client()?;
     for (version, size) in [
         ("0", 0usize),
@@ -486,9 +514,8 @@ fn request_bodies_from_empty_to_8_mib_and_chunked() -> Result<()> {
 /// Responses leave the server by write, writev(head, body), several writes (the head itself split),
 /// sendfile, send, and chunked encoding; from 0 B to 8 MiB. Every one counts once, and its bytes are
 /// all accounted (request log's response_bytes).
-#[test]
-fn responses_by_write_writev_several_writes_and_sendfile() -> Result<()> {
-    let t = traced_with_request_log("response_modes", Family::V4)?;
+fn responses_by_write_writev_several_writes_and_sendfile(hooks: Hooks) -> Result<()> {
+    let t = traced_with_request_log("response_modes", hooks, Family::V4)?;
 
     let sizes = [
         ("0", 0usize),
@@ -569,12 +596,11 @@ fn responses_by_write_writev_several_writes_and_sendfile() -> Result<()> {
 /// Two ways a response takes long: the server trickles an 8 MiB body out in 128 writes 2 ms apart, or
 /// the client reads a 16 MiB body slowly, so that the server's single blocking write(), writev() or
 /// sendfile() returns only ~200 ms after the status line left.
-#[test]
-fn large_response_latency_is_time_to_first_byte() -> Result<()> {
+fn large_response_latency_is_time_to_first_byte(hooks: Hooks) -> Result<()> {
     const N: u32 = 3;
     const DELAY_MS: u32 = 20;
     const SLOW: usize = 16 << 20;
-    let t = traced_with_request_log("large_response_ttfb", Family::V4)?;
+    let t = traced_with_request_log("large_response_ttfb", hooks, Family::V4)?;
     let mut c = t.client()?;
     for _ in 0..N {
         let started = Instant::now();
@@ -637,10 +663,22 @@ fn large_response_latency_is_time_to_first_byte() -> Result<()> {
         }
         // The write blocked >= 192 ms; h1server's own work before it (in write mode, copying head and
         // 16 MiB body into one buffer) takes some ms in a debug build.
-        if path.starts_with("/predictions/slow_reader/") && first >= 4.0 * SLACK_US {
-            problems.push(format!(
-                "slow reader: latency_us must not wait for the blocking write to finish: {l}"
-            ));
+        // The socket hooks see a send only when it returns (sock_send_length): a single blocking
+        // write or writev is stamped at its end, which is why `auto` keeps the syscall hooks for
+        // servers given by --port/--pid (docs/decisions.md R39). A sendfile hands the socket its
+        // chunks one by one, so its first is seen when it left.
+        let stamped_at_return = hooks == Hooks::Sockets && !path.ends_with("/sendfile");
+        if path.starts_with("/predictions/slow_reader/") {
+            if stamped_at_return && first < 130_000.0 {
+                problems.push(format!(
+                    "slow reader, socket hooks: latency_us is the end of the blocking write: {l}"
+                ));
+            }
+            if !stamped_at_return && first >= 4.0 * SLACK_US {
+                problems.push(format!(
+                    "slow reader: latency_us must not wait for the blocking write to finish: {l}"
+                ));
+            }
         }
         // ... while time-to-last-byte must: each response is one blocking write (or writev, or
         // sendfile) that returned only after >= 46 paced reads (see set_rcvbuf above): >= 138 ms.
@@ -656,9 +694,8 @@ fn large_response_latency_is_time_to_first_byte() -> Result<()> {
 
 /// Error responses after which the server closes: with RST (SO_LINGER 0, as TorchServe does for every
 /// status >= 400), with FIN, and `Connection: close` asked by the client.
-#[test]
-fn error_responses_closed_by_the_server() -> Result<()> {
-    let t = traced("server_close", Family::V4, &[0], &[])?;
+fn error_responses_closed_by_the_server(hooks: Hooks) -> Result<()> {
+    let t = traced("server_close", hooks, Family::V4, &[0], &[])?;
     for _ in 0..20 {
         let mut c = t.client()?;
         ensure!(c.call("POST", "/predictions/rst?status=503&close=rst", b"x")? == 503);
@@ -688,9 +725,8 @@ fn error_responses_closed_by_the_server() -> Result<()> {
 /// Clients that give up with RST: halfway through sending a request (nothing to count), and halfway
 /// through receiving an 8 MiB response (the server sent its status: it counts, as TorchServe counts
 /// every response it sends). The connections after them are unaffected.
-#[test]
-fn client_resets_mid_request_and_mid_response() -> Result<()> {
-    let t = traced("client_reset", Family::V4, &[0], &[])?;
+fn client_resets_mid_request_and_mid_response(hooks: Hooks) -> Result<()> {
+    let t = traced("client_reset", hooks, Family::V4, &[0], &[])?;
     // Mid-head and mid-body.
     for partial in [
         b"POST /predictions/cut_head HTTP/1.1\r\nContent-Le".to_vec(),
@@ -731,9 +767,8 @@ fn client_resets_mid_request_and_mid_response() -> Result<()> {
 
 /// Clients that shutdown(SHUT_WR) after sending: the server reads EOF after the request(s), still
 /// answers, then closes.
-#[test]
-fn half_closed_clients() -> Result<()> {
-    let t = traced("half_closed", Family::V4, &[0], &[])?;
+fn half_closed_clients(hooks: Hooks) -> Result<()> {
+    let t = traced("half_closed", hooks, Family::V4, &[0], &[])?;
     for _ in 0..10 {
         let mut c = t.client()?;
         c.send(&request_bytes(
@@ -767,10 +802,9 @@ fn half_closed_clients() -> Result<()> {
 
 /// A connection dies in the middle of a request, and the server's next accept() gets the same fd
 /// number at once: the new connection starts clean (no leftover body length, no stale pairing).
-#[test]
-fn fd_reuse_gets_a_fresh_connection() -> Result<()> {
+fn fd_reuse_gets_a_fresh_connection(hooks: Hooks) -> Result<()> {
     const ROUNDS: u32 = 20;
-    let t = traced("fd_reuse", Family::V4, &[0], &[])?;
+    let t = traced("fd_reuse", hooks, Family::V4, &[0], &[])?;
     let mut reused = 0;
     for i in 0..ROUNDS {
         let mut old = t.client()?;
@@ -811,10 +845,9 @@ fn fd_reuse_gets_a_fresh_connection() -> Result<()> {
 /// A connection's thread writes to a file, then moves the connection onto the file's fd number (the
 /// file closed and the socket dup'd into the number, or dup2'd over it): the kernel's per-thread
 /// memory of untraced fds must forget the number, and every later request on it counts.
-#[test]
-fn a_log_fd_number_reused_for_a_socket_is_traced() -> Result<()> {
+fn a_log_fd_number_reused_for_a_socket_is_traced(hooks: Hooks) -> Result<()> {
     const ROUNDS: u32 = 30;
-    let t = traced("log_fd_reuse", Family::V4, &[0], &[])?;
+    let t = traced("log_fd_reuse", hooks, Family::V4, &[0], &[])?;
     for how in ["dup", "dup2"] {
         let mut c = t.client()?;
         ensure!(c.call("POST", &format!("/predictions/move?relocate={how}"), b"x")? == 200);
@@ -842,17 +875,16 @@ fn wait_server_fd(server: &H1Server, client: &Client) -> Result<i32> {
 }
 
 /// IPv4, IPv6 and v4-mapped IPv6 listeners (TorchServe binds ::ffff:127.0.0.1), traced by one agent.
-#[test]
-fn ipv4_ipv6_and_v4_mapped_listeners() -> Result<()> {
+fn ipv4_ipv6_and_v4_mapped_listeners(hooks: Hooks) -> Result<()> {
     require_root()?;
     ensure_kernel_prereqs()?;
-    let logs = log_dir("traffic_shapes/address_families")?;
+    let logs = logs_of("address_families", hooks)?;
     let servers = [Family::V4, Family::V6, Family::Mapped]
         .into_iter()
         .map(|f| H1Server::start(Path::new(H1SERVER), &logs, f, &[0]))
         .collect::<Result<Vec<_>>>()?;
     let ports: Vec<u16> = servers.iter().map(H1Server::port).collect();
-    let agent = start_agent(&logs, &ports, &[])?;
+    let agent = start_agent(&logs, hooks, &ports, &[])?;
     agent.wait_until(READY, "three targets", |m| {
         m.sum("servescope_targets") >= 3.0
     })?;
@@ -880,11 +912,10 @@ fn ipv4_ipv6_and_v4_mapped_listeners() -> Result<()> {
 
 /// The agent never traces itself, not even when a `--port` selects its own listener (or another
 /// address family's server shares its port number): its scrapes are not the server's requests.
-#[test]
-fn the_agent_never_traces_itself() -> Result<()> {
+fn the_agent_never_traces_itself(hooks: Hooks) -> Result<()> {
     require_root()?;
     ensure_kernel_prereqs()?;
-    let logs = log_dir("traffic_shapes/not_itself")?;
+    let logs = logs_of("not_itself", hooks)?;
     let server = H1Server::start(Path::new(H1SERVER), &logs, Family::V4, &[0])?;
     let listen = free_addr()?;
     let (own, theirs) = (listen.port().to_string(), server.port().to_string());
@@ -892,11 +923,17 @@ fn the_agent_never_traces_itself() -> Result<()> {
     let agent = Agent::start(
         &logs,
         listen,
-        &[&args[..], &["--port", &own, "--port", &theirs]].concat(),
+        &[
+            &args[..],
+            &hooks.args(),
+            &["--port", &own, "--port", &theirs],
+        ]
+        .concat(),
     )?;
     agent.wait_until(READY, "the server traced", |m| {
         m.sum("servescope_targets") >= 1.0
     })?;
+    hooks.ensure_attached(&agent)?;
     let mut c = Client::connect(server.addr())?;
     for _ in 0..5 {
         ensure!(c.call("POST", "/predictions/m", b"x")? == 200);
@@ -922,9 +959,8 @@ fn the_agent_never_traces_itself() -> Result<()> {
 
 /// One process listening on three ports (TorchServe: inference, management, metrics): naming one port
 /// traces the process, and every port's responses count, as TorchServe counts them all.
-#[test]
-fn several_listening_ports_in_one_process() -> Result<()> {
-    let t = traced("several_ports", Family::V4, &[0, 0, 0], &[])?;
+fn several_listening_ports_in_one_process(hooks: Hooks) -> Result<()> {
+    let t = traced("several_ports", hooks, Family::V4, &[0, 0, 0], &[])?;
     ensure!(t.server.ports().len() == 3);
     let mut want = t.expect();
     for (i, model) in ["inference", "management", "metrics"]
@@ -945,11 +981,10 @@ fn several_listening_ports_in_one_process() -> Result<()> {
 /// Connections opened before the agent started are picked up at their next request boundary, never
 /// mis-parsed: a keep-alive connection idle in the server's read(), and one in the middle of uploading
 /// a large body when the agent starts.
-#[test]
-fn connections_open_before_the_agent_are_picked_up_at_the_next_request() -> Result<()> {
+fn connections_open_before_the_agent_are_picked_up_at_the_next_request(hooks: Hooks) -> Result<()> {
     require_root()?;
     ensure_kernel_prereqs()?;
-    let logs = log_dir("traffic_shapes/open_before_agent")?;
+    let logs = logs_of("open_before_agent", hooks)?;
     let server = H1Server::start(Path::new(H1SERVER), &logs, Family::V4, &[0])?;
     let mut idle = Client::connect(server.addr())?;
     for _ in 0..3 {
@@ -961,7 +996,7 @@ fn connections_open_before_the_agent_are_picked_up_at_the_next_request() -> Resu
     uploading.send(&upload[..upload.len() / 2])?;
 
     let rl = logs.join("requests.jsonl").to_string_lossy().into_owned();
-    let agent = start_agent(&logs, &[server.port()], &["--request-log", &rl])?;
+    let agent = start_agent(&logs, hooks, &[server.port()], &["--request-log", &rl])?;
     for _ in 0..5 {
         ensure!(idle.call("POST", "/predictions/after", b"x")? == 200);
     }
