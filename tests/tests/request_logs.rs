@@ -20,8 +20,13 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use servescope_integration::{
-    Agent, Metrics, ServerProcess, http, log_dir, require_root, workspace_root,
+    Agent, Hooks, Metrics, ServerProcess, http, log_dir, on_both_hooks, require_root,
+    workspace_root,
 };
+
+// The exchange-by-exchange check on each set of data hooks (`syscalls::…`, `sockets::…`); the
+// sinks' own behaviour (restarts, full disk, SIGHUP) does not depend on them.
+on_both_hooks!(request_log_csv_and_syslog_match_what_was_sent);
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -192,10 +197,9 @@ fn traffic(server: SocketAddr, mix: &[(&str, &str, u16, usize)]) -> Result<Vec<(
     Ok(sent)
 }
 
-#[test]
-fn request_log_csv_and_syslog_match_what_was_sent() -> Result<()> {
+fn request_log_csv_and_syslog_match_what_was_sent(hooks: Hooks) -> Result<()> {
     require_root()?;
-    let logs = log_dir("request_logs")?;
+    let logs = log_dir(&format!("request_logs/{}", hooks.name()))?;
     let rsyslog = Rsyslog::start(&logs, "rsyslog", 25_601, 25_514, &logs.join("rsyslog.sock"))?;
     let server = predict_server(&logs, 18_180)?;
     let json = logs.join("requests.jsonl");
@@ -205,6 +209,8 @@ fn request_log_csv_and_syslog_match_what_was_sent() -> Result<()> {
         loopback(19_182),
         &[
             "--no-discovery",
+            "--data-hooks",
+            hooks.name(),
             "--port",
             "18180",
             "--request-log",
@@ -223,6 +229,7 @@ fn request_log_csv_and_syslog_match_what_was_sent() -> Result<()> {
         ],
     )?;
     agent.wait_ready(Duration::from_secs(15))?;
+    hooks.ensure_attached(&agent)?;
 
     let day_before = utc_day()?;
     let sent = traffic(
