@@ -21,6 +21,29 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+#if defined(__TARGET_ARCH_arm64)
+/*
+ * vmlinux.h is generated on x86 (`cargo xtask vmlinux`): CO-RE relocates every kernel field the
+ * programs read, so one header serves both architectures, except for the saved registers, whose
+ * layout is the architecture's own. bpf_tracing.h reads arm64 arguments through the UAPI
+ * user_pt_regs (arch/arm64/include/uapi/asm/ptrace.h, a fixed layout that starts the kernel's
+ * pt_regs), which an x86 header lacks; the syscall number is relocated against the kernel's pt_regs.
+ * A vmlinux.h generated on arm64 would have user_pt_regs already: drop this one then.
+ */
+struct user_pt_regs {
+	__u64 regs[31];
+	__u64 sp;
+	__u64 pc;
+	__u64 pstate;
+};
+
+struct pt_regs___ss_arm64 {
+	__s32 syscallno;
+} __attribute__((preserve_access_index));
+#elif !defined(__TARGET_ARCH_x86)
+#error "the eBPF programs are built for x86 and arm64 only (agent/build.rs)"
+#endif
+
 #define AF_UNIX 1
 #define AF_INET 2
 #define AF_INET6 10
@@ -1126,7 +1149,7 @@ static __always_inline long syscall_nr(void)
 #if defined(__TARGET_ARCH_x86)
 	return regs->orig_ax;
 #else
-	return regs->syscallno;
+	return ((struct pt_regs___ss_arm64 *)regs)->syscallno;
 #endif
 }
 

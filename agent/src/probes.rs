@@ -162,6 +162,9 @@ pub enum Need {
     /// so that with them no syscall tracepoint at all is attached for TorchServe (any one puts every
     /// syscall of every process on the kernel's slow path).
     SyscallLifecycle,
+    /// dup2(), of [`Need::SyscallLifecycle`]: a syscall of x86-64 alone. arm64 has only dup3,
+    /// which its C libraries' dup2() calls, so there is no `sys_enter_dup2` to attach to.
+    Dup2,
     /// recvfrom/sendto/recvmsg/sendmsg: servers found by `--port` may use them. TorchServe's frontend
     /// (Netty, JVM) reads and writes with read/readv/write/writev only, and its workers' socket
     /// reads are not needed (the kernel walks the frontend's frames), so without `--port` these
@@ -324,7 +327,7 @@ pub const PROGRAMS: [(&str, Hook, Need); 30] = [
     (
         "ss_enter_dup2",
         Hook::Tracepoint("syscalls", "sys_enter_dup2"),
-        Need::SyscallLifecycle,
+        Need::Dup2,
     ),
     (
         "ss_enter_dup3",
@@ -390,6 +393,7 @@ impl LoadOptions {
             // With the socket hooks, ss_sock_state sees listen() (the socket's TCP_LISTEN state).
             Need::Listen => self.watch_listen,
             Need::SyscallData | Need::SyscallLifecycle => true,
+            Need::Dup2 => cfg!(target_arch = "x86_64"),
             Need::SocketCalls => self.socket_calls,
             Need::ReadEntry => self.read_entries,
             Need::SocketCallsReadEntry => self.socket_calls && self.read_entries,

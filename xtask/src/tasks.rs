@@ -7,10 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use servescope_integration::{
     TorchServeHome, ensure_kernel_prereqs, require_root, target_dir, workspace_root,
 };
+
+// The agent's own description of how its eBPF programs are compiled (agent/build.rs uses it too).
+#[path = "../../agent/ebpf_build.rs"]
+mod ebpf_build;
 
 /// The package name of the integration tests; excluded from the unit-test run because they need root.
 const INTEGRATION_PACKAGE: &str = "servescope-integration";
@@ -20,6 +24,28 @@ pub fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
+}
+
+/// Compiles the eBPF programs for every architecture the agent supports but this machine does not
+/// build (its own is compiled by every agent build): arm64 on x86 CI, where nothing else would notice
+/// that an architecture-specific part of the C (saved registers, syscall numbers) no longer
+/// compiles. Into `target/ebpf-check/<arch>/`.
+fn ebpf_for_other_arches() -> Result<()> {
+    let clang = ebpf_build::find_clang().map_err(|e| anyhow!(e))?;
+    let ebpf = workspace_root().join("ebpf");
+    let host = ebpf_build::bpf_arch(env::consts::ARCH).ok();
+    for (rust, bpf) in ebpf_build::ARCHES {
+        if host == Some(*bpf) {
+            continue;
+        }
+        let out = target_dir().join("ebpf-check").join(bpf);
+        fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        eprintln!("$ clang -target bpf -D__TARGET_ARCH_{bpf} … (agent/ebpf_build.rs)");
+        ebpf_build::compile_all(&clang, &ebpf, bpf, &out)
+            .map_err(|e| anyhow!(e))
+            .with_context(|| format!("the eBPF programs do not compile for {rust}"))?;
+    }
+    Ok(())
 }
 
 /// Runs `cmd`, echoing it first; an error if it fails.
@@ -112,6 +138,9 @@ pub fn test(unit: bool, integration: bool, test_args: &[String]) -> Result<()> {
     if unit {
         timed("rustfmt", &mut || {
             run(cargo().args(["fmt", "--all", "--check"]))
+        })?;
+        timed("eBPF for the other architectures", &mut || {
+            ebpf_for_other_arches()
         })?;
         timed("clippy", &mut || {
             run(cargo().args([
