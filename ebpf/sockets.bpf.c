@@ -1190,13 +1190,14 @@ static __always_inline struct conn_info *sock_conn(__u64 id, struct ss_conn_key 
 	c->sk = (__u64)sk;
 	if (fam != AF_UNIX) {
 		__u64 skey = (__u64)sk;
-		/* The socket already had a connection under another fd number: it was dup'd there (a
-		 * server moving a connection onto another fd, the old one left open or closed unseen). It
-		 * is one connection; the old entry is reported closed here, or nothing would end it (its
-		 * socket's end finds this newest entry only). Should both numbers stay in use, each
-		 * switch between them starts a connection anew at its next request, as after an eviction. */
+		/* The socket already had a connection under another fd: it was dup'd there (a server
+		 * moving a connection onto another fd number, the old one left open or closed unseen), or
+		 * it is another process's copy (passed on by fork). It is one connection; the old entry is
+		 * reported closed here, or nothing would end it (its socket's end finds this newest entry
+		 * only). Should both fds stay in use, each switch between them starts a connection anew at
+		 * its next request, as after an eviction. */
 		struct sk_conn *prev = bpf_map_lookup_elem(&sk_conns, &skey);
-		if (prev && prev->key.fd != key->fd) {
+		if (prev && (prev->key.fd != key->fd || prev->key.tgid != key->tgid)) {
 			struct ss_conn_key pkey = prev->key;
 			struct conn_info *p = bpf_map_lookup_elem(&conns, &pkey);
 			if (p && p->id == prev->id) {
