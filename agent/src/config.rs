@@ -99,6 +99,21 @@ pub struct Cli {
     #[arg(long, env = "SERVESCOPE_RINGBUF_BYTES", default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
     pub ringbuf_bytes: u32,
 
+    /// Nice value of the thread that drains the ring buffer (-20 to 19; the rest of the agent keeps
+    /// the priority it was started with). Below the traced server's threads, so that on a node whose
+    /// CPUs are all busy the reader still drains the ring before it fills and the kernel drops records.
+    /// Needs CAP_SYS_NICE at start (dropped after); without it the reader runs at the agent's own
+    /// priority and a warning says so. 0 turns it off.
+    #[arg(
+        long,
+        env = "SERVESCOPE_READER_NICE",
+        default_value_t = -5,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(-20..=19),
+        value_name = "NICE"
+    )]
+    pub reader_nice: i32,
+
     /// Where the kernel programs keep a thread's state between syscall entry and exit: `task-storage`
     /// (fastest; needs task-local storage in tracepoint programs), `hash` (any 5.8+ kernel), or `auto`
     /// (task storage when the kernel accepts it).
@@ -158,6 +173,7 @@ pub struct Config {
     pub discover_torchserve: bool,
     pub discovery_interval: Duration,
     pub ringbuf_bytes: u32,
+    pub reader_nice: i32,
     pub thread_state: ThreadState,
     pub data_hooks: DataHooks,
     pub bpf_stats: bool,
@@ -199,6 +215,7 @@ impl Cli {
             discover_torchserve: !self.no_discovery,
             discovery_interval: Duration::from_millis(self.discovery_interval_ms),
             ringbuf_bytes: self.ringbuf_bytes,
+            reader_nice: self.reader_nice,
             thread_state: self.thread_state,
             data_hooks: self.data_hooks,
             bpf_stats: self.bpf_stats,
@@ -286,5 +303,15 @@ mod tests {
         assert!(err(&["--sample-interval-secs", "0"]).contains("out of range"));
         assert!(err(&["--tls-cert", "c.pem"]).contains("--tls-key"));
         assert!(err(&["--tls-key", "k.pem"]).contains("--tls-cert"));
+        assert!(err(&["--reader-nice", "-21"]).contains("-21"));
+        assert!(err(&["--reader-nice", "20"]).contains("20"));
+    }
+
+    #[test]
+    fn reader_nice() -> anyhow::Result<()> {
+        assert_eq!(parse(&[])?.reader_nice, -5);
+        assert_eq!(parse(&["--reader-nice", "-10"])?.reader_nice, -10);
+        assert_eq!(parse(&["--reader-nice", "0"])?.reader_nice, 0);
+        Ok(())
     }
 }

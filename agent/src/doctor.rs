@@ -179,7 +179,7 @@ const REQUIRED: [(u32, &str, &str); 3] = [
 ];
 
 /// Capabilities without which part of the job is not done.
-const RECOMMENDED: [(u32, &str, &str); 2] = [
+const RECOMMENDED: [(u32, &str, &str); 3] = [
     (
         2,
         "CAP_DAC_READ_SEARCH",
@@ -190,6 +190,12 @@ const RECOMMENDED: [(u32, &str, &str); 2] = [
         "CAP_SYS_ADMIN",
         "label TorchServe in other UTS namespaces (pods) with their own hostnames, and attach the \
          TorchServe workers' uprobes of the socket data hooks",
+    ),
+    (
+        23,
+        "CAP_SYS_NICE",
+        "run the ring-buffer reader ahead of the node's threads (--reader-nice), so that busy CPUs \
+         do not make the kernel drop records",
     ),
 ];
 
@@ -466,7 +472,7 @@ fn capabilities(env: &Env) -> Check {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (+ CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN) \
+            "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (+ CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_SYS_NICE) \
              (e.g. the DaemonSet's securityContext or the systemd unit in deploy/)",
         )
     } else if !recommended.is_empty() {
@@ -478,7 +484,8 @@ fn capabilities(env: &Env) -> Check {
     } else {
         Check::ok(
             NAME,
-            "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_SYS_ADMIN effective",
+            "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN and CAP_SYS_NICE \
+             effective",
         )
     }
 }

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod privileges;
 pub mod probe_site;
 pub mod probes;
+pub mod reader_thread;
 pub mod registry;
 pub mod routing;
 pub mod sampler;

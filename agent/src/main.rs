@@ -10,6 +10,7 @@ use servescope::{
     exposition::{access::Access, server},
     pipeline, privileges,
     probes::{LoadOptions, Probes, read_entries_needed},
+    reader_thread::{self, ReaderThread},
     registry::Registry,
     sampler,
     sink::{self, config::SinksConfig},
@@ -46,12 +47,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Still one thread holding the load-time capabilities: the reader's priority can be raised now,
+    // and its thread, started once they are dropped, inherits it (reader_thread.rs).
+    let boost = reader_thread::Boost::raise(cfg.reader_nice);
     match privileges::drop_after_load() {
         Ok(left) => tracing::info!(kept = ?left, "dropped the capabilities only loading needed"),
         Err(e) => {
             tracing::warn!(error = %e, "could not drop capabilities; running with those granted")
         }
     }
+    let reader_nice = boost.reader_nice();
+    let reader_thread = match boost.spawn() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(reader_nice, "event reader on its own thread");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -63,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(run(cfg, listener, access, probes, log));
+    let result = rt.block_on(run(cfg, listener, access, probes, log, reader_thread));
     // A sampler's statvfs of a hung network mount cannot be interrupted: do not wait for it on exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
@@ -278,6 +291,7 @@ async fn run(
     access: Access,
     mut probes: Probes,
     log: LogFilter,
+    reader_thread: ReaderThread,
 ) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::from_std(listener).context("registering the metrics listener")?;
@@ -309,7 +323,7 @@ async fn run(
     let worker_map = WorkerMap::default();
     // /metrics → reader: drain before rendering.
     let (drain, drains) = pipeline::drain_requests();
-    let reader = tokio::spawn(pipeline::read_events(
+    let reader = reader_thread.run(pipeline::read_events(
         ring,
         registry.clone(),
         sinks,
@@ -321,7 +335,7 @@ async fn run(
             worker_map: worker_map.clone(),
         },
         stop_rx.clone(),
-    ));
+    ))?;
     let discovery = tokio::spawn(pipeline::discover(
         cfg.clone(),
         probes,
@@ -383,17 +397,29 @@ async fn run(
         registry,
     };
     let (mut reader, mut discovery) = (reader, discovery);
+    let mut reader_ended = false;
     let outcome = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
             Some(()) = sighup.recv() => reload.on_hangup(),
-            r = &mut reader => break task_ended("event reader", r),
+            r = &mut reader => {
+                reader_ended = true;
+                break task_ended("event reader", r);
+            }
             r = &mut discovery => break task_ended("discovery", r),
             r = &mut serve => break task_ended("metrics server", r),
         }
     };
     let _ = stop_tx.send(true);
+    // The reader, on its own thread, sees the stop at its next record or tick.
+    if !reader_ended
+        && tokio::time::timeout(Duration::from_secs(2), &mut reader)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the event reader did not stop within 2 s");
+    }
     for task in samplers {
         if let Err(e) = task.await {
             tracing::error!("sampler crashed: {e}");
@@ -414,7 +440,7 @@ async fn log_failure(name: &str, task: impl Future<Output = anyhow::Result<()>>)
 /// A task that should run forever ended: say which and why.
 fn task_ended(
     name: &str,
-    r: Result<anyhow::Result<()>, tokio::task::JoinError>,
+    r: Result<anyhow::Result<()>, impl std::fmt::Display>,
 ) -> anyhow::Result<()> {
     match r {
         Ok(Ok(())) => anyhow::bail!("{name} stopped unexpectedly"),

@@ -34,12 +34,13 @@ use servescope_integration::{
 };
 
 /// The capabilities both deployments grant, and nothing else (README.md, Requirements).
-const CAPABILITIES: [&str; 5] = [
+const CAPABILITIES: [&str; 6] = [
     "BPF",
     "PERFMON",
     "SYS_PTRACE",
     "DAC_READ_SEARCH",
     "SYS_ADMIN",
+    "SYS_NICE",
 ];
 /// The port the DaemonSet serves /metrics on (TorchServe's metrics port, in the agent pod's own netns).
 const POD_METRICS_PORT: u64 = 8082;

@@ -554,3 +554,100 @@ fn bpf_stats_without_cap_sys_admin_is_a_clear_error() -> Result<()> {
     ensure!(!text.contains("eBPF programs loaded"), "{text}");
     Ok(())
 }
+
+/// The thread that drains the ring buffer runs ahead of the node's ordinary threads (`--reader-nice`,
+/// default -5), so that a node whose CPUs are all busy does not make it miss the ring's time; every
+/// other thread of the agent keeps the priority it was started with. Without CAP_SYS_NICE the agent
+/// warns and traces all the same, its reader at its own priority.
+#[test]
+fn the_ring_reader_runs_at_its_own_priority() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server_reader_nice")?;
+    let port = SERVER_PORT + 3;
+    let _server = start_server(port)?;
+    let own = thread_nice(std::path::Path::new("/proc/thread-self"))?;
+    let boosted = own.min(-5);
+    // A wrapper that takes CAP_SYS_NICE away from root before exec'ing the agent.
+    let no_nice = logs.join("without-sys-nice.sh");
+    std::fs::write(
+        &no_nice,
+        format!(
+            "#!/bin/sh\nexec setpriv --inh-caps=-sys_nice --bounding-set=-sys_nice -- {} \"$@\"\n",
+            Agent::binary()?.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &no_nice,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    for (bin, want, name) in [
+        (Agent::binary()?, boosted, "with CAP_SYS_NICE"),
+        (no_nice, own, "without CAP_SYS_NICE"),
+    ] {
+        let agent = Agent::start_binary(
+            &bin,
+            &logs,
+            "127.0.0.1:19086".parse()?,
+            &["--no-discovery", "--port", &port.to_string()],
+        )?;
+        agent.wait_ready(Duration::from_secs(15))?;
+        let mut readers = 0;
+        let mut others = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", agent.pid()))? {
+            let task = task?.path();
+            let comm = std::fs::read_to_string(task.join("comm"))?;
+            let nice = thread_nice(&task)?;
+            if comm.trim() == "ss-reader" {
+                ensure!(
+                    nice == want,
+                    "{name}: the reader runs at nice {nice}, not {want}"
+                );
+                readers += 1;
+            } else {
+                ensure!(
+                    nice == own,
+                    "{name}: thread {} runs at nice {nice}, not the agent's own {own}",
+                    comm.trim()
+                );
+                others += 1;
+            }
+        }
+        ensure!(
+            readers == 1 && others >= 2,
+            "{name}: {readers} readers, {others} others"
+        );
+        let log = std::fs::read_to_string(agent.log_path())?;
+        ensure!(
+            log.contains(&format!("reader_nice={want}")),
+            "{name}: the start-up log does not give the reader's priority:\n{log}"
+        );
+        let warned = log.contains("cannot raise the event reader's priority");
+        ensure!(
+            warned == (want != boosted),
+            "{name}: warning shown: {warned}\n{log}"
+        );
+        // Traced either way.
+        let mut c = Client::connect(port)?;
+        ensure!(c.send("POST", "/predictions/nice", b"x", false)? == 200);
+        agent.wait_until(Duration::from_secs(10), "the request counted", |m| {
+            inference(m, "nice", "default") == 1.0
+        })?;
+        drop(c);
+    }
+    Ok(())
+}
+
+/// The nice value of a thread (`/proc/<pid>/task/<tid>`): field 19 of its stat line.
+fn thread_nice(task: &std::path::Path) -> Result<i32> {
+    let stat = std::fs::read_to_string(task.join("stat"))?;
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("stat without a command name")?;
+    after
+        .split_whitespace()
+        .nth(16)
+        .and_then(|f| f.parse().ok())
+        .with_context(|| format!("no nice value in {stat}"))
+}
