@@ -1217,17 +1217,9 @@ static __always_inline struct conn_info *sock_conn(__u64 id, struct ss_conn_key 
  * matched it): the decision of enter_from_regs, made on the socket itself. No fd mask: with no
  * close() hooked it could outlive its fd, and the writes it exists for (log files) run nothing here.
  */
-static __always_inline int sock_data(struct sock *sk, long ret, __u8 dir, __u8 sys)
+static __always_inline int sock_data(struct sock *sk, __u64 id, struct task_state *t, __u16 fam, long ret,
+				     __u8 dir, __u8 sys)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct task_state *t = traced_thread(id);
-	if (!t)
-		return 0;
-	__u16 fam = BPF_CORE_READ(sk, __sk_common.skc_family);
-	/* A worker's own socket traffic (~25 field-by-field reads per request) is not needed: the
-	 * frontend's frames are walked where they are written (otf_frame). */
-	if ((t->target & SS_TARGET_WORKER) && fam == AF_UNIX)
-		return 0;
 	struct pt_regs *regs = syscall_regs();
 	if (!regs)
 		return 0;
@@ -1262,10 +1254,9 @@ static __always_inline int sock_data(struct sock *sk, long ret, __u8 dir, __u8 s
  * not EOF). Unix sockets have no state tracepoint, so this is where the socket hooks see such a
  * connection end; a TCP one ends in ss_sock_state instead, when this side closes too.
  */
-static __always_inline int unix_end(struct sock *sk)
+static __always_inline int unix_end(struct sock *sk, __u64 id, __u16 fam)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	if (!traced_thread(id) || BPF_CORE_READ(sk, __sk_common.skc_family) != AF_UNIX)
+	if (fam != AF_UNIX)
 		return 0;
 	struct pt_regs *regs = syscall_regs();
 	if (!regs)
@@ -1279,26 +1270,51 @@ static __always_inline int unix_end(struct sock *sk)
 	return 0;
 }
 
+/*
+ * The current thread's state when its process is traced and `sk` is a socket it may trace, with the
+ * socket's family in `fam`; NULL otherwise. First in both socket hooks, before the syscall number:
+ * it is all that runs for an untraced thread (nearly every socket call on the host) and for a
+ * TorchServe worker's own unix socket traffic (~25 field-by-field reads per request, not needed: the
+ * frontend's frames are walked where they are written, otf_frame). The family is a direct load: the
+ * tracepoint's socket is a trusted BTF pointer, so no probe-read helper call is needed.
+ */
+static __always_inline struct task_state *sock_thread(struct sock *sk, __u64 id, __u16 *fam)
+{
+	struct task_state *t = traced_thread(id);
+	if (!t)
+		return NULL;
+	*fam = sk->__sk_common.skc_family;
+	if ((t->target & SS_TARGET_WORKER) && *fam == AF_UNIX)
+		return NULL;
+	return t;
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(ss_sock_send, struct sock *sk, int ret, int flags)
 {
-	if (ret == -EPIPE || ret == -ECONNRESET)
-		return unix_end(sk);
-	if (ret <= 0)
+	int end = ret == -EPIPE || ret == -ECONNRESET;
+	if (ret <= 0 && !end)
 		return 0;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u16 fam = 0;
+	struct task_state *t = sock_thread(sk, id, &fam);
+	if (!t)
+		return 0;
+	if (end)
+		return unix_end(sk, id, fam);
 	/* One case per syscall: data_tail wants its syscall as a constant (see its switch). */
 	switch (syscall_nr()) {
 	case NR_WRITE:
-		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_WRITE);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_EGRESS, SS_SYS_WRITE);
 	case NR_WRITEV:
-		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_WRITEV);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_EGRESS, SS_SYS_WRITEV);
 	case NR_SENDTO:
-		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_SENDTO);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_EGRESS, SS_SYS_SENDTO);
 	case NR_SENDMSG:
-		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_SENDMSG);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_EGRESS, SS_SYS_SENDMSG);
 	case NR_SENDFILE:
 		/* Each chunk the splice hands to the socket: one record each, no head. */
-		return sock_data(sk, ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
 	default:
 		return 0;
 	}
@@ -1310,19 +1326,25 @@ int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
 	/* A peek leaves the bytes to be read again; the error queue holds no stream data. */
 	if (flags & (MSG_PEEK | MSG_ERRQUEUE))
 		return 0;
-	if (ret == 0 || ret == -ECONNRESET)
-		return unix_end(sk);
-	if (ret < 0)
+	int end = ret == 0 || ret == -ECONNRESET;
+	if (ret < 0 && !end)
 		return 0;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u16 fam = 0;
+	struct task_state *t = sock_thread(sk, id, &fam);
+	if (!t)
+		return 0;
+	if (end)
+		return unix_end(sk, id, fam);
 	switch (syscall_nr()) {
 	case NR_READ:
-		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_READ);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_INGRESS, SS_SYS_READ);
 	case NR_READV:
-		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_READV);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_INGRESS, SS_SYS_READV);
 	case NR_RECVFROM:
-		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_RECVFROM);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_INGRESS, SS_SYS_RECVFROM);
 	case NR_RECVMSG:
-		return sock_data(sk, ret, SS_DIR_INGRESS, SS_SYS_RECVMSG);
+		return sock_data(sk, id, t, fam, ret, SS_DIR_INGRESS, SS_SYS_RECVMSG);
 	default:
 		return 0;
 	}
