@@ -225,6 +225,7 @@ struct {
 struct scratch {
 	struct ss_event ev;
 	__u8 spill[SS_HEAD_MAX];
+	__u64 walk_off; /* frame_int's offset, laundered through map memory (see there) */
 };
 
 struct {
@@ -753,7 +754,35 @@ struct walk {
 	__u32 requests;
 	__u32 ids;
 	__u32 state;
+	__u32 head;  /* the frame's first bytes already in the data record's head (scratch_buf) */
 };
+
+/*
+ * The int32 at the walk's offset as the frame has it (big-endian), in 0..2^32-1; -1 if unreadable. A
+ * frame's fields up to its body usually lie in the head the data record just copied (SS_HEAD_MAX
+ * bytes): those are read there, with no helper call; past it, from the writer's memory. An echo
+ * request's frame is 13 steps, all in the head (R44). Returned, not stored through a pointer: both
+ * ways then leave the verifier the same state, and it walks the rest of the step once.
+ */
+static __always_inline __s64 frame_int(struct walk *w)
+{
+	__u32 be;
+	struct scratch *s = get_scratch();
+	if (s) {
+		/* Compared or indexed by w->off itself, the offset would be tracked exactly; each
+		 * bpf_loop step then differs from the last and the callback never converges (8,193
+		 * jumps, load refused). A value read back from map memory is unknown to the verifier. */
+		s->walk_off = w->off;
+		__u64 o = *(volatile __u64 *)&s->walk_off; /* read back, not the register clang holds */
+		if (o + 4 <= w->head && o <= SS_HEAD_MAX - 4) {
+			__builtin_memcpy(&be, &s->ev.data[o], sizeof(be));
+			return be;
+		}
+	}
+	if (bpf_probe_read_user(&be, sizeof(be), (const void *)(w->buf + w->off)))
+		return -1;
+	return be;
+}
 
 static long walk_step(__u32 i, struct walk *w)
 {
@@ -761,8 +790,8 @@ static long walk_step(__u32 i, struct walk *w)
 		w->state = W_CORRUPT;
 		return 1;
 	}
-	__s32 be;
-	if (bpf_probe_read_user(&be, sizeof(be), (const void *)(w->buf + w->off))) {
+	__s64 be = frame_int(w);
+	if (be < 0) {
 		w->state = W_CORRUPT;
 		return 1;
 	}
@@ -859,10 +888,28 @@ __noinline int otf_frame(__u64 id, struct task_state *a, long ret)
 	/* The message this write begins ends `count` bytes on, or where the frame walked below ends; what a
 	 * partial write leaves comes in the next writes, which must not be taken for frames. */
 	__u64 end = a->iovcnt;
-	__u8 cmd = 0;
 	__u32 zero = 0;
 	struct batch_scratch *b = bpf_map_lookup_elem(&batch_buf, &zero);
-	if (!b || a->iovcnt < 5 || bpf_probe_read_user(&cmd, 1, (const void *)a->buf) || cmd != 'I')
+	/* The data record of this write, submitted just before (data_tail), still in the scratch: its
+	 * head is the frame's first bytes. Checked, not assumed, so that a walk never reads another
+	 * record's bytes as this frame's. */
+	struct scratch *s = get_scratch();
+	if (!b || !s || a->iovcnt < 5)
+		goto rest;
+	__u64 head = 0;
+	if (s->ev.kind == SS_EV_DATA && s->ev.conn_id == a->conn_id && s->ev.fd == a->fd &&
+	    s->ev.tid == (__u32)id)
+		head = s->ev.head_len;
+	/* Read back through map memory (as in frame_int): a known 0 on one path and a length on the
+	 * other would have the verifier walk the whole bpf_loop callback once for each. */
+	s->walk_off = head;
+	head = *(volatile __u64 *)&s->walk_off;
+	__u8 cmd = 0;
+	if (head)
+		cmd = s->ev.data[0];
+	else if (bpf_probe_read_user(&cmd, 1, (const void *)a->buf))
+		goto rest;
+	if (cmd != 'I')
 		goto rest;
 	struct walk w = {
 		.buf = a->buf,
@@ -870,6 +917,7 @@ __noinline int otf_frame(__u64 id, struct task_state *a, long ret)
 		.off = 1,
 		.pos = sizeof(struct ss_batch),
 		.state = W_ID,
+		.head = (__u32)head, /* at most SS_HEAD_MAX; frame_int bounds its reads anyway */
 	};
 	bpf_loop(SS_WALK_STEPS, walk_step, &w, 0);
 	struct conn_info conn = { .id = a->conn_id, .family = a->family, .accepted = a->accepted };
