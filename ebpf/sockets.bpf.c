@@ -862,7 +862,10 @@ static long walk_step(__u32 i, struct walk *w)
 /*
  * After a frontend's write of `ret` bytes to a worker socket (`a` holds the call): if the write starts
  * an inference frame, walk it and emit an SS_EV_BATCH record; a partial write leaves the rest of the
- * frame to later writes, which are only counted down.
+ * frame to later writes, which are only counted down. Returns 1 when the batch record was sent and
+ * holds every request id of a whole frame: userspace needs nothing else of the write (the frame's
+ * first id and time start the worker cycle), so its data record, still in the scratch, is not sent.
+ * Any other frame (a load, one walked only in part, ids left out) keeps its data record.
  *
  * A global function (not static, not inlined): the verifier checks it once, on its own, with `a` as
  * any task_state. Inlined, it walked the bpf_loop callback again for each differing state the callers
@@ -888,6 +891,7 @@ __noinline int otf_frame(__u64 id, struct task_state *a, long ret)
 	/* The message this write begins ends `count` bytes on, or where the frame walked below ends; what a
 	 * partial write leaves comes in the next writes, which must not be taken for frames. */
 	__u64 end = a->iovcnt;
+	int whole = 0;
 	__u32 zero = 0;
 	struct batch_scratch *b = bpf_map_lookup_elem(&batch_buf, &zero);
 	/* The data record of this write, submitted just before (data_tail), still in the scratch: its
@@ -935,14 +939,18 @@ __noinline int otf_frame(__u64 id, struct task_state *a, long ret)
 		pos = SS_BATCH_DATA_MAX;
 	b->ev.head_len = pos;
 	__u64 size = offsetof(struct ss_event, data) + pos;
-	if (bpf_ringbuf_output(&events, &b->ev, size, wakeup_flags(size)))
+	int sent = !bpf_ringbuf_output(&events, &b->ev, size, wakeup_flags(size));
+	if (!sent)
 		count_loss(SS_LOSS_RINGBUF_FULL);
-	if (w.state == W_DONE)
+	if (w.state == W_DONE) {
 		end = w.off;
+		/* ...and the write holds nothing past it (bytes after a frame stay in a data record). */
+		whole = sent && w.requests > 0 && w.ids == w.requests && w.off >= (__u64)ret;
+	}
 rest:
 	if (end > (__u64)ret)
 		c->otf_skip = end - (__u64)ret > 0xffffffffULL ? 0xffffffffU : (__u32)(end - (__u64)ret);
-	return 0;
+	return whole;
 }
 
 static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys);
@@ -1030,11 +1038,13 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 	default: /* sendfile: the bytes come from a file, not a user buffer */
 		break;
 	}
-	submit(&s->ev);
-	/* A TorchServe frontend's frame to a worker (flat write: the whole frame is in one buffer). */
+	/* A TorchServe frontend's frame to a worker (flat write: the whole frame is in one buffer),
+	 * walked before the data record goes: an inference frame's batch record says all that record
+	 * would (R45), and then the record is not sent. */
 	if (a->family == AF_UNIX && dir == SS_DIR_EGRESS && !(a->target & SS_TARGET_WORKER) &&
-	    (sys == SS_SYS_WRITE || sys == SS_SYS_SENDTO))
-		otf_frame(id, a, ret);
+	    (sys == SS_SYS_WRITE || sys == SS_SYS_SENDTO) && otf_frame(id, a, ret))
+		return 0;
+	submit(&s->ev);
 	return 0;
 }
 

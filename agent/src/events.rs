@@ -233,7 +233,7 @@ impl<'a> Event<'a> {
 }
 
 /// `SS_EV_BATCH`.
-const KIND_BATCH: u8 = 7;
+pub(crate) const KIND_BATCH: u8 = 7;
 
 /// `struct ss_batch`: the head of a batch record's data.
 #[repr(C)]
@@ -355,6 +355,21 @@ pub fn encode_for_test(h: RawHeader, head: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A batch record's payload as the kernel writes it (`struct ss_batch`, then each id after its
+/// length byte), for tests.
+#[cfg(test)]
+pub(crate) fn batch_payload(requests: u32, status: u8, ids: &[&[u8]]) -> Vec<u8> {
+    let mut p = requests.to_ne_bytes().to_vec();
+    p.push(status);
+    p.push(u8::try_from(ids.len()).expect("few ids"));
+    p.extend_from_slice(&[0, 0]);
+    for id in ids {
+        p.push(u8::try_from(id.len()).expect("short id"));
+        p.extend_from_slice(id);
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,19 +397,6 @@ mod tests {
         assert_eq!(define("SS_TARGET_TRACED"), u64::from(TARGET_TRACED));
         assert_eq!(define("SS_TARGET_WORKER"), u64::from(TARGET_WORKER));
         assert_eq!(define("SS_UNIX_PATH_MAX"), UNIX_PATH_MAX as u64);
-    }
-
-    /// A batch record's payload as the kernel writes it.
-    fn batch_payload(requests: u32, status: u8, ids: &[&[u8]]) -> Vec<u8> {
-        let mut p = requests.to_ne_bytes().to_vec();
-        p.push(status);
-        p.push(u8::try_from(ids.len()).expect("few ids"));
-        p.extend_from_slice(&[0, 0]);
-        for id in ids {
-            p.push(u8::try_from(id.len()).expect("short id"));
-            p.extend_from_slice(id);
-        }
-        p
     }
 
     #[test]

@@ -441,6 +441,15 @@ impl WorkerTracker {
                         let Some(&(frontend, port)) = self.conn_port.get(&ev.conn_id) else {
                             return;
                         };
+                        // With every id of the frame here the kernel sends no data record of the
+                        // write (R45): the batch starts the worker cycle. Otherwise the data
+                        // record, sent after the batch, does (`Direction::Egress` above).
+                        if let Some(first) = batch.ids.first()
+                            && batch.ids.len() == usize::try_from(batch.requests).unwrap_or(0)
+                        {
+                            self.cycle
+                                .insert(ev.conn_id, ((*first).to_owned(), ev.ts_ns));
+                        }
                         if let Some(id) =
                             self.pid_of(frontend, port).and_then(|p| self.map.lookup(p))
                         {
@@ -845,6 +854,55 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("HandlerTime{"), "no line, no sample: {out}");
+
+        // Since R45 the kernel sends no data record for an inference frame whose batch record holds
+        // every id: the batch alone starts the cycle (frame at 10 s, reply at 11 s, response 7 ms on).
+        apply(
+            &mut t,
+            &fe(
+                crate::events::KIND_BATCH,
+                1,
+                10_000_000_000,
+                &crate::events::batch_payload(1, 0, &[b"rid-2"]),
+            ),
+        );
+        apply(&mut t, &fe(1, 0, 11_000_000_000, b"\0\0\0\xc8"));
+        t.on_response("rid-2", 11_007_000_000, &reg, "vm");
+        let out = crate::exposition::torchserve::encode(
+            &reg.gather(),
+            &crate::exposition::torchserve::Filter::all(),
+        );
+        assert!(
+            out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 7.0"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "servescope_worker_backend_duration_seconds_count{held} 2\n"
+            )),
+            "{out}"
+        );
+        // A batch whose ids were not all kept (too long for the record) starts no cycle: its data
+        // record, which the kernel still sends, does.
+        apply(
+            &mut t,
+            &fe(
+                crate::events::KIND_BATCH,
+                1,
+                12_000_000_000,
+                &crate::events::batch_payload(2, 0, &[b"rid-3"]),
+            ),
+        );
+        apply(&mut t, &fe(1, 0, 13_000_000_000, b"\0\0\0\xc8"));
+        t.on_response("rid-3", 13_009_000_000, &reg, "vm");
+        let out = crate::exposition::torchserve::encode(
+            &reg.gather(),
+            &crate::exposition::torchserve::Filter::all(),
+        );
+        assert!(
+            out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 7.0"),
+            "a partial batch started a cycle:\n{out}"
+        );
 
         t.removed(200);
         assert_eq!(map.lookup(200), None);

@@ -41,6 +41,8 @@ enum ss_event_kind {
 	 * in the writer's own buffer (the frame's head alone cannot say how many requests a batch with
 	 * large bodies holds): data[0..head_len] is a struct ss_batch, then `ids` request ids, each a
 	 * 1-byte length and its bytes. ts_ns is the write's entry, len the frame's length in bytes.
+	 * It comes before the write's SS_EV_DATA record, and stands in for it (none is sent) when the
+	 * frame was walked to its end with every id kept and the write held nothing past it.
 	 * Only these frames are seen of the frontend↔worker traffic besides the frontend's own reads and
 	 * writes: the workers' field-by-field socket reads are not traced.
 	 */
