@@ -597,9 +597,9 @@ impl Bench {
                 let run = if on {
                     let agent = self.start_agent(&t.agent_args, "throughput")?;
                     let before = agent.counts(t.model)?;
-                    let cpu0 = system::cpu_seconds(agent.pid)?;
+                    let cpu0 = system::cpu_sample(agent.pid)?;
                     let w = wrk(self.plan.run).run(&self.scratch)?;
-                    let cpu = system::cpu_seconds(agent.pid)? - cpu0;
+                    let cpu = system::cpu_sample(agent.pid)?.since(&cpu0);
                     let after = agent.settle(t.model, before.counted + w.requests as f64)?;
                     let rss = system::rss_kib(agent.pid)?;
                     agent.stop();
@@ -807,11 +807,11 @@ impl Bench {
         // The fixed cost first: no traffic to the target.
         let idle = self.plan.sustained_run;
         let (cpu0, progs0) = (
-            system::cpu_seconds(agent.pid)?,
+            system::cpu_sample(agent.pid)?,
             system::prog_stats(agent.pid)?,
         );
         thread::sleep(idle);
-        let idle_cpu = system::cpu_seconds(agent.pid)? - cpu0;
+        let idle_cpu = system::cpu_sample(agent.pid)?.since(&cpu0);
         let idle_bpf_ns: u64 = system::prog_delta(&progs0, &system::prog_stats(agent.pid)?)
             .iter()
             .map(|p| p.run_time_ns)
@@ -833,12 +833,12 @@ impl Bench {
         for &rate in rates {
             let before = agent.counts(t.model)?;
             let progs0 = system::prog_stats(agent.pid)?;
-            let cpu0 = system::cpu_seconds(agent.pid)?;
+            let cpu0 = system::cpu_sample(agent.pid)?;
             let t0 = Instant::now();
             let load = self.paced_at(t, rate).run()?;
             let after = agent.settle(t.model, before.counted + load.ok as f64)?;
             let window = t0.elapsed().as_secs_f64();
-            let cpu = system::cpu_seconds(agent.pid)? - cpu0;
+            let cpu = system::cpu_sample(agent.pid)?.since(&cpu0);
             let programs = system::prog_delta(&progs0, &system::prog_stats(agent.pid)?);
             let delta = after.minus(&before);
             let served = (load.ok as f64).max(1.0);
@@ -1149,7 +1149,7 @@ impl Bench {
         let conns_before = kernel::conns_keys(agent.pid)?.len();
         let rss_before = system::rss_kib(agent.pid)?;
         let before = agent.counts("churn")?;
-        let cpu0 = system::cpu_seconds(agent.pid)?;
+        let cpu0 = system::cpu_sample(agent.pid)?;
         let load = Paced {
             addr: t.addr,
             paths: Arc::new(vec!["/predictions/churn".to_owned()]),
@@ -1162,7 +1162,7 @@ impl Bench {
         }
         .run()?;
         let after = agent.settle("churn", before.counted + load.ok as f64)?;
-        let cpu = system::cpu_seconds(agent.pid)? - cpu0;
+        let cpu = system::cpu_sample(agent.pid)?.since(&cpu0);
         // The server closes each connection right after answering; give the last closes a moment.
         thread::sleep(Duration::from_millis(200));
         let delta = after.minus(&before);

@@ -93,7 +93,7 @@ pub struct ThroughputRun {
     pub rep: u32,
     pub agent_on: bool,
     pub wrk: WrkResult,
-    /// Agent CPU (utime + stime) during the run, in % of one core.
+    /// Agent CPU (user + system, `system::CpuSample`) during the run, in % of one core.
     pub agent_cpu_pct: Option<f64>,
     pub agent_rss_kib: Option<u64>,
     pub agent: Option<AgentCounts>,
@@ -147,7 +147,7 @@ pub struct SustainedRun {
     pub missing: f64,
     /// Wall time between the two snapshots (the run plus the agent catching up).
     pub window_s: f64,
-    /// Agent process CPU (utime + stime) over the window.
+    /// Agent process CPU (user + system, `system::CpuSample`) over the window.
     pub agent_cpu_s: f64,
     /// Agent process CPU, in % of one core per 1k req/s: CPU seconds per request × 1000 × 100.
     pub agent_pct_per_1k: f64,
@@ -1094,7 +1094,9 @@ fn md_method(o: &mut String, s: &Settings) {
   whole response; the latency from the scheduled send time (coordinated-omission corrected) and the \
   number of late sends are recorded too. The rate is half the agent-off maximum of section 1 (capped at \
   10k req/s); {latency_run} s per run.\n\
-- **CPU**: agent process utime + stime from /proc/PID/stat over the run, divided by the requests served: \
+- **CPU**: agent process CPU time over the run (the sum of its threads' nanoseconds on CPU from \
+  /proc/PID/task/TID/schedstat; utime + stime from /proc/PID/stat, 10 ms ticks, if a thread exited during \
+  the run), divided by the requests served: \
   CPU seconds per request × 1000 = share of one core per 1k req/s. Kernel-side cost: \
   `kernel.bpf_stats_enabled=1` only during these runs (restored afterwards) and run_time_ns / run_cnt of \
   the agent's `ss_*` programs (`bpftool prog show`; the agent's programs are identified by the program ids \

@@ -16,8 +16,70 @@ use serde::Serialize;
 use serde_json::Value;
 use servescope_integration::cleanup::{self, Registration};
 
+/// A process's CPU time at one moment, for the time it used over a window ([`CpuSample::since`]).
+///
+/// `/proc/PID/stat` counts in clock ticks (10 ms): at TorchServe's rates the agent uses a few tens
+/// of milliseconds over a run, so a tick either way moved its per-1k figure by a third (quick runs
+/// read 0.0 and 2.2 %/1k back to back). Each thread's `schedstat` counts nanoseconds on CPU.
+#[derive(Debug, Clone)]
+pub struct CpuSample {
+    /// utime + stime of the whole process, dead threads included, in seconds.
+    ticks_s: f64,
+    /// Nanoseconds on CPU of each live thread (`/proc/PID/task/TID/schedstat`, first field).
+    threads: BTreeMap<u32, u64>,
+}
+
+impl CpuSample {
+    /// Seconds of CPU the process used since `earlier`: exact from the threads' nanoseconds when
+    /// every thread of `earlier` is still alive (a new thread counts whole); otherwise from the ticks,
+    /// since a thread that exited took its nanoseconds with it.
+    pub fn since(&self, earlier: &CpuSample) -> f64 {
+        let mut ns = 0u64;
+        for (tid, was) in &earlier.threads {
+            match self.threads.get(tid) {
+                Some(now) => ns += now.saturating_sub(*was),
+                None => return self.ticks_s - earlier.ticks_s,
+            }
+        }
+        for (tid, now) in &self.threads {
+            if !earlier.threads.contains_key(tid) {
+                ns += now;
+            }
+        }
+        ns as f64 / 1e9
+    }
+}
+
+/// [`CpuSample`] of `pid` now.
+pub fn cpu_sample(pid: u32) -> Result<CpuSample> {
+    let ticks_s = cpu_seconds(pid)?;
+    let dir = format!("/proc/{pid}/task");
+    let mut threads = BTreeMap::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry.with_context(|| format!("reading {dir}"))?;
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A thread that exits between the listing and the read is simply not in the sample.
+        let Ok(text) = fs::read_to_string(entry.path().join("schedstat")) else {
+            continue;
+        };
+        let ns = text
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+            .with_context(|| format!("unexpected {dir}/{tid}/schedstat: {text}"))?;
+        threads.insert(tid, ns);
+    }
+    Ok(CpuSample { ticks_s, threads })
+}
+
 /// CPU time a process has used so far, in seconds (utime + stime of all its threads, /proc/PID/stat).
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
+fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Field 2 (comm) is in parentheses and may contain spaces: count fields after the last ')'.
@@ -442,6 +504,39 @@ pub fn loadavg() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(ticks_s: f64, threads: &[(u32, u64)]) -> CpuSample {
+        CpuSample {
+            ticks_s,
+            threads: threads.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn cpu_windows_count_nanoseconds_and_fall_back_to_ticks_when_a_thread_is_gone() {
+        let a = sample(1.00, &[(10, 5_000_000), (11, 1_000)]);
+        // Both threads alive, one new: 2 ms + 1 µs + 0.5 ms, not the ticks' 0 or 10 ms.
+        let b = sample(1.00, &[(10, 7_000_000), (11, 2_000), (12, 500_000)]);
+        assert!((b.since(&a) - 0.002_501).abs() < 1e-9, "{}", b.since(&a));
+        // Thread 11 exited: its nanoseconds are lost, the process's ticks are not.
+        let c = sample(1.03, &[(10, 9_000_000)]);
+        assert!((c.since(&a) - 0.03).abs() < 1e-9, "{}", c.since(&a));
+    }
+
+    #[test]
+    fn cpu_sample_of_a_busy_thread_tracks_its_time() {
+        let pid = std::process::id();
+        let before = cpu_sample(pid).expect("sampling");
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed().as_millis() < 50 {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        std::hint::black_box(x);
+        let used = cpu_sample(pid).expect("sampling").since(&before);
+        // 50 ms of spinning, give or take other tests' threads and a preempted slice.
+        assert!((0.02..5.0).contains(&used), "{used} s");
+    }
 
     #[test]
     fn bystander_syscalls_cost_a_plausible_time() {
