@@ -894,9 +894,9 @@ __noinline int otf_frame(__u64 id, struct task_state *a, long ret)
 	int whole = 0;
 	__u32 zero = 0;
 	struct batch_scratch *b = bpf_map_lookup_elem(&batch_buf, &zero);
-	/* The data record of this write, submitted just before (data_tail), still in the scratch: its
-	 * head is the frame's first bytes. Checked, not assumed, so that a walk never reads another
-	 * record's bytes as this frame's. */
+	/* The data record of this write, made just before (data_tail) and not sent yet, is in the
+	 * scratch: its head is the frame's first bytes. Checked, not assumed, so that a walk never
+	 * reads another record's bytes as this frame's. */
 	struct scratch *s = get_scratch();
 	if (!b || !s || a->iovcnt < 5)
 		goto rest;
