@@ -225,7 +225,7 @@ struct {
 struct scratch {
 	struct ss_event ev;
 	__u8 spill[SS_HEAD_MAX];
-	__u64 walk_off; /* frame_int's offset, laundered through map memory (see there) */
+	__u64 walk_off; /* otf_frame's head length and frame_int's offset, read back through map memory */
 };
 
 struct {

@@ -742,6 +742,12 @@ mod tests {
         let apply = |t: &mut WorkerTracker, r: &[u8]| {
             t.on_frontend(&Event::decode(r).expect("valid"), &reg, "vm");
         };
+        let scrape = || {
+            crate::exposition::torchserve::encode(
+                &reg.gather(),
+                &crate::exposition::torchserve::Filter::all(),
+            )
+        };
         apply(&mut t, &fe(2, 1, 1, b"/tmp/.ts.sock.9004\0"));
         let mut load = vec![b'L'];
         text(&mut load, b"batched");
@@ -762,10 +768,7 @@ mod tests {
         text(&mut reply, b"loaded");
         reply.extend((-1i32).to_be_bytes());
         apply(&mut t, &fe(1, 0, 5_000_000_000, &reply));
-        let text_out = crate::exposition::torchserve::encode(
-            &reg.gather(),
-            &crate::exposition::torchserve::Filter::all(),
-        );
+        let text_out = scrape();
         assert!(
             text_out.contains(
                 "WorkerLoadTime{WorkerName=\"W-9004-batched_3.0\",Level=\"Host\",Hostname=\"vm\",}"
@@ -784,10 +787,7 @@ mod tests {
         apply(&mut t, &fe(1, 0, 8_000_000_000, b"\0\0\0\xc8"));
         t.on_response("other", 8_001_000_000, &reg, "vm");
         t.on_response("rid-1", 8_003_500_000, &reg, "vm");
-        let out = crate::exposition::torchserve::encode(
-            &reg.gather(),
-            &crate::exposition::torchserve::Filter::all(),
-        );
+        let out = scrape();
         assert!(
             out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 3.0"),
             "{out}"
@@ -839,10 +839,7 @@ mod tests {
             &reg,
             "vm",
         );
-        let out = crate::exposition::torchserve::encode(
-            &reg.gather(),
-            &crate::exposition::torchserve::Filter::all(),
-        );
+        let out = scrape();
         assert!(
             out.contains("servescope_batch_size_bucket{hostname=\"vm\",model_name=\"batched\",model_version=\"3.0\",le=\"2\"} 1"),
             "{out}"
@@ -868,10 +865,7 @@ mod tests {
         );
         apply(&mut t, &fe(1, 0, 11_000_000_000, b"\0\0\0\xc8"));
         t.on_response("rid-2", 11_007_000_000, &reg, "vm");
-        let out = crate::exposition::torchserve::encode(
-            &reg.gather(),
-            &crate::exposition::torchserve::Filter::all(),
-        );
+        let out = scrape();
         assert!(
             out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 7.0"),
             "{out}"
@@ -895,10 +889,7 @@ mod tests {
         );
         apply(&mut t, &fe(1, 0, 13_000_000_000, b"\0\0\0\xc8"));
         t.on_response("rid-3", 13_009_000_000, &reg, "vm");
-        let out = crate::exposition::torchserve::encode(
-            &reg.gather(),
-            &crate::exposition::torchserve::Filter::all(),
-        );
+        let out = scrape();
         assert!(
             out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 7.0"),
             "a partial batch started a cycle:\n{out}"

@@ -55,17 +55,9 @@ pub fn cpu_sample(pid: u32) -> Result<CpuSample> {
     let ticks_s = cpu_seconds(pid)?;
     let dir = format!("/proc/{pid}/task");
     let mut threads = BTreeMap::new();
-    for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
-        let entry = entry.with_context(|| format!("reading {dir}"))?;
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for tid in numbered_entries(&dir)? {
         // A thread that exits between the listing and the read is simply not in the sample.
-        let Ok(text) = fs::read_to_string(entry.path().join("schedstat")) else {
+        let Ok(text) = fs::read_to_string(format!("{dir}/{tid}/schedstat")) else {
             continue;
         };
         let ns = text
@@ -76,6 +68,15 @@ pub fn cpu_sample(pid: u32) -> Result<CpuSample> {
         threads.insert(tid, ns);
     }
     Ok(CpuSample { ticks_s, threads })
+}
+
+/// The names of `dir`'s entries that are numbers: the pids of /proc, the tids of /proc/PID/task.
+/// An entry that vanishes while listed is left out.
+fn numbered_entries(dir: &str) -> Result<Vec<u32>> {
+    Ok(fs::read_dir(dir)
+        .with_context(|| format!("listing {dir}"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .collect())
 }
 
 /// CPU time a process has used so far, in seconds (utime + stime of all its threads, /proc/PID/stat).
@@ -204,15 +205,7 @@ pub fn other_agents() -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let mut holders = Vec::new();
-    for entry in fs::read_dir("/proc").context("listing /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in numbered_entries("/proc")? {
         // A process may exit while it is read: then it holds nothing.
         let Ok(held) = bpf_ids(pid, "prog_id:") else {
             continue;
