@@ -1232,17 +1232,19 @@ impl Bench {
                     a.stop();
                 }
                 eprintln!(
-                    "  agent {}: getppid {:.0} ns, write {:.0} ns, read {:.0} ns",
+                    "  agent {}: getppid {:.0} ns, write {:.0} ns, read {:.0} ns, socket write+read {:.0} ns",
                     if agent_on { "on " } else { "off" },
                     ns.getppid,
                     ns.write,
-                    ns.read
+                    ns.read,
+                    ns.socket
                 );
                 runs.push(BystanderRun {
                     agent_on,
                     getppid_ns: ns.getppid,
                     write_ns: ns.write,
                     read_ns: ns.read,
+                    socket_ns: ns.socket,
                 });
             }
         }
@@ -1264,6 +1266,8 @@ impl Bench {
             on_write_ns: side(true, |r| r.write_ns),
             off_read_ns: side(false, |r| r.read_ns),
             on_read_ns: side(true, |r| r.read_ns),
+            off_socket_ns: side(false, |r| r.socket_ns),
+            on_socket_ns: side(true, |r| r.socket_ns),
             runs,
         })
     }

@@ -257,6 +257,7 @@ pub struct BystanderRun {
     pub getppid_ns: f64,
     pub write_ns: f64,
     pub read_ns: f64,
+    pub socket_ns: f64,
 }
 
 /// What the agent's hooks cost every other process on the node (no #8 target: recorded because it is
@@ -273,6 +274,8 @@ pub struct Bystander {
     pub on_write_ns: Spread,
     pub off_read_ns: Spread,
     pub on_read_ns: Spread,
+    pub off_socket_ns: Spread,
+    pub on_socket_ns: Spread,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1020,8 +1023,10 @@ impl Results {
              and on alternately, for each way the agent was run. The issue sets no target for it: it \
              is what the agent's hooks cost every other process on the node. With the syscall hooks \
              any syscall tracepoint puts every syscall on the kernel's slow path and every hooked \
-             call runs a program that finds no target (docs/decisions.md R33); the socket hooks run \
-             nothing for a file or an untraced process, and attach no syscall tracepoint (R39).\n"
+             call runs a program that finds no target (docs/decisions.md R33). The socket hooks \
+             attach no syscall tracepoint and run nothing for a file (R39), but every socket send and \
+             receive on the node runs their program, which stops at the thread's state when the \
+             process is not traced (R43): the last row.\n"
         );
         for b in &self.bystander {
             let _ = writeln!(
@@ -1050,6 +1055,12 @@ impl Results {
                     "`read` 64 B from /dev/zero (syscall hooks: at exit only on 5.15+, R34)",
                     b.off_read_ns,
                     b.on_read_ns,
+                ),
+                (
+                    "`write` + `read` of 64 B over a unix socketpair (either hook set: programs \
+                     that find no target)",
+                    b.off_socket_ns,
+                    b.on_socket_ns,
                 ),
             ] {
                 let _ = writeln!(

@@ -7,6 +7,7 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::TcpListener,
+    os::unix::net::UnixStream,
     process::Command,
     time::Instant,
 };
@@ -317,6 +318,9 @@ pub struct SyscallNs {
     pub write: f64,
     /// 64 bytes from /dev/zero: hooked at exit only on 5.15+ (docs/decisions.md R34).
     pub read: f64,
+    /// 64 bytes written to one end of a unix socketpair and read from the other: two socket calls,
+    /// which run the socket hooks' programs too (they stop at the thread's state, R43).
+    pub socket: f64,
 }
 
 /// Times syscalls of this process, which the agent does not trace ([`SyscallNs`]). Each figure is the
@@ -365,10 +369,29 @@ pub fn bystander_syscall_ns(iterations: u32) -> Result<SyscallNs> {
         }
         Ok(())
     })?;
+    let (mut tx, mut rx) = UnixStream::pair().context("creating a unix socketpair")?;
+    let socket = per_call(&mut || {
+        // One write and one read, each a single syscall: the pair's buffer takes 64 bytes at once
+        // and the read finds all of them queued.
+        let n = tx
+            .write(std::hint::black_box(&buf))
+            .context("writing to a unix socket")?;
+        let m = rx
+            .read(std::hint::black_box(&mut buf))
+            .context("reading from a unix socket")?;
+        if n != buf.len() || m != buf.len() {
+            bail!(
+                "a unix socketpair moved {n} then {m} of {} bytes",
+                buf.len()
+            );
+        }
+        Ok(())
+    })?;
     Ok(SyscallNs {
         getppid,
         write,
         read,
+        socket,
     })
 }
 
@@ -536,7 +559,12 @@ mod tests {
         let c = bystander_syscall_ns(2_000).expect("measuring");
         // A syscall takes 50 ns to tens of µs on any machine this runs on; 0, NaN or seconds mean
         // the loop measured nothing or the wrong unit.
-        for (name, ns) in [("getppid", c.getppid), ("write", c.write), ("read", c.read)] {
+        for (name, ns) in [
+            ("getppid", c.getppid),
+            ("write", c.write),
+            ("read", c.read),
+            ("socket", c.socket),
+        ] {
             assert!(
                 ns.is_finite() && (20.0..100_000.0).contains(&ns),
                 "{name}: {ns} ns"
