@@ -488,6 +488,30 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn escapes_label_values_and_help() {
+        // Short and long, where memchr's search takes different paths.
+        let long = "x".repeat(40);
+        for pad in ["", long.as_str()] {
+            for (raw, quoted, help) in [
+                ("plain", "plain", "plain"),
+                ("a\\b", "a\\\\b", "a\\\\b"),
+                ("a\nb", "a\\nb", "a\\nb"),
+                // The double quote is escaped in label values only, not in HELP.
+                ("a\"b", "a\\\"b", "a\"b"),
+                ("\"\\\n", "\\\"\\\\\\n", "\"\\\\\\n"),
+            ] {
+                let input = format!("{pad}{raw}");
+                let mut out = String::new();
+                push_escaped(&mut out, &input, true);
+                assert_eq!(out, format!("{pad}{quoted}"), "{input:?} as a label value");
+                out.clear();
+                push_escaped(&mut out, &input, false);
+                assert_eq!(out, format!("{pad}{help}"), "{input:?} as HELP");
+            }
+        }
+    }
+
     fn reference(families: &[MetricFamily]) -> String {
         let mut out = Vec::new();
         for f in families {
