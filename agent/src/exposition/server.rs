@@ -41,7 +41,7 @@ use tokio::{
 use super::{
     access::Access,
     text::Format,
-    torchserve::{Filter, render},
+    torchserve::{Filter, render_into},
 };
 use crate::{pipeline::DrainHandle, registry::Registry};
 
@@ -164,6 +164,43 @@ struct State {
     drain: DrainHandle,
     /// A hyper header-case map spelling `Pragma`, `Cache-Control` and `Expires` as TorchServe does.
     header_case: Option<Extensions>,
+    /// The last /metrics body, whose buffer the next scrape renders into once hyper has sent it
+    /// ([`State::body_buffer`]).
+    last_body: Mutex<Option<Bytes>>,
+}
+
+impl State {
+    /// An empty String for a /metrics body: the last body's buffer when nothing else holds it any
+    /// more (hyper drops its copy once the response is written), else a new one.
+    ///
+    /// A body at 1,000 models is ~3 MB. Allocated afresh for every scrape, glibc's malloc kept each
+    /// such block it freed (its mmap threshold rises to the largest block freed, and each of the
+    /// runtime's threads has its own arena): RSS at 1,000 models grew from 26 to 32 MB over the first
+    /// ten scrapes. A fixed mmap threshold kept it flat but made every render fault its ~800 pages
+    /// in again (2.9 → 4.3–5.1 ms here). One buffer kept and reused does neither.
+    fn body_buffer(&self) -> String {
+        let last = self
+            .last_body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        last.and_then(|b| b.try_into_mut().ok())
+            .map(|mut b| {
+                // Emptied first, so that turning it into a Vec copies nothing.
+                b.clear();
+                // Empty, so valid UTF-8 whatever it held.
+                String::from_utf8(Vec::from(b)).unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Keeps `body` (a cheap reference-counted copy) for [`State::body_buffer`].
+    fn keep_body(&self, body: &Bytes) {
+        *self
+            .last_body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(body.clone());
+    }
 }
 
 /// Serves the metrics endpoint on `listener` until `shutdown` completes, each new connection under
@@ -182,6 +219,7 @@ pub async fn serve(
         registry,
         drain,
         header_case: header_case_template().await,
+        last_body: Mutex::new(None),
     });
     let mut http = http1::Builder::new();
     // TorchServe sends no Date header.
@@ -318,7 +356,9 @@ async fn handle(state: &State, access: &Access, req: Request<Incoming>) -> Respo
             state,
             StatusCode::UNAUTHORIZED,
             "text/plain; charset=utf-8",
-            "401 Unauthorized: send the bearer token (Authorization: Bearer <token>)\n".to_owned(),
+            Bytes::from_static(
+                b"401 Unauthorized: send the bearer token (Authorization: Bearer <token>)\n",
+            ),
             true,
         );
         resp.headers_mut().insert(
@@ -353,12 +393,15 @@ async fn handle(state: &State, access: &Access, req: Request<Incoming>) -> Respo
             tracing::trace!("rendering without a fresh drain (none wired, or the reader is busy)");
         }
         let started = std::time::Instant::now();
-        let body = render(&state.registry, &filter, format);
+        let mut body = state.body_buffer();
+        render_into(&mut body, &state.registry, &filter, format);
         // Shown by the next scrape: this body is already written.
         state
             .registry
             .metrics_render_seconds
             .set(started.elapsed().as_secs_f64());
+        let body = Bytes::from(body);
+        state.keep_body(&body);
         (StatusCode::OK, format.content_type(), body)
     } else {
         // TorchServe closes the connection after every response of status >= 400.
@@ -366,7 +409,7 @@ async fn handle(state: &State, access: &Access, req: Request<Incoming>) -> Respo
         (
             StatusCode::NOT_FOUND,
             "application/json",
-            NOT_FOUND_BODY.to_owned(),
+            Bytes::from_static(NOT_FOUND_BODY.as_bytes()),
         )
     };
     response(state, status, content_type, body, close)
@@ -400,7 +443,7 @@ fn response(
     state: &State,
     status: StatusCode,
     content_type: &'static str,
-    body: String,
+    body: Bytes,
     close: bool,
 ) -> Response<Payload> {
     let mut headers = HeaderMap::with_capacity(7);
@@ -424,7 +467,7 @@ fn response(
         HeaderValue::from_static(if close { "close" } else { "keep-alive" }),
     );
 
-    let mut resp = Response::new(Payload(Some(Bytes::from(body))));
+    let mut resp = Response::new(Payload(Some(body)));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     if let Some(case) = &state.header_case {
@@ -545,6 +588,41 @@ mod tests {
         http::{Exchange, Request as HttpRequest, Response as HttpResponse},
         registry::Flavor,
     };
+
+    #[test]
+    fn each_scrape_renders_into_the_last_body_once_it_was_sent() {
+        let state = State {
+            registry: Registry::new(),
+            drain: DrainHandle::detached(),
+            header_case: None,
+            last_body: Mutex::new(None),
+        };
+        let render = |text: &str| {
+            let mut body = state.body_buffer();
+            assert!(body.is_empty(), "handed out empty");
+            body.push_str(text);
+            let body = Bytes::from(body);
+            state.keep_body(&body);
+            body
+        };
+        assert_eq!(state.body_buffer().capacity(), 0, "nothing to reuse yet");
+
+        let first = render(&"x".repeat(100_000));
+        // Still being written (hyper holds it): the next scrape gets a buffer of its own.
+        let second = render("y");
+        assert_ne!(second.as_ptr(), first.as_ptr());
+        // Only the newest body is kept: once hyper drops both, the first one's memory is freed.
+        let (ptr, len) = (second.as_ptr(), second.len());
+        drop(first);
+        drop(second);
+
+        // A body hyper has dropped is the next render's buffer: the same memory, nothing copied.
+        let third = state.body_buffer();
+        assert_eq!(third.as_ptr(), ptr, "the same allocation");
+        assert!(third.capacity() >= len);
+        // Taken: a scrape meanwhile allocates its own.
+        assert_eq!(state.body_buffer().capacity(), 0);
+    }
 
     const GOLDEN_HEADERS: &str =
         include_str!("../../../tests/golden/torchserve-0.12/metrics_headers.txt");

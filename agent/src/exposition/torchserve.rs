@@ -318,18 +318,29 @@ pub fn encode(families: &[MetricFamily], filter: &Filter) -> String {
 /// no trailing comma in label sets, exponents as `e`, families without samples left out, `# EOF`
 /// at the end (also of an empty selection).
 pub fn encode_as(families: &[MetricFamily], filter: &Filter, format: Format) -> String {
-    encode_parts(families, &[], filter, format)
+    let mut out = String::new();
+    encode_parts(&mut out, families, &[], filter, format);
+    out
 }
 
 /// The `/metrics` body of `registry`: [`encode_as`] of [`Registry::gather`], byte for byte, but the
 /// per-model families are formatted from their own storage instead of being cloned into `proto`.
 pub fn render(registry: &Registry, filter: &Filter, format: Format) -> String {
+    let mut out = String::new();
+    render_into(&mut out, registry, filter, format);
+    out
+}
+
+/// [`render`] appended to `out`, which keeps its capacity: the server renders each scrape into the
+/// previous scrape's buffer ([`super::server`]).
+pub fn render_into(out: &mut String, registry: &Registry, filter: &Filter, format: Format) {
     encode_parts(
+        out,
         &registry.gather_collectors(),
         &registry.stored(),
         filter,
         format,
-    )
+    );
 }
 
 /// Bytes of body per line, for the up-front allocation: a model's histogram line is ~130 bytes.
@@ -337,11 +348,12 @@ const LINE_BYTES: usize = 140;
 
 /// `families` (sorted by name, as gathered) and the `stored` families merged in name order.
 fn encode_parts(
+    out: &mut String,
     families: &[MetricFamily],
     stored: &[&StoredFamily],
     filter: &Filter,
     format: Format,
-) -> String {
+) {
     // One allocation for the body, from the lines it will hold (a histogram series is its buckets,
     // +Inf, _sum and _count): growing a multi-MB String doubles it and copies.
     let lines: usize = families
@@ -360,7 +372,7 @@ fn encode_parts(
                 }
         }))
         .sum();
-    let mut out = String::with_capacity(4096 + lines * LINE_BYTES);
+    out.reserve(4096 + lines * LINE_BYTES);
     for spec in TORCHSERVE_FAMILIES
         .iter()
         .filter(|s| filter.matches(s.name))
@@ -369,7 +381,7 @@ fn encode_parts(
             Some(f) => Samples::Stored(f),
             None => Samples::Gathered(families.iter().find(|f| f.name() == spec.name)),
         };
-        encode_torchserve_family(&mut out, spec, samples, filter.is_all(), format);
+        encode_torchserve_family(out, spec, samples, filter.is_all(), format);
     }
 
     enum Own<'a> {
@@ -387,14 +399,13 @@ fn encode_parts(
     own.sort_by(|a, b| a.0.cmp(b.0));
     for (_, family) in own {
         match family {
-            Own::Gathered(f) => text::encode_family_as(&mut out, f, format),
-            Own::Stored(f) => text::encode_stored_family(&mut out, f, format),
+            Own::Gathered(f) => text::encode_family_as(out, f, format),
+            Own::Stored(f) => text::encode_stored_family(out, f, format),
         };
     }
     if matches!(format, Format::OpenMetrics(_)) {
         out.push_str("# EOF\n");
     }
-    out
 }
 
 /// Where a TorchServe family's samples are.
