@@ -1056,11 +1056,13 @@ impl Bench {
             render.ms.median,
             render.ms.max
         );
+        let rss_after_scrapes_kib = system::rss_kib(agent.pid)?;
         agent.stop();
         self.results.models = Some(Models {
             baseline_rss_kib: baseline,
             stages,
             render,
+            rss_after_scrapes_kib,
         });
         Ok(())
     }

@@ -216,6 +216,9 @@ pub struct Models {
     pub baseline_rss_kib: u64,
     pub stages: Vec<ModelStage>,
     pub render: Render,
+    /// RSS after the render scrapes at the last stage: what a Prometheus scraping the agent every
+    /// few seconds sees it settle at (a scrape's multi-MB body is the largest allocation it makes).
+    pub rss_after_scrapes_kib: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -412,15 +415,21 @@ impl Results {
                     .find(|s| s.models == 1000)
                     .or(m.stages.last());
                 if let Some(s) = at_1000 {
+                    // The larger of the two: after the traffic, and after the scrapes.
+                    let rss = s.rss_kib.max(m.rss_after_scrapes_kib);
                     t.push(Target {
                         name: format!("agent RSS at {} models", s.models),
                         goal: "≤ 30 MB".into(),
                         measured: format!(
-                            "{:.1} MB ({:.1} MB of it BPF ring-buffer mappings)",
+                            "{:.1} MB ({:.1} MB of it BPF ring-buffer mappings; {:.1} MB after the \
+                             traffic, {:.1} MB after {} scrapes)",
+                            kib_mb(rss),
+                            kib_mb(s.bpf_map_rss_kib),
                             kib_mb(s.rss_kib),
-                            kib_mb(s.bpf_map_rss_kib)
+                            kib_mb(m.rss_after_scrapes_kib),
+                            m.render.ms.n + 1
                         ),
-                        pass: Some(kib_mb(s.rss_kib) <= 30.0),
+                        pass: Some(kib_mb(rss) <= 30.0),
                     });
                 }
                 t.push(Target {
@@ -931,6 +940,15 @@ impl Results {
              although the memory exists once (and is kernel memory, charged to the agent's cgroup once)."
         );
         let r = &m.render;
+        let _ = writeln!(
+            o,
+            "\nAfter the {} scrapes below (at {} models): RSS {:.1} MB. Each scrape renders its body \
+             (~3 MB at 1,000 models) into the previous one's buffer; allocated afresh each time, \
+             glibc kept the freed blocks and RSS rose ~6 MB over the first ten scrapes.",
+            r.ms.n + 1,
+            r.models,
+            kib_mb(m.rss_after_scrapes_kib)
+        );
         let _ = writeln!(
             o,
             "\n/metrics at {} models: {} bytes, {} samples; over {} scrapes the agent rendered each in {} ms \
