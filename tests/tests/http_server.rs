@@ -428,10 +428,6 @@ fn capabilities_are_dropped_after_load_and_tracing_goes_on() -> Result<()> {
     Ok(())
 }
 
-/// What the agent costs, on its own /metrics: its CPU and memory always, and with `--bpf-stats` its
-/// programs' runs and time as the kernel counts them. Runs count per request: the server's one
-/// `recvfrom` per request runs `ss_exit_recvfrom` at least once.
-
 /// Loading parses the kernel's BTF (twice with the socket hooks: aya's loader, then the tp_btf
 /// programs), ~18 MB at the peak. The agent hands that heap back once loaded (`malloc_trim`): kept,
 /// it idled at ~17 MB of anonymous memory on the socket hooks against ~2 MB after.
@@ -463,6 +459,9 @@ fn loading_leaves_no_freed_heap_behind() -> Result<()> {
     Ok(())
 }
 
+/// What the agent costs, on its own /metrics: its CPU and memory always, and with `--bpf-stats` its
+/// programs' runs and time as the kernel counts them. Runs count per request: the server's one
+/// `recvfrom` per request runs `ss_exit_recvfrom` at least once.
 #[test]
 fn the_agent_reports_its_own_cost() -> Result<()> {
     require_root()?;
