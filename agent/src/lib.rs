@@ -21,6 +21,7 @@ pub mod privileges;
 pub mod probe_site;
 pub mod probes;
 pub mod reader_thread;
+pub mod recent_ids;
 pub mod registry;
 pub mod routing;
 pub mod sampler;

@@ -27,6 +27,7 @@ use crate::{
     events::{BatchStatus, Direction, Event, FAMILY_PIPE, FAMILY_UNIX, Kind},
     metric_lines::{self, LineSplitter},
     otf::{self, LoadFrame},
+    recent_ids::RecentIds,
     registry::Registry,
 };
 
@@ -229,9 +230,9 @@ pub struct WorkerTracker {
     loads: FastMap<(u32, u16), Load>,
     /// Frontend connection → first request id of the inference frame it wrote, until the reply.
     cycle: FastMap<u64, (String, u64)>,
-    /// Request id → kernel time the frontend read its batch's reply; oldest first in `replied_order`.
-    replied: FastMap<String, u64>,
-    replied_order: std::collections::VecDeque<String>,
+    /// Request id → kernel time the frontend read its batch's reply, until the request's HTTP
+    /// response is seen; at most [`MAX_REPLIED`].
+    replied: RecentIds<u64, MAX_REPLIED>,
     /// Worker pipes by connection id.
     conns: FastMap<u64, WorkerConn>,
 }
@@ -398,7 +399,7 @@ impl WorkerTracker {
                         if !self.awaiting_load.remove(&ev.conn_id) {
                             // The first read after an inference frame: its batch reply arrived.
                             if let Some((id, written)) = self.cycle.remove(&ev.conn_id) {
-                                self.note_reply(id, ev.ts_ns);
+                                self.note_reply(&id, ev.ts_ns);
                                 if let Some(w) =
                                     self.pid_of(frontend, port).and_then(|p| self.map.lookup(p))
                                 {
@@ -476,15 +477,8 @@ impl WorkerTracker {
         }
     }
 
-    fn note_reply(&mut self, id: String, ts_ns: u64) {
-        if self.replied_order.len() >= MAX_REPLIED
-            && let Some(old) = self.replied_order.pop_front()
-        {
-            self.replied.remove(&old);
-        }
-        if self.replied.insert(id.clone(), ts_ns).is_none() {
-            self.replied_order.push_back(id);
-        }
+    fn note_reply(&mut self, id: &str, ts_ns: u64) {
+        self.replied.insert(id, ts_ns);
     }
 
     /// An HTTP response with `x-request-id: id` started at `start_ns`. For the first request of a
@@ -492,7 +486,7 @@ impl WorkerTracker {
     /// its worker thread's time around the backend wait (writing the frame, then handing the replies
     /// to Netty); the frame's write is one syscall, so what remains is reply read → response write.
     pub fn on_response(&mut self, id: &str, start_ns: u64, registry: &Registry, hostname: &str) {
-        let Some(replied) = self.replied.remove(id) else {
+        let Some(replied) = self.replied.take(id) else {
             return;
         };
         #[expect(

@@ -1,12 +1,11 @@
 //! The agent's side of connection state: one [`Conn`] parser per kernel connection id.
 
-use std::sync::Arc;
-
 use super::{Conn, Exchange, ParseStats};
 use crate::{
     FastMap,
     events::{Direction, Event, FAMILY_UNIX, Kind},
     otf,
+    recent_ids::RecentIds,
 };
 
 /// Most worker dispatches remembered while their HTTP responses are pending.
@@ -21,12 +20,10 @@ pub const MAX_CONNS: usize = 65_536;
 #[derive(Debug, Default)]
 pub struct ConnTable {
     conns: FastMap<u64, Conn>,
-    /// Request id → kernel time its inference frame was written to a TorchServe worker, oldest first
-    /// in `dispatch_order`; bounded by [`MAX_DISPATCHED`] (ids whose HTTP response is never seen —
-    /// e.g. the connection was adopted mid-stream — age out).
-    /// Shared keys: one allocation per dispatch for the map and the order both.
-    dispatched: FastMap<Arc<str>, u64>,
-    dispatch_order: std::collections::VecDeque<Arc<str>>,
+    /// Request id → kernel time its inference frame was written to a TorchServe worker, until its
+    /// HTTP response is seen; at most [`MAX_DISPATCHED`] (ids whose response never comes, e.g. on a
+    /// connection adopted mid-stream, age out).
+    dispatched: RecentIds<u64, MAX_DISPATCHED>,
     pub stats: ParseStats,
     /// A batch record came: the kernel walks every inference frame (bpf_loop), so the frames' copied
     /// heads need not be parsed for their ids too (kernels without bpf_loop send none).
@@ -119,24 +116,12 @@ impl ConnTable {
     }
 
     fn note_dispatch(&mut self, id: &str, ts_ns: u64) {
-        if let Some(at) = self.dispatched.get_mut(id) {
-            *at = ts_ns;
-            return;
-        }
-        if self.dispatch_order.len() >= MAX_DISPATCHED
-            && let Some(old) = self.dispatch_order.pop_front()
-        {
-            self.dispatched.remove(&old);
-        }
-        let id: Arc<str> = Arc::from(id);
-        self.dispatched.insert(Arc::clone(&id), ts_ns);
-        self.dispatch_order.push_back(id);
+        self.dispatched.insert(id, ts_ns);
     }
 
     /// When the inference frame of request `id` went to its worker (once: the entry is consumed).
     pub fn take_dispatch(&mut self, id: &str) -> Option<u64> {
-        // The order queue keeps the id until it ages out; removing it there is O(n) and not needed.
-        self.dispatched.remove(id)
+        self.dispatched.take(id)
     }
 
     /// Forgets every connection of a process that is no longer traced.
