@@ -1049,9 +1049,10 @@ impl Results {
         for b in &self.bystander {
             let _ = writeln!(
                 o,
-                "Agent watching {}: {}k calls per batch, {} pairs.\n",
+                "Agent watching {}: {}k calls per batch ({}k socketpair rounds), {} pairs.\n",
                 b.watching,
                 b.iterations / 1000,
+                b.iterations / super::system::SOCKET_SHARE / 1000,
                 b.runs.len() / 2
             );
             let _ = writeln!(
