@@ -846,19 +846,19 @@ mod tests {
         );
         assert!(!out.contains("HandlerTime{"), "no line, no sample: {out}");
 
+        // A batch record (a frame of `requests`, `id` kept) at `at_ns`, the worker's reply a second
+        // later and the HTTP response `after_ms` after that.
+        let batch_cycle =
+            |t: &mut WorkerTracker, requests: u32, id: &str, at_ns: u64, after_ms: u64| {
+                let payload = crate::events::batch_payload(requests, 0, &[id.as_bytes()]);
+                apply(t, &fe(crate::events::KIND_BATCH, 1, at_ns, &payload));
+                let reply_ns = at_ns + 1_000_000_000;
+                apply(t, &fe(1, 0, reply_ns, b"\0\0\0\xc8"));
+                t.on_response(id, reply_ns + after_ms * 1_000_000, &reg, "vm");
+            };
         // Since R45 the kernel sends no data record for an inference frame whose batch record holds
         // every id: the batch alone starts the cycle (frame at 10 s, reply at 11 s, response 7 ms on).
-        apply(
-            &mut t,
-            &fe(
-                crate::events::KIND_BATCH,
-                1,
-                10_000_000_000,
-                &crate::events::batch_payload(1, 0, &[b"rid-2"]),
-            ),
-        );
-        apply(&mut t, &fe(1, 0, 11_000_000_000, b"\0\0\0\xc8"));
-        t.on_response("rid-2", 11_007_000_000, &reg, "vm");
+        batch_cycle(&mut t, 1, "rid-2", 10_000_000_000, 7);
         let out = scrape();
         assert!(
             out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 7.0"),
@@ -872,17 +872,7 @@ mod tests {
         );
         // A batch whose ids were not all kept (too long for the record) starts no cycle: its data
         // record, which the kernel still sends, does.
-        apply(
-            &mut t,
-            &fe(
-                crate::events::KIND_BATCH,
-                1,
-                12_000_000_000,
-                &crate::events::batch_payload(2, 0, &[b"rid-3"]),
-            ),
-        );
-        apply(&mut t, &fe(1, 0, 13_000_000_000, b"\0\0\0\xc8"));
-        t.on_response("rid-3", 13_009_000_000, &reg, "vm");
+        batch_cycle(&mut t, 2, "rid-3", 12_000_000_000, 9);
         let out = scrape();
         assert!(
             out.contains("WorkerThreadTime{Level=\"Host\",Hostname=\"vm\",} 7.0"),

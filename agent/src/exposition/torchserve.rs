@@ -142,14 +142,11 @@ impl Digits {
         self.len
     }
 
-    fn push_byte(&mut self, b: u8) -> bool {
-        match self.buf.get_mut(self.len) {
-            Some(slot) => {
-                *slot = b;
-                self.len += 1;
-                true
-            }
-            None => false,
+    /// Appends `b`; past the capacity (never, for an f64's digits) it is dropped.
+    fn push_byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
         }
     }
 }
