@@ -560,11 +560,12 @@ pub fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns the heap that loading freed to the kernel. The kernel's BTF (~6 MB of file, more parsed)
-/// is parsed by aya's loader, and a second time for the `tp_btf` programs when the socket hooks
-/// load: ~18 MB at the peak. glibc keeps what is freed in its heap (its trim threshold rises with
+/// Returns the heap that loading freed to the kernel. The kernel's BTF (~6 MB of file, ~15 MB
+/// parsed) is parsed by aya's loader, or for the socket hooks by the agent in its place (the
+/// `tp_btf` programs need it); glibc keeps what is freed in its heap (its trim threshold rises with
 /// the largest block freed), so an agent on the socket hooks idled at 33–35 MB of RSS against 21 MB
-/// on the syscall hooks, 12 MB of it free heap.
+/// on the syscall hooks, 12 MB of it free heap. Called before the ring buffer is mapped, so the
+/// two never add up to the peak.
 fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only hands free pages of glibc's own arenas back to the kernel; it touches
@@ -585,79 +586,78 @@ impl Probes {
                  cannot be attached, so HandlerTime and PredictionTime are not reported"
             );
         }
-        // The kernel's BTF (megabytes) is parsed at most once: to choose the hooks, then to load
-        // the tp_btf programs.
-        let mut btf = None;
-        let data_hooks =
-            opts.data_hooks
-                .resolve_with(opts.write_entries, opts.worker_uprobes, || {
-                    btf = Btf::from_sys_fs().ok();
-                    btf.as_ref().is_some_and(has_socket_tracepoints)
-                });
-        if data_hooks == DataHooks::Sockets {
-            if btf.is_none() {
-                btf = Btf::from_sys_fs().ok();
-            }
-            if !btf.as_ref().is_some_and(has_socket_tracepoints) {
-                bail!(
-                    "--data-hooks sockets needs the sock_send_length and sock_recv_length \
-                     tracepoints (Linux 6.3+), which this kernel's BTF does not have: use \
-                     --data-hooks auto or syscalls"
-                );
-            }
+        // Parsed here only to choose, and dropped before loading: see load_object.
+        let data_hooks = opts.data_hooks.resolve_with(
+            opts.write_entries,
+            opts.worker_uprobes,
+            socket_hooks_supported,
+        );
+        if opts.data_hooks == DataHooks::Sockets && !socket_hooks_supported() {
+            bail!(
+                "--data-hooks sockets needs the sock_send_length and sock_recv_length \
+                 tracepoints (Linux 6.3+), which this kernel's BTF does not have: use \
+                 --data-hooks auto or syscalls"
+            );
         }
         let opts = LoadOptions { data_hooks, ..opts };
-        let probes = match opts.thread_state {
-            ThreadState::Auto => {
-                match Self::load_object(opts, ThreadState::TaskStorage, btf.as_ref()) {
-                    Ok(probes) => Ok(probes),
-                    Err(e) => {
-                        tracing::info!(
-                            "task-local storage is not available to tracepoint programs on this kernel \
+        match opts.thread_state {
+            ThreadState::Auto => match Self::load_object(opts, ThreadState::TaskStorage) {
+                Ok(probes) => Ok(probes),
+                Err(e) => {
+                    tracing::info!(
+                        "task-local storage is not available to tracepoint programs on this kernel \
                          ({e:#}); keeping per-thread syscall state in a hash map instead"
-                        );
-                        Self::load_object(opts, ThreadState::Hash, btf.as_ref())
-                    }
+                    );
+                    Self::load_object(opts, ThreadState::Hash)
                 }
-            }
-            chosen => Self::load_object(opts, chosen, btf.as_ref()),
-        };
-        drop(btf);
-        release_freed_heap();
-        probes
+            },
+            chosen => Self::load_object(opts, chosen),
+        }
     }
 
-    /// `btf`: the kernel's, parsed by [`Probes::load`] (present whenever the socket hooks were chosen).
-    fn load_object(
-        opts: LoadOptions,
-        thread_state: ThreadState,
-        btf: Option<&Btf>,
-    ) -> anyhow::Result<Self> {
+    fn load_object(opts: LoadOptions, thread_state: ThreadState) -> anyhow::Result<Self> {
         let started = Instant::now();
         let ringbuf_bytes = opts.ringbuf_bytes;
         let object = match thread_state {
             ThreadState::Hash => OBJECT_COMPAT,
             _ => OBJECT,
         };
-        let mut ebpf = EbpfLoader::new()
-            // aya creates task-storage maps but has no typed wrapper for them (only the kernel uses
-            // `tstate`).
-            .allow_unsupported_maps()
-            .map_max_entries("events", ringbuf_bytes)
-            // TorchServe's frontend writes each job to its worker over a Unix socket: the frame's
-            // request ids time the end of the queue (otf.rs).
-            .override_global("trace_unix", &1u8, true)
-            // Wake the reader early only when an eighth of the ring is waiting; it also drains on
-            // its own every DRAIN_INTERVAL, so records wait at most that long.
-            .override_global("wakeup_bytes", &u64::from(ringbuf_bytes / 8), true)
-            // Discovery by events instead of polling /proc (pipeline::discover).
-            .override_global("watch_exec", &u8::from(opts.watch_exec), true)
-            .override_global("watch_listen", &u8::from(opts.watch_listen), true)
-            .load(object)
-            .context(
-                "loading the eBPF object failed: servescope needs root (or CAP_BPF + CAP_PERFMON), a kernel \
-                 with BTF and BPF ring buffers (5.8+), and no lockdown in confidentiality mode",
-            )?;
+        // The tp_btf programs of the socket hooks are loaded against the kernel's BTF, which aya
+        // cannot lend out of the loader; `EbpfLoader::new()` always parses a copy of its own for
+        // CO-RE (~15 MB of heap). The loader's copy is dropped before ours is parsed, so that one
+        // copy is alive at a time: with both, the agent's peak RSS was ~43 MB for a steady ~20.
+        let kernel_btf: Option<Btf>;
+        let mut ebpf = {
+            let mut loader = EbpfLoader::new();
+            if opts.data_hooks == DataHooks::Sockets {
+                loader.btf(None);
+                kernel_btf = Btf::from_sys_fs().ok();
+                loader.btf(kernel_btf.as_ref());
+            } else {
+                kernel_btf = None;
+            }
+            loader
+                // aya creates task-storage maps but has no typed wrapper for them (only the kernel
+                // uses `tstate`).
+                .allow_unsupported_maps()
+                .map_max_entries("events", ringbuf_bytes)
+                // TorchServe's frontend writes each job to its worker over a Unix socket: the
+                // frame's request ids time the end of the queue (otf.rs).
+                .override_global("trace_unix", &1u8, true)
+                // Wake the reader early only when an eighth of the ring is waiting; it also drains
+                // on its own every DRAIN_INTERVAL, so records wait at most that long.
+                .override_global("wakeup_bytes", &u64::from(ringbuf_bytes / 8), true)
+                // Discovery by events instead of polling /proc (pipeline::discover).
+                .override_global("watch_exec", &u8::from(opts.watch_exec), true)
+                .override_global("watch_listen", &u8::from(opts.watch_listen), true)
+                .load(object)
+                .context(
+                    "loading the eBPF object failed: servescope needs root (or CAP_BPF + \
+                     CAP_PERFMON), a kernel with BTF and BPF ring buffers (5.8+), and no lockdown \
+                     in confidentiality mode",
+                )?
+        };
+        let btf = kernel_btf.as_ref();
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for (prog, hook, need) in PROGRAMS {
             if opts.needs(need) {
@@ -673,6 +673,10 @@ impl Probes {
                 format!("the kernel rejected program `{WORKER_WRITE}` (verifier or permissions)")
             })?;
         }
+        // Before the ring buffer is mapped (its pages, twice its size, count in RSS at once), so
+        // that the freed BTF and the mapped ring are never in RSS together: the peak.
+        drop(kernel_btf);
+        release_freed_heap();
         let targets = HashMap::try_from(take(&mut ebpf, "targets")?).context("map `targets`")?;
         let targets_gen =
             Array::try_from(take(&mut ebpf, "targets_gen")?).context("map `targets_gen`")?;
