@@ -72,13 +72,20 @@ struct conn_info {
 	__u64 id;
 	__u8 family;
 	__u8 accepted;
-	__u8 _pad[2];
+	/* A TCP connection whose message boundaries the kernel knows (bit SS_DIR_INGRESS for requests,
+	 * SS_DIR_EGRESS for responses): set at a fresh connection's start, cleared for good at the first
+	 * message the kernel cannot frame (http_framing). */
+	__u8 msg_sync;
+	__u8 _pad;
 	/* A frontend's worker socket: bytes of the inference frame being written that are still to
 	 * come (the frame's first write was partial), so that its continuation is not walked as a frame. */
 	__u32 otf_skip;
 	/* The socket this entry was made for (socket hooks only, R39): an fd number that names another
 	 * socket now was closed and reused unseen, since no close() is hooked there. */
 	__u64 sk;
+	/* Per direction (msg_sync's bits): bytes of the current message's Content-Length body still to
+	 * come, which the kernel counts down without copying any of them (R50). */
+	__u32 body_left[2];
 };
 
 /*
@@ -222,10 +229,29 @@ struct {
 
 /* Per-CPU scratch record: too big for the 512-byte BPF stack. The spill area keeps iovec copies that
  * start near the end of data[] inside the map value, so the verifier can bound them simply. */
+/*
+ * http_framing's scan of a head. In map memory, not on the stack: the verifier knows nothing of a
+ * value it reads back from a map, so each bpf_loop step starts from the same state and the callback
+ * is checked once (on the stack, each step's offsets and findings made new states: ~60k processed
+ * instructions in every data program, start-up 0.25 → 2 s).
+ */
+struct http_scan {
+	__u32 len;    /* bytes of the head copied */
+	__u32 pos;    /* next byte to look at */
+	__u32 line;   /* where the current line starts */
+	__u32 end;    /* just past the blank line that ends the headers (0: not seen) */
+	__u32 cl;     /* where Content-Length's value starts (0: no such header) */
+	__u32 cl_end; /* the '\n' ending that value's line */
+	__u32 bad;    /* a framing the kernel does not follow (see http_framing) */
+	__u32 digits; /* of Content-Length's value, read so far */
+	__u64 value;
+};
+
 struct scratch {
 	struct ss_event ev;
 	__u8 spill[SS_HEAD_MAX];
 	__u64 walk_off; /* otf_frame's head length and frame_int's offset, read back through map memory */
+	struct http_scan scan;
 };
 
 struct {
@@ -327,6 +353,8 @@ static __always_inline int worker_pipe(__u32 flags, int fd)
  * worker's pipe). */
 static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *c, struct sock *sk);
 
+#define SYNC_BOTH ((1 << SS_DIR_INGRESS) | (1 << SS_DIR_EGRESS))
+
 static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 family, __u8 accepted)
 {
 	__u32 zero = 0;
@@ -337,6 +365,8 @@ static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 
 		.id = __sync_fetch_and_add(seq, 1) + 1,
 		.family = family,
 		.accepted = accepted,
+		/* A stream seen from its first byte starts at a message boundary both ways. */
+		.msg_sync = accepted && (family == AF_INET || family == AF_INET6) ? SYNC_BOTH : 0,
 	};
 	if (bpf_map_update_elem(&conns, key, &info, BPF_ANY)) {
 		count_loss(SS_LOSS_CONNS_FULL);
@@ -405,6 +435,7 @@ static __always_inline void fill_header(struct ss_event *ev, __u64 pid_tgid, int
 	ev->syscall = sys;
 	ev->family = c->family;
 	ev->accepted = c->accepted;
+	ev->flags = 0;
 	ev->busy_us = 0;
 }
 
@@ -953,7 +984,241 @@ rest:
 	return whole;
 }
 
-static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys);
+/*
+ * HTTP/1.x message framing in the kernel (R50), so that the bytes of a Content-Length body are
+ * counted down and never copied: an upload read in a hundred calls sent a hundred 512-byte heads of
+ * its body to userspace, which only counted them. The kernel reads the head of a call that begins a
+ * message (the copy the call's record has just made, SS_HEAD_MAX bytes at most), finds the blank line
+ * that ends the headers, and from Content-Length the bytes of body that are still to come.
+ *
+ * Only where it cannot be wrong: a connection is framed from its first byte (a fresh one) and stops
+ * being framed, for good, at the first message it cannot frame exactly: headers longer than the
+ * copied head, Transfer-Encoding (chunked), no Content-Length on a response (read until close), a
+ * second Content-Length or one that is not all digits, a header folded or with space before its
+ * colon (a server must refuse those), two messages in one call, a HEAD request (its response says
+ * Content-Length but has no body). Such a connection keeps today's copies; userspace, which frames
+ * every message itself, needs nothing from the kernel's framing.
+ *
+ * Header names are matched without case, by 8-byte words ORed with 0x20 (a letter's case bit; '-'
+ * is compared exactly), and each line's end is found a word at a time (SWAR zero-byte test), up to
+ * four words a step: a step a line, not a step a byte.
+ */
+#define SS_FRAME_STEPS 160
+#define LOWER8 0x2020202020202020ULL
+#define NEWLINES 0x0a0a0a0a0a0a0a0aULL
+#define LOW_BITS 0x0101010101010101ULL
+#define HIGH_BITS 0x8080808080808080ULL
+/* Little-endian words of the names matched: "content-", "length"(6 bytes), "transfer", "-encodin". */
+#define W_CONTENT_ 0x2d746e65746e6f63ULL
+#define W_LENGTH 0x00006874676e656cULL
+#define W_TRANSFER 0x726566736e617274ULL
+#define W_ENCODIN 0x6e69646f636e652dULL
+/* The bytes `w` holds, from `p` of the current head, `n` of them valid (1..8 counted from the low). */
+#define KEEP_LOW(n) ((n) >= 8 ? ~0ULL : ((1ULL << ((n) * 8)) - 1))
+
+/* http_framing's result beyond a byte count. */
+#define FRAME_UNKNOWN (-1)
+#define FRAME_HEAD_REQUEST (-2)
+
+/* An unaligned word of the head at `o` (masked into the scratch: the 8 bytes may run past data[],
+ * into spill[], never out of the value; bytes past the head are masked off by the caller). */
+static __always_inline __u64 head_word(struct scratch *s, __u32 o)
+{
+	/* Through a void pointer: from `&data[o]` clang infers byte alignment and assembles the word
+	 * from eight byte loads; the JIT'd load of an unaligned word is one instruction on x86 and
+	 * arm64 (the verifier allows it where the architecture does). */
+	const __u8 *p = s->ev.data;
+	p += o & (SS_HEAD_MAX - 1);
+	return *(const __u64 *)(const void *)p;
+}
+
+/* bpf_loop's context for http_framing's loops: the scratch alone (its address is the same at every
+ * step; what changes is in the scratch, see struct http_scan). */
+struct scan_ctx {
+	struct scratch *s;
+};
+
+/* A header line of `n` bytes at `line`, ending at `nl`: notes Content-Length's value, or a framing the
+ * kernel does not follow (f->bad). */
+static __always_inline void header_line(struct scratch *s, struct http_scan *f, __u32 line, __u32 nl, __u32 n)
+{
+	__u64 w = head_word(s, line);
+	__u8 first = (__u8)w;
+	if (first == ' ' || first == '\t') {
+		f->bad = 1; /* obsolete line folding */
+		return;
+	}
+	/* "content-" with '-' exact, then "length" and the byte after it. */
+	if ((w | (LOWER8 >> 8)) == W_CONTENT_ && n >= 15) {
+		__u64 w2 = head_word(s, line + 8);
+		if (((w2 | LOWER8) & 0xffffffffffffULL) != W_LENGTH)
+			return;
+		__u8 after = (__u8)(w2 >> 48);
+		if (after == ':') {
+			if (f->cl)
+				f->bad = 1; /* a second Content-Length */
+			f->cl = line + 15;
+			f->cl_end = nl;
+		} else if (after == ' ' || after == '\t') {
+			f->bad = 1;
+		}
+		return;
+	}
+	if ((w | LOWER8) == W_TRANSFER && n > 17) {
+		__u64 w2 = head_word(s, line + 8);
+		if ((w2 | (LOWER8 << 8)) == W_ENCODIN && ((__u8)head_word(s, line + 16) | 0x20) == 'g')
+			f->bad = 1; /* chunked (or any coding): its end is not a count */
+	}
+}
+
+/* One step: the current line's end, and the line looked at there. */
+static long frame_step(__u32 i, struct scan_ctx *ctx)
+{
+	struct scratch *s = ctx->s;
+	struct http_scan *f = &s->scan;
+	__u32 pos = f->pos, line = f->line, len = f->len;
+	if (pos >= len || pos >= SS_HEAD_MAX || line > pos)
+		return 1; /* the headers run past the copied head */
+	/* The next '\n', up to four words on: one step a line for most lines. */
+	__u32 nl = 0;
+	int found = 0;
+#pragma unroll
+	for (int k = 0; k < 4; k++) {
+		__u32 p = pos + k * 8;
+		if (p >= len || p >= SS_HEAD_MAX)
+			return 1;
+		__u32 valid = len - p;
+		__u64 x = head_word(s, p) ^ NEWLINES;
+		__u64 t = (x - LOW_BITS) & ~x & HIGH_BITS & KEEP_LOW(valid);
+		if (t) {
+			/* The lowest marked byte is the first '\n' (a borrow only marks bytes above). */
+			nl = p + (__u32)((((t & -t) >> 7) * 0x0001020304050607ULL) >> 56);
+			found = 1;
+			break;
+		}
+	}
+	if (!found) {
+		f->pos = pos + 32;
+		return 0;
+	}
+	__u32 n = nl - line; /* the line's bytes, its '\r' included */
+	if (n == 0 || (n == 1 && s->ev.data[line & (SS_HEAD_MAX - 1)] == '\r')) {
+		f->end = nl + 1;
+		return 1;
+	}
+	f->line = nl + 1;
+	f->pos = nl + 1;
+	if (line != 0)
+		header_line(s, f, line, nl, n);
+	if (f->bad)
+		return 1;
+	/* A blank line next ends the headers here, without a step of its own. */
+	__u16 next = (__u16)head_word(s, nl + 1);
+	if (nl + 2 < len && next == 0x0a0d) {
+		f->end = nl + 3;
+		return 1;
+	}
+	return 0;
+}
+
+/* Content-Length's value: [OWS] 1*DIGIT [OWS] ['\r']; anything else is a value not trusted. */
+#define SS_LENGTH_STEPS 40
+
+static long length_step(__u32 i, struct scan_ctx *ctx)
+{
+	struct scratch *s = ctx->s;
+	struct http_scan *f = &s->scan;
+	__u32 pos = f->pos;
+	if (pos >= f->cl_end || pos >= SS_HEAD_MAX)
+		return 1;
+	__u8 c = s->ev.data[pos & (SS_HEAD_MAX - 1)];
+	if (c >= '0' && c <= '9') {
+		/* Digits after the spaces that ended the number, or more than 15 of them. */
+		if (f->digits >= 15 || (f->digits && s->ev.data[(pos - 1) & (SS_HEAD_MAX - 1)] < '0')) {
+			f->bad = 1;
+			return 1;
+		}
+		f->value = f->value * 10 + (c - '0');
+		f->digits++;
+	} else if (!(c == ' ' || c == '\t' || (c == '\r' && pos + 1 == f->cl_end))) {
+		f->bad = 1;
+		return 1;
+	}
+	f->pos = pos + 1;
+	return 0;
+}
+
+/*
+ * The framing of the message the current call begins (its head is in the scratch, just copied), `ret`
+ * bytes long, `dir` its direction: the body bytes still to come after this call (0: the message ends
+ * with it), FRAME_HEAD_REQUEST for a whole HEAD request, FRAME_UNKNOWN when the kernel cannot frame it.
+ * A global function: the verifier checks it and its loop once (see otf_frame).
+ */
+__noinline long long http_framing(__u32 dir, long ret)
+{
+	struct scratch *s = get_scratch();
+	if (!s || ret <= 0)
+		return FRAME_UNKNOWN;
+	__u32 len = s->ev.head_len;
+	if (len < 16 || len > SS_HEAD_MAX)
+		return FRAME_UNKNOWN;
+	__u64 w = head_word(s, 0);
+	int head_request = 0;
+	int no_body = 0;
+	if (dir == SS_DIR_EGRESS) {
+		/* "HTTP/1.x NNN": 1xx, 204 and 304 have no body whatever their headers say. */
+		if ((w & 0xf0ffffffffffffffULL) != 0x302e312f50545448ULL ||
+		    s->ev.data[8] != ' ')
+			return FRAME_UNKNOWN;
+		__u8 d0 = s->ev.data[9], d1 = s->ev.data[10], d2 = s->ev.data[11];
+		if (d0 < '1' || d0 > '5' || d1 < '0' || d1 > '9' || d2 < '0' || d2 > '9')
+			return FRAME_UNKNOWN;
+		__u32 status = (d0 - '0') * 100 + (d1 - '0') * 10 + (d2 - '0');
+		no_body = status < 200 || status == 204 || status == 304;
+	} else {
+		/* The methods whose requests a server frames by Content-Length alone. */
+		__u32 w4 = (__u32)w;
+		if (w4 == 0x20544547 /* "GET " */ || w4 == 0x20545550 /* "PUT " */) {
+		} else if ((w & 0xffffffffffULL) == 0x2054534f50ULL /* "POST " */) {
+		} else if ((w & 0xffffffffffULL) == 0x2044414548ULL /* "HEAD " */) {
+			head_request = 1;
+		} else if ((w & 0xffffffffffffULL) == 0x204843544150ULL /* "PATCH " */) {
+		} else if ((w & 0xffffffffffffffULL) == 0x204554454c4544ULL /* "DELETE " */) {
+		} else if (w == 0x20534e4f4954504fULL /* "OPTIONS " */) {
+		} else {
+			return FRAME_UNKNOWN; /* CONNECT, TRACE, extensions: not followed */
+		}
+	}
+	struct http_scan *f = &s->scan;
+	__builtin_memset(f, 0, sizeof(*f));
+	f->len = len;
+	struct scan_ctx ctx = { .s = s };
+	bpf_loop(SS_FRAME_STEPS, frame_step, &ctx, 0);
+	if (f->bad || !f->end)
+		return FRAME_UNKNOWN;
+	__u64 end = f->end;
+	__u64 body = 0;
+	if (f->cl) {
+		f->pos = f->cl;
+		bpf_loop(SS_LENGTH_STEPS, length_step, &ctx, 0);
+		if (f->bad || !f->digits || f->pos < f->cl_end)
+			return FRAME_UNKNOWN;
+		body = f->value;
+	} else if (dir == SS_DIR_EGRESS && !no_body) {
+		return FRAME_UNKNOWN; /* a response without a length ends at the close */
+	}
+	if (no_body || head_request)
+		body = 0;
+	__u64 total = end + body;
+	if (total < (__u64)ret)
+		return FRAME_UNKNOWN; /* another message follows in this call: not followed */
+	if (head_request)
+		return total == (__u64)ret ? FRAME_HEAD_REQUEST : FRAME_UNKNOWN;
+	return (long long)(total - (__u64)ret);
+}
+
+static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys,
+				     struct conn_info *conn);
 
 static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 {
@@ -992,12 +1257,13 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 		t->state = CALL_NONE;
 		a = *t;
 	}
-	return data_tail(id, &a, ret, dir, sys);
+	return data_tail(id, &a, ret, dir, sys, NULL);
 }
 
 /* The record of a traced data call `a` (its connection, buffer and count in the fields exit_data
  * copies from the thread's state; a stack copy, never the map value) that moved `ret` bytes. */
-static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys)
+static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys,
+				     struct conn_info *conn)
 {
 	struct scratch *s = get_scratch();
 	if (!s)
@@ -1013,6 +1279,35 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 	if (dir == SS_DIR_EGRESS && a->enter_ns) {
 		s->ev.busy_us = micros_between(a->enter_ns, s->ev.ts_ns);
 		s->ev.ts_ns = a->enter_ns;
+	}
+
+	/* A TCP connection the kernel frames (R50, http_framing): a call inside a message's body is
+	 * counted down and sent with no head; a call that begins a message is framed once copied. */
+	int frame = 0;
+	__u8 bit = 1 << (dir & 1);
+	if (a->family == AF_INET || a->family == AF_INET6) {
+		if (!conn) {
+			struct ss_conn_key key = { .tgid = id >> 32, .fd = a->fd };
+			conn = bpf_map_lookup_elem(&conns, &key);
+			if (conn && conn->id != a->conn_id)
+				conn = NULL;
+		}
+		if (conn) {
+			__u32 left = conn->body_left[dir & 1];
+			if (left && (__u64)ret <= left) {
+				conn->body_left[dir & 1] = left - (__u32)ret;
+				s->ev.flags = SS_FLAG_BODY;
+				submit(&s->ev);
+				return 0;
+			}
+			if (left) {
+				/* The body ends inside this call and something follows it: not followed. */
+				conn->body_left[dir & 1] = 0;
+				conn->msg_sync &= ~bit;
+			} else {
+				frame = conn->msg_sync & bit;
+			}
+		}
 	}
 
 	/* `sys`, not `a->sys`: both branches checked them equal, and a constant lets clang fold this
@@ -1037,6 +1332,16 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 	}
 	default: /* sendfile: the bytes come from a file, not a user buffer */
 		break;
+	}
+	if (frame && conn) {
+		long long more = http_framing(dir, ret);
+		if (more == FRAME_HEAD_REQUEST) {
+			conn->msg_sync &= ~(1 << SS_DIR_EGRESS);
+		} else if (more < 0 || more > 0xffffffffLL) {
+			conn->msg_sync &= ~bit;
+		} else {
+			conn->body_left[dir & 1] = (__u32)more;
+		}
 	}
 	/* A TorchServe frontend's frame to a worker (flat write: the whole frame is in one buffer),
 	 * walked before the data record goes: an inference frame's batch record says all that record
@@ -1303,7 +1608,7 @@ static __always_inline int sock_data(struct sock *sk, __u64 id, struct task_stat
 		.family = c->family,
 		.accepted = c->accepted,
 	};
-	return data_tail(id, &a, ret, dir, sys);
+	return data_tail(id, &a, ret, dir, sys, c);
 }
 
 /*

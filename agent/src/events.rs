@@ -29,7 +29,7 @@ pub struct RawHeader {
     pub syscall: u8,
     pub family: u8,
     pub accepted: u8,
-    pub _pad: u8,
+    pub flags: u8,
     pub busy_us: u32,
 }
 
@@ -55,6 +55,7 @@ const _: () = assert!(offset_of!(RawHeader, dir) == 39);
 const _: () = assert!(offset_of!(RawHeader, syscall) == 40);
 const _: () = assert!(offset_of!(RawHeader, family) == 41);
 const _: () = assert!(offset_of!(RawHeader, accepted) == 42);
+const _: () = assert!(offset_of!(RawHeader, flags) == 43);
 const _: () = assert!(offset_of!(RawHeader, busy_us) == 44);
 const _: () = assert!(offset_of!(RawEvent, data) == 48);
 

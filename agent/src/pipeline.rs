@@ -19,11 +19,11 @@ use crate::{
     FastMap,
     config::Config,
     discovery::{Hostnames, ProcFs, Selection, Target},
-    events::{Event, FAMILY_UNIX, Kind},
+    events::{Direction, Event, FAMILY_UNIX, Kind},
     http::{ConnTable, Exchange, ParseStats},
     probes::Probes,
     registry::WorkerUsage,
-    registry::{Flavor, Registry},
+    registry::{Flavor, Registry, copied_index},
     routing,
     sampler::{SampleTarget, procfs::ProcRoot},
     sink::Sinks,
@@ -253,9 +253,18 @@ impl Reader {
     /// Handles every record waiting in the ring buffer; returns how many there were.
     fn drain(&mut self, rb: &mut RingBuf<MapData>) -> usize {
         let mut n = 0;
+        // Head bytes the kernel copied (registry::copied_index): added once per drain.
+        let mut copied = [0u64; 6];
         while let Some(item) = rb.next() {
             n += 1;
-            match Event::decode(&item) {
+            let decoded = Event::decode(&item);
+            if let Ok(ev) = &decoded
+                && ev.kind == Kind::Data
+            {
+                copied[copied_index(ev.dir == Direction::Egress, ev.family)] +=
+                    ev.head.len() as u64;
+            }
+            match decoded {
                 Ok(ev) if ev.kind.is_process_event() => self.proc_events.send(match ev.kind {
                     Kind::Exec => ProcEvent::Exec(ev.tgid),
                     Kind::Exit => ProcEvent::Exit(ev.tgid),
@@ -316,6 +325,9 @@ impl Reader {
         }
         let s = self.table.stats;
         let r = &self.registry;
+        for (counter, n) in r.copied_bytes.iter().zip(copied) {
+            counter.inc_by(n);
+        }
         r.parse_errors
             .inc_by(s.parse_errors - self.exported.parse_errors);
         r.unmatched_responses

@@ -450,7 +450,7 @@ pub struct Probes {
     targets_gen: Array<MapData, u64>,
     thread_state: ThreadState,
     /// `struct conn_info` values, opaque here (only the keys are read).
-    conns: HashMap<MapData, ConnKey, [u8; 24]>,
+    conns: HashMap<MapData, ConnKey, [u8; 32]>,
     /// `struct sk_conn` by socket address (the socket hooks): (tgid, fd) first.
     sk_conns: HashMap<MapData, u64, [u8; 16]>,
     losses: PerCpuArray<MapData, u64>,

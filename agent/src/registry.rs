@@ -272,6 +272,9 @@ pub struct Registry {
     /// Requests read and not yet answered in full, over every traced connection (set by the pipeline).
     pub in_flight: IntGauge,
     pub kernel_lost: IntCounterVec,
+    /// Head bytes of data records the kernel copied to the agent, at [`copied_index`].
+    pub copied_bytes: [IntCounter; 6],
+    copied_bytes_family: IntCounterVec,
     pub decode_errors: IntCounter,
     pub parse_errors: IntCounter,
     pub unmatched_responses: IntCounter,
@@ -295,6 +298,17 @@ pub struct Registry {
     // Sampler families (sampler/): replaced whole by each sample, see `set_system` / `set_gpu`.
     system: SystemGauges,
     gpu: GpuGauges,
+}
+
+/// Where the copied bytes of a data record in direction `egress` on a socket of `family` count in
+/// [`Registry::copied_bytes`]: ingress, egress for tcp, then unix, then pipe.
+pub fn copied_index(egress: bool, family: u8) -> usize {
+    let transport = match family {
+        crate::events::FAMILY_UNIX => 1,
+        crate::events::FAMILY_PIPE => 2,
+        _ => 0,
+    };
+    transport * 2 + usize::from(egress)
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -337,7 +351,27 @@ impl Registry {
                 spec.labels,
             ))
         };
+        // What the kernel copied out of traced processes' traffic (the heads of their reads and
+        // writes): how much of it reached the agent at all, for an operator to audit (README
+        // "Privacy").
+        let copied = must(IntCounterVec::new(
+            Opts::new(
+                "servescope_kernel_copied_bytes_total",
+                "Bytes of traced traffic the kernel copied to the agent (the heads of reads and \
+                 writes it parses; message bodies it counted by their length are not copied), by \
+                 direction and transport: tcp (HTTP clients), unix (TorchServe's frontend and its \
+                 workers), pipe (the workers' log lines).",
+            ),
+            &["direction", "transport"],
+        ));
         let r = Registry {
+            copied_bytes: std::array::from_fn(|i| {
+                copied.with_label_values(&[
+                    ["ingress", "egress"][i % 2],
+                    ["tcp", "unix", "pipe"][i / 2],
+                ])
+            }),
+            copied_bytes_family: copied,
             requests_2xx: ts_counter("Requests2XX"),
             requests_4xx: ts_counter("Requests4XX"),
             requests_5xx: ts_counter("Requests5XX"),
@@ -539,8 +573,9 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 20] = [
+        let collectors: [Box<dyn Collector>; 21] = [
             Box::new(r.in_flight.clone()),
+            Box::new(r.copied_bytes_family.clone()),
             Box::new(r.requests_2xx.clone()),
             Box::new(r.requests_4xx.clone()),
             Box::new(r.requests_5xx.clone()),

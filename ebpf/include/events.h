@@ -9,7 +9,9 @@
 
 /*
  * Bytes copied from each data syscall's buffer. Enough for a request line, the headers that frame a
- * message (Content-Length, Transfer-Encoding) and a status line. Never more: bodies stay in the kernel.
+ * message (Content-Length, Transfer-Encoding) and a status line. Never more. A call whose bytes the
+ * kernel knows to be body (SS_FLAG_BODY) has none copied; what a head holds past its message's
+ * headers (the start of a small body) is parsed past and never kept (README "Privacy").
  * Power of two so the verifier can bound offsets with a mask.
  */
 #define SS_HEAD_MAX 512
@@ -111,6 +113,10 @@ enum ss_loss {
 /* A TorchServe worker: its pipe writes (stdout/stderr, where `[METRICS]` lines go) are traced too. */
 #define SS_TARGET_WORKER 2
 
+/* `flags` of an SS_EV_DATA record: every byte it counts is message body, by the Content-Length the
+ * kernel read in the message's head (a TCP connection it framed from its start); none was copied. */
+#define SS_FLAG_BODY 1
+
 /* `family` of records from a worker's pipe (not a socket family: AF_* values stay below 64). */
 #define SS_FAMILY_PIPE 255
 
@@ -146,7 +152,7 @@ struct ss_event {
 	__u8 syscall;   /* enum ss_syscall */
 	__u8 family;    /* AF_INET / AF_INET6 / AF_UNIX of the socket */
 	__u8 accepted;  /* 1 if the connection was seen at accept(), 0 if picked up mid-stream */
-	__u8 _pad;
+	__u8 flags;     /* SS_FLAG_* */
 	__u32 busy_us;  /* sent bytes: microseconds from syscall entry to exit (saturating), so
 			 * ts_ns + busy_us is when the last byte was handed to the kernel; 0 otherwise */
 	__u8 data[SS_HEAD_MAX];

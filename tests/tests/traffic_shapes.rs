@@ -34,6 +34,8 @@ on_both_hooks!(
     pipelined_requests_on_one_connection,
     pipelined_burst_beyond_the_copied_bytes,
     request_bodies_from_empty_to_8_mib_and_chunked,
+    bodies_are_counted_down_in_the_kernel_not_copied,
+    a_body_that_looks_like_a_request_stays_body,
     responses_by_write_writev_several_writes_and_sendfile,
     large_response_latency_is_time_to_first_byte,
     error_responses_closed_by_the_server,
@@ -507,6 +509,123 @@ fn request_bodies_from_empty_to_8_mib_and_chunked(hooks: Hooks) -> Result<()> {
     ensure!(
         lat < SLACK_US,
         "slow upload: latency {lat} µs should start at the last body byte (upload took > 100 ms)"
+    );
+    t.assert_kernel_state_freed()
+}
+
+/// A Content-Length body is counted down in the kernel, not copied (R50): uploads read in a hundred
+/// pieces and responses written in sixteen cost one copied head a message, and are counted exactly,
+/// every byte accounted, with the connection still framed from one message to the next. What the
+/// kernel copied is on the agent's own /metrics (`servescope_kernel_copied_bytes_total`); copying
+/// each read's and write's head, as before, came to ~100 KiB in, ~16 KiB out here.
+fn bodies_are_counted_down_in_the_kernel_not_copied(hooks: Hooks) -> Result<()> {
+    const BODY: usize = 1 << 20;
+    let t = traced_with_request_log("counted_bodies", hooks, Family::V4)?;
+    let mut c = t.client()?;
+    let mut want_bytes = Vec::new();
+    for version in ["v1", "small", "v2"] {
+        let (target, up) = if version == "small" {
+            ("/predictions/counted/small".to_owned(), 16)
+        } else {
+            (
+                format!("/predictions/counted/{version}?mode=stream&size={BODY}"),
+                BODY,
+            )
+        };
+        let request = request_bytes("POST", &target, &vec![b'u'; up]);
+        // 8 KiB pieces 1 ms apart: the server reads each on its own.
+        c.send_in_pieces(&request, &[8192], Duration::from_millis(1))?;
+        let down = if version == "small" { 2 } else { BODY };
+        let r = c.read_reply()?;
+        ensure!(r.status == 200 && r.body_len == down, "{version}: {r:?}");
+        let path = format!("/predictions/counted/{version}");
+        let response_head =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {down}\r\nconnection: keep-alive\r\n\r\n");
+        want_bytes.push((path, request.len(), response_head.len() + down));
+    }
+    drop(c);
+    let m = t
+        .expect()
+        .inference("counted", "v1", 200, 1)
+        .inference("counted", "small", 200, 1)
+        .inference("counted", "v2", 200, 1)
+        .assert_agent(&t.agent, SETTLE)?;
+
+    let lines = t.request_log(want_bytes.len())?;
+    for (path, request_bytes, response_bytes) in &want_bytes {
+        let line = lines
+            .iter()
+            .find(|l| l["path"].as_str() == Some(path))
+            .with_context(|| format!("no request-log line for {path}"))?;
+        ensure!(
+            line["request_bytes"].as_u64() == Some(*request_bytes as u64)
+                && line["response_bytes"].as_u64() == Some(*response_bytes as u64),
+            "{path}: logged {line}, want request_bytes {request_bytes}, response_bytes {response_bytes}"
+        );
+    }
+    // One head a message at most (3 messages each way, HEAD_MAX = 512 bytes).
+    for direction in ["ingress", "egress"] {
+        let copied = m
+            .get(
+                "servescope_kernel_copied_bytes_total",
+                &[("direction", direction), ("transport", "tcp")],
+            )
+            .unwrap_or(f64::NAN);
+        eprintln!("copied {direction}: {copied} bytes");
+        ensure!(
+            copied > 0.0 && copied <= 3.0 * 512.0,
+            "the kernel copied {copied} bytes {direction}, want at most one 512-byte head for each \
+             of the 3 messages: bodies are counted down, not copied"
+        );
+    }
+    t.assert_kernel_state_freed()
+}
+
+/// The kernel's framing (R50) follows the stream, not what a read looks like: a body that is itself a
+/// request announcing a megabyte (read on its own) is counted down as body, so the requests after it
+/// are all seen; a Content-Length in capitals frames its body as well as a lower-case one does.
+fn a_body_that_looks_like_a_request_stays_body(hooks: Hooks) -> Result<()> {
+    let t = traced("framing_not_fooled", hooks, Family::V4, &[0], &[])?;
+    let mut c = t.client()?;
+    let fake =
+        b"POST /predictions/hidden/x HTTP/1.1\r\nHost: test\r\nContent-Length: 999999\r\n\r\n";
+    let head = format!(
+        "POST /predictions/fool/a HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        fake.len()
+    );
+    c.send(head.as_bytes())?;
+    thread::sleep(Duration::from_millis(20));
+    c.send(fake)?;
+    ensure!(c.read_reply()?.status == 200);
+    let body = vec![b'B'; 70_000];
+    let mut upper = format!(
+        "POST /predictions/fool/b HTTP/1.1\r\nHOST: test\r\nCONTENT-LENGTH: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    upper.extend_from_slice(&body);
+    c.send_in_pieces(&upper, &[4096], Duration::from_millis(1))?;
+    ensure!(c.read_reply()?.status == 200);
+    ensure!(c.call("GET", "/predictions/fool/c", b"")? == 200);
+    drop(c);
+    let m = t
+        .expect()
+        .inference("fool", "a", 200, 1)
+        .inference("fool", "b", 200, 1)
+        .inference("fool", "c", 200, 1)
+        .assert_agent(&t.agent, SETTLE)?;
+    let copied = m
+        .get(
+            "servescope_kernel_copied_bytes_total",
+            &[("direction", "ingress"), ("transport", "tcp")],
+        )
+        .unwrap_or(f64::NAN);
+    // One head a message: the first request's headers (read on their own), the capitals' first
+    // 4 KiB read, the GET. The fake request and the rest of the 70 kB are counted down.
+    ensure!(
+        copied <= 3.0 * 512.0,
+        "the kernel copied {copied} bytes in, want at most a 512-byte head for each of the 3 \
+         requests"
     );
     t.assert_kernel_state_freed()
 }

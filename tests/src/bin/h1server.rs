@@ -29,11 +29,14 @@
 //!                   write     one write(2) with head and body
 //!                   writev    one writev(2) with two iovecs [head, body] (Netty's pattern)
 //!                   multi     head in two write(2)s (status line, then headers), body in 64 KiB write(2)s
+//!                   stream    head with the body's first 64 KiB in one write(2), the rest in 64 KiB
+//!                             write(2)s: one Content-Length response in many writes
 //!                   sendfile  head with write(2), body with sendfile(2) from a temp file
 //!                   send      head and body in one send(2) (sendto), like Python's socket layer
 //!   chunked=1     Transfer-Encoding: chunked response; each 64 KiB chunk is its own write(2)
-//!   gap_ms=G      with mode=multi or chunked=1: sleep G ms before each body write, so the response
-//!                 takes longer than its first byte (time-to-last-byte > time-to-first-byte)
+//!   gap_ms=G      with mode=multi, mode=stream or chunked=1: sleep G ms before each body write, so
+//!                 the response takes longer than its first byte (time-to-last-byte >
+//!                 time-to-first-byte)
 //!   relocate=dup|dup2
 //!                 after the response, write two log lines to a file and move the connection onto
 //!                 that file's fd number: close the file and dup(2) the socket (which takes the freed
@@ -415,6 +418,17 @@ fn respond(c: &Conn<'_>, q: &Query, close: bool) -> io::Result<()> {
             write_all(c.fd, status_line.as_bytes())?;
             write_all(c.fd, rest.as_bytes())?;
             for piece in body.chunks(PIECE) {
+                pause();
+                write_all(c.fd, piece)?;
+            }
+            Ok(())
+        }
+        "stream" => {
+            let first = body.len().min(PIECE);
+            let mut all = head.into_bytes();
+            all.extend_from_slice(&body[..first]);
+            write_all(c.fd, &all)?;
+            for piece in body[first..].chunks(PIECE) {
                 pause();
                 write_all(c.fd, piece)?;
             }
