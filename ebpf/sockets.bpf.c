@@ -72,18 +72,18 @@ struct conn_info {
 	__u64 id;
 	__u8 family;
 	__u8 accepted;
-	/* A TCP connection whose message boundaries the kernel knows (bit SS_DIR_INGRESS for requests,
-	 * SS_DIR_EGRESS for responses): set at a fresh connection's start, cleared for good at the first
-	 * message the kernel cannot frame (http_framing). */
-	__u8 msg_sync;
-	__u8 _pad;
+	/* Per direction (index SS_DIR_INGRESS: requests, SS_DIR_EGRESS: responses), whether the kernel
+	 * knows this TCP connection's message boundaries: set at a fresh connection's start, cleared for
+	 * good at the first message it cannot frame (http_framing). A byte each, so that the two
+	 * directions' threads never rewrite each other's. */
+	__u8 framed[2];
 	/* A frontend's worker socket: bytes of the inference frame being written that are still to
 	 * come (the frame's first write was partial), so that its continuation is not walked as a frame. */
 	__u32 otf_skip;
 	/* The socket this entry was made for (socket hooks only, R39): an fd number that names another
 	 * socket now was closed and reused unseen, since no close() is hooked there. */
 	__u64 sk;
-	/* Per direction (msg_sync's bits): bytes of the current message's Content-Length body still to
+	/* Per direction (as `framed`): bytes of the current message's Content-Length body still to
 	 * come, which the kernel counts down without copying any of them (R50). */
 	__u32 body_left[2];
 };
@@ -245,6 +245,11 @@ struct http_scan {
 	__u32 bad;    /* a framing the kernel does not follow (see http_framing) */
 	__u32 digits; /* of Content-Length's value, read so far */
 	__u64 value;
+	/* Kept here, not in registers: each value a register held made the verifier walk the rest of
+	 * the function once more (see http_framing, data_tail). */
+	__u32 no_body;      /* a 1xx, 204 or 304 response */
+	__u32 head_request; /* a HEAD request */
+	__u32 pending;      /* data_tail: the call begins a message on a framed connection */
 };
 
 struct scratch {
@@ -353,8 +358,6 @@ static __always_inline int worker_pipe(__u32 flags, int fd)
  * worker's pipe). */
 static __always_inline void emit_open(__u64 pid_tgid, int fd, struct conn_info *c, struct sock *sk);
 
-#define SYNC_BOTH ((1 << SS_DIR_INGRESS) | (1 << SS_DIR_EGRESS))
-
 static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 family, __u8 accepted)
 {
 	__u32 zero = 0;
@@ -365,9 +368,12 @@ static __always_inline struct conn_info *new_conn(struct ss_conn_key *key, __u8 
 		.id = __sync_fetch_and_add(seq, 1) + 1,
 		.family = family,
 		.accepted = accepted,
-		/* A stream seen from its first byte starts at a message boundary both ways. */
-		.msg_sync = accepted && (family == AF_INET || family == AF_INET6) ? SYNC_BOTH : 0,
 	};
+	/* A stream seen from its first byte starts at a message boundary both ways. */
+	if (accepted && (family == AF_INET || family == AF_INET6)) {
+		info.framed[SS_DIR_INGRESS] = 1;
+		info.framed[SS_DIR_EGRESS] = 1;
+	}
 	if (bpf_map_update_elem(&conns, key, &info, BPF_ANY)) {
 		count_loss(SS_LOSS_CONNS_FULL);
 		return NULL;
@@ -412,6 +418,14 @@ static __always_inline struct conn_info *get_conn(__u64 pid_tgid, int fd, __u32 
 	if (c)
 		emit_open(pid_tgid, fd, c, sk);
 	return c;
+}
+
+/* The `conns` entry of the call `a` (its fd, under the connection id it began with). */
+static __always_inline struct conn_info *conn_of(__u64 id, struct task_state *a)
+{
+	struct ss_conn_key key = { .tgid = id >> 32, .fd = a->fd };
+	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
+	return c && c->id == a->conn_id ? c : NULL;
 }
 
 static __always_inline struct scratch *get_scratch(void)
@@ -907,9 +921,8 @@ __noinline int otf_frame(__u64 id, struct task_state *a, long ret)
 {
 	if (!a)
 		return 0;
-	struct ss_conn_key key = { .tgid = id >> 32, .fd = a->fd };
-	struct conn_info *c = bpf_map_lookup_elem(&conns, &key);
-	if (!c || c->id != a->conn_id)
+	struct conn_info *c = conn_of(id, a);
+	if (!c)
 		return 0;
 	if (c->otf_skip) {
 		c->otf_skip = (__u64)ret >= c->otf_skip ? 0 : c->otf_skip - (__u32)ret;
@@ -1152,12 +1165,10 @@ static long length_step(__u32 i, struct scan_ctx *ctx)
  * The framing of the message the current call begins (its head is in the scratch, just copied), `ret`
  * bytes long, `dir` its direction: the body bytes still to come after this call (0: the message ends
  * with it), FRAME_HEAD_REQUEST for a whole HEAD request, FRAME_UNKNOWN when the kernel cannot frame it.
- * A global function: the verifier checks it and its loop once (see otf_frame).
  */
-__noinline long long http_framing(__u32 dir, long ret)
+static __always_inline long long http_framing(struct scratch *s, __u32 dir, long ret)
 {
-	struct scratch *s = get_scratch();
-	if (!s || ret <= 0)
+	if (ret <= 0)
 		return FRAME_UNKNOWN;
 	__u32 len = s->ev.head_len;
 	if (len < 16 || len > SS_HEAD_MAX)
@@ -1192,6 +1203,8 @@ __noinline long long http_framing(__u32 dir, long ret)
 	struct http_scan *f = &s->scan;
 	__builtin_memset(f, 0, sizeof(*f));
 	f->len = len;
+	f->no_body = no_body;
+	f->head_request = head_request;
 	struct scan_ctx ctx = { .s = s };
 	bpf_loop(SS_FRAME_STEPS, frame_step, &ctx, 0);
 	if (f->bad || !f->end)
@@ -1204,17 +1217,42 @@ __noinline long long http_framing(__u32 dir, long ret)
 		if (f->bad || !f->digits || f->pos < f->cl_end)
 			return FRAME_UNKNOWN;
 		body = f->value;
-	} else if (dir == SS_DIR_EGRESS && !no_body) {
+	} else if (dir == SS_DIR_EGRESS && !f->no_body) {
 		return FRAME_UNKNOWN; /* a response without a length ends at the close */
 	}
-	if (no_body || head_request)
+	if (f->no_body || f->head_request)
 		body = 0;
 	__u64 total = end + body;
 	if (total < (__u64)ret)
 		return FRAME_UNKNOWN; /* another message follows in this call: not followed */
-	if (head_request)
+	if (f->head_request)
 		return total == (__u64)ret ? FRAME_HEAD_REQUEST : FRAME_UNKNOWN;
 	return (long long)(total - (__u64)ret);
+}
+
+/*
+ * Frames the message the call `a` (direction `dir`, `ret` bytes) begins, on its framed connection,
+ * from the head just copied into the scratch: the body still to come is counted down from here on,
+ * or the connection stops being framed in that direction. A global function: the verifier checks it
+ * and its loops once a program (see otf_frame); it looks the connection up itself, so that no
+ * connection pointer stays live across data_tail's copy (each such value walks the copy again).
+ */
+__noinline int http_frame(__u64 id, struct task_state *a, __u32 dir, long ret)
+{
+	struct scratch *s = get_scratch();
+	if (!a || !s)
+		return 0;
+	struct conn_info *c = conn_of(id, a);
+	if (!c)
+		return 0;
+	long long more = http_framing(s, dir, ret);
+	if (more == FRAME_HEAD_REQUEST)
+		c->framed[SS_DIR_EGRESS] = 0;
+	else if (more < 0 || more > 0xffffffffLL)
+		c->framed[dir & 1] = 0;
+	else
+		c->body_left[dir & 1] = (__u32)more;
+	return 0;
 }
 
 static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys,
@@ -1261,7 +1299,8 @@ static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 }
 
 /* The record of a traced data call `a` (its connection, buffer and count in the fields exit_data
- * copies from the thread's state; a stack copy, never the map value) that moved `ret` bytes. */
+ * copies from the thread's state; a stack copy, never the map value) that moved `ret` bytes; `conn`
+ * is its `conns` entry when the caller has it. */
 static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, __u8 dir, __u8 sys,
 				     struct conn_info *conn)
 {
@@ -1283,15 +1322,10 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 
 	/* A TCP connection the kernel frames (R50, http_framing): a call inside a message's body is
 	 * counted down and sent with no head; a call that begins a message is framed once copied. */
-	int frame = 0;
-	__u8 bit = 1 << (dir & 1);
+	s->scan.pending = 0;
 	if (a->family == AF_INET || a->family == AF_INET6) {
-		if (!conn) {
-			struct ss_conn_key key = { .tgid = id >> 32, .fd = a->fd };
-			conn = bpf_map_lookup_elem(&conns, &key);
-			if (conn && conn->id != a->conn_id)
-				conn = NULL;
-		}
+		if (!conn)
+			conn = conn_of(id, a);
 		if (conn) {
 			__u32 left = conn->body_left[dir & 1];
 			if (left && (__u64)ret <= left) {
@@ -1303,9 +1337,27 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 			if (left) {
 				/* The body ends inside this call and something follows it: not followed. */
 				conn->body_left[dir & 1] = 0;
-				conn->msg_sync &= ~bit;
+				conn->framed[dir & 1] = 0;
 			} else {
-				frame = conn->msg_sync & bit;
+				s->scan.pending = conn->framed[dir & 1];
+			}
+		}
+	}
+
+	/* A TorchServe frontend's worker socket (R51): of its reads (the workers' replies, which carry
+	 * the inference results) the agent reads the status code alone; a write that continues an
+	 * inference frame (its request bodies) is counted down, and nothing of it is sent. */
+	__u64 copy = (__u64)ret;
+	if (a->family == AF_UNIX && !(a->target & SS_TARGET_WORKER)) {
+		if (dir == SS_DIR_INGRESS) {
+			if (copy > SS_UNIX_REPLY_HEAD)
+				copy = SS_UNIX_REPLY_HEAD;
+		} else if (sys == SS_SYS_WRITE || sys == SS_SYS_SENDTO) {
+			if (!conn)
+				conn = conn_of(id, a);
+			if (conn && conn->otf_skip && (__u64)ret <= conn->otf_skip) {
+				conn->otf_skip -= (__u32)ret;
+				return 0;
 			}
 		}
 	}
@@ -1317,32 +1369,24 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 	case SS_SYS_RECVFROM:
 	case SS_SYS_WRITE:
 	case SS_SYS_SENDTO:
-		copy_flat(&s->ev, (const void *)a->buf, (__u64)ret);
+		copy_flat(&s->ev, (const void *)a->buf, copy);
 		break;
 	case SS_SYS_READV:
 	case SS_SYS_WRITEV:
-		copy_iov(s, (const struct iovec *)a->buf, a->iovcnt, (__u64)ret);
+		copy_iov(s, (const struct iovec *)a->buf, a->iovcnt, copy);
 		break;
 	case SS_SYS_RECVMSG:
 	case SS_SYS_SENDMSG: {
 		struct user_msghdr msg;
 		if (!bpf_probe_read_user(&msg, sizeof(msg), (const void *)a->buf))
-			copy_iov(s, msg.msg_iov, msg.msg_iovlen, (__u64)ret);
+			copy_iov(s, msg.msg_iov, msg.msg_iovlen, copy);
 		break;
 	}
 	default: /* sendfile: the bytes come from a file, not a user buffer */
 		break;
 	}
-	if (frame && conn) {
-		long long more = http_framing(dir, ret);
-		if (more == FRAME_HEAD_REQUEST) {
-			conn->msg_sync &= ~(1 << SS_DIR_EGRESS);
-		} else if (more < 0 || more > 0xffffffffLL) {
-			conn->msg_sync &= ~bit;
-		} else {
-			conn->body_left[dir & 1] = (__u32)more;
-		}
-	}
+	if (s->scan.pending)
+		http_frame(id, a, dir, ret);
 	/* A TorchServe frontend's frame to a worker (flat write: the whole frame is in one buffer),
 	 * walked before the data record goes: an inference frame's batch record says all that record
 	 * would (R45), and then the record is not sent. */
@@ -1527,6 +1571,23 @@ static __always_inline void emit_close(__u64 pid_tgid, int fd, struct conn_info 
 }
 
 /*
+ * Bytes read from a TCP socket so far, this read included: what it received less what still waits
+ * unread. Received alone (`bytes_received`) is not it: a client that sends its whole upload at once
+ * has had more received than the server's first 4 KiB read took, and the connection was taken for
+ * one picked up mid-stream (no framing, R50). A segment arriving meanwhile raises rcv_nxt and
+ * bytes_received together; rcv_nxt is read first, so the result can only come out too large (not
+ * fresh: the safe side), never equal to a later read's length by mistake. copied_seq only moves in
+ * this reader's own calls.
+ */
+static __always_inline __u64 tcp_bytes_read(struct sock *sk)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
+	__u64 received = BPF_CORE_READ(tp, bytes_received);
+	return received - (__u32)(rcv_nxt - BPF_CORE_READ(tp, copied_seq));
+}
+
+/*
  * The `conns` entry of (tgid, fd) for `sk`, made now: the fd is first seen, or it named another
  * socket before (closed and reused, which the socket hooks do not see: the old connection is
  * reported closed here). A stream socket of a traced family gets a new connection; anything else an
@@ -1545,8 +1606,7 @@ static __always_inline struct conn_info *sock_conn(__u64 id, struct ss_conn_key 
 		bpf_map_update_elem(&conns, key, &entry, BPF_ANY);
 		return NULL;
 	}
-	__u8 fresh = fam != AF_UNIX && dir == SS_DIR_INGRESS &&
-		     BPF_CORE_READ((struct tcp_sock *)sk, bytes_received) == (__u64)ret;
+	__u8 fresh = fam != AF_UNIX && dir == SS_DIR_INGRESS && tcp_bytes_read(sk) == (__u64)ret;
 	struct conn_info *c = new_conn(key, (__u8)fam, fresh);
 	if (!c)
 		return NULL;

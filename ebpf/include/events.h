@@ -16,6 +16,10 @@
  */
 #define SS_HEAD_MAX 512
 
+/* Bytes copied of a TorchServe frontend's read from a worker socket: the reply's int32 status code
+ * (200 ends a model load), all the agent reads there; the rest is the workers' inference results. */
+#define SS_UNIX_REPLY_HEAD 4
+
 /* How many iovecs of a readv/writev/recvmsg/sendmsg are looked at to fill the head. */
 #define SS_IOV_MAX 4
 

@@ -124,11 +124,13 @@ fn unprivileged_user_is_told_which_capabilities_are_missing() -> Result<()> {
 /// not alter what a program does: R34 (docs/decisions.md) copied the thread state before a switch on
 /// its syscall number, clang could no longer fold the switch, and `ss_exit_write` went from 8,977 to
 /// 120,812 processed instructions, start-up from 135 to 659 ms; R37's first build, 106,313. Measured
-/// on 6.18 since R44: at most 14,492 for one program (`ss_sock_send`, whose frame walk is verified
-/// step by step until its states converge), 69,237 for the 27 the doctor loads (both hook sets). The
-/// budgets leave room for features, not for blow-ups like those.
-const PER_PROGRAM_BUDGET: u64 = 20_000;
-const TOTAL_BUDGET: u64 = 120_000;
+/// on 6.18: at most 14,492 for one program (`ss_sock_send`, whose frame walk is verified step by
+/// step until its states converge), 69,237 for the 27 the doctor loads (both hook sets) since R44;
+/// since R50 and R51 (the kernel's HTTP framing, a global function each data program carries, and
+/// its call in every data path) 22,212 and 116,319, agent start-up 243–306 ms. The budgets leave
+/// room for features, not for blow-ups like those.
+const PER_PROGRAM_BUDGET: u64 = 30_000;
+const TOTAL_BUDGET: u64 = 150_000;
 
 #[test]
 fn verifier_work_per_program_stays_within_budget() -> Result<()> {
