@@ -227,8 +227,6 @@ struct {
 	__type(value, __u64);
 } conn_seq SEC(".maps");
 
-/* Per-CPU scratch record: too big for the 512-byte BPF stack. The spill area keeps iovec copies that
- * start near the end of data[] inside the map value, so the verifier can bound them simply. */
 /*
  * http_framing's scan of a head. In map memory, not on the stack: the verifier knows nothing of a
  * value it reads back from a map, so each bpf_loop step starts from the same state and the callback
@@ -252,6 +250,8 @@ struct http_scan {
 	__u32 pending;      /* data_tail: the call begins a message on a framed connection */
 };
 
+/* Per-CPU scratch record: too big for the 512-byte BPF stack. The spill area keeps iovec copies that
+ * start near the end of data[] inside the map value, so the verifier can bound them simply. */
 struct scratch {
 	struct ss_event ev;
 	__u8 spill[SS_HEAD_MAX];
@@ -1026,7 +1026,7 @@ rest:
 #define W_LENGTH 0x00006874676e656cULL
 #define W_TRANSFER 0x726566736e617274ULL
 #define W_ENCODIN 0x6e69646f636e652dULL
-/* The bytes `w` holds, from `p` of the current head, `n` of them valid (1..8 counted from the low). */
+/* A mask of a word's low `n` bytes (all eight for n >= 8): those of it that lie in the head. */
 #define KEEP_LOW(n) ((n) >= 8 ? ~0ULL : ((1ULL << ((n) * 8)) - 1))
 
 /* http_framing's result beyond a byte count. */

@@ -587,11 +587,9 @@ impl Probes {
             );
         }
         // Parsed here only to choose, and dropped before loading: see load_object.
-        let data_hooks = opts.data_hooks.resolve_with(
-            opts.write_entries,
-            opts.worker_uprobes,
-            socket_hooks_supported,
-        );
+        let data_hooks = opts
+            .data_hooks
+            .resolve(opts.write_entries, opts.worker_uprobes);
         if opts.data_hooks == DataHooks::Sockets && !socket_hooks_supported() {
             bail!(
                 "--data-hooks sockets needs the sock_send_length and sock_recv_length \
