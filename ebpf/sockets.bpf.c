@@ -1246,12 +1246,20 @@ __noinline int http_frame(__u64 id, struct task_state *a, __u32 dir, long ret)
 	if (!c)
 		return 0;
 	long long more = http_framing(s, dir, ret);
-	if (more == FRAME_HEAD_REQUEST)
+	if (more == FRAME_HEAD_REQUEST) {
 		c->framed[SS_DIR_EGRESS] = 0;
-	else if (more < 0 || more > 0xffffffffLL)
+	} else if (more < 0 || more > 0xffffffffLL) {
 		c->framed[dir & 1] = 0;
-	else
+		return 0;
+	} else {
 		c->body_left[dir & 1] = (__u32)more;
+	}
+	/* The record carries the message's head and nothing after it: the start of a body that came
+	 * in the same call (a small upload, an inference result) stays in the kernel, as the rest of
+	 * the body does. The parser needs the headers alone; it counts the body by the call's length. */
+	__u32 end = s->scan.end;
+	if (end && end < s->ev.head_len)
+		s->ev.head_len = (__u16)end;
 	return 0;
 }
 

@@ -154,10 +154,15 @@ pub struct Event<'a> {
     pub accepted: bool,
     /// Socket family: [`FAMILY_UNIX`] for TorchServe's frontend↔worker sockets, else IPv4/IPv6.
     pub family: u8,
+    /// `SS_FLAG_BODY`: the kernel framed this connection and every byte of the call is message body
+    /// (by the Content-Length it read in the message's head); nothing was copied.
+    pub body: bool,
 }
 
 /// `AF_UNIX`: the family of TorchServe's frontend↔worker sockets.
 pub const FAMILY_UNIX: u8 = 1;
+/// `SS_FLAG_BODY`: the bit of a data record's `flags` that says its bytes are all message body.
+pub const FLAG_BODY: u8 = 1;
 /// `SS_FAMILY_PIPE`: records of a TorchServe worker's pipe writes (its stdout/stderr).
 pub const FAMILY_PIPE: u8 = 255;
 /// `SS_TARGET_TRACED`: the `targets` map value of every traced process.
@@ -229,6 +234,7 @@ impl<'a> Event<'a> {
             head: &data[..head_len],
             accepted: h.accepted != 0,
             family: h.family,
+            body: h.flags & FLAG_BODY != 0,
         })
     }
 }

@@ -334,6 +334,8 @@ impl Reader {
             .inc_by(s.unmatched_responses - self.exported.unmatched_responses);
         r.dropped_requests
             .inc_by(s.dropped_requests - self.exported.dropped_requests);
+        r.framing_mismatches
+            .inc_by(s.framing_mismatches - self.exported.framing_mismatches);
         // As of this batch: a sum over the connections, cheap next to the batch's own parsing.
         r.in_flight
             .set(i64::try_from(self.table.in_flight()).unwrap_or(i64::MAX));

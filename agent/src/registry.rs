@@ -279,6 +279,7 @@ pub struct Registry {
     pub parse_errors: IntCounter,
     pub unmatched_responses: IntCounter,
     pub dropped_requests: IntCounter,
+    pub framing_mismatches: IntCounter,
     pub evicted_connections: IntCounter,
     /// Connections to the metrics endpoint closed at once because it held its maximum.
     pub metrics_connections_rejected: IntCounter,
@@ -490,6 +491,12 @@ impl Registry {
                 "Requests dropped unanswered: their connection already had too many waiting (a client \
                  pipelining without reading replies), or it was evicted with requests pending.",
             )),
+            framing_mismatches: must(IntCounter::new(
+                "servescope_kernel_framing_mismatches_total",
+                "Reads and writes the kernel counted as message body where the agent's HTTP parser \
+                 expected a message head: the two disagree on where a message ends. That message is \
+                 then counted as an unseen one; expected 0.",
+            )),
             evicted_connections: must(IntCounter::new(
                 "servescope_connections_evicted_total",
                 "Connections the agent stopped tracking because it held its maximum; the least \
@@ -573,7 +580,7 @@ impl Registry {
         for (_, reason) in crate::events::LOSS_REASONS {
             r.kernel_lost.with_label_values(&[reason]);
         }
-        let collectors: [Box<dyn Collector>; 21] = [
+        let collectors: [Box<dyn Collector>; 22] = [
             Box::new(r.in_flight.clone()),
             Box::new(r.copied_bytes_family.clone()),
             Box::new(r.requests_2xx.clone()),
@@ -586,6 +593,7 @@ impl Registry {
             Box::new(r.parse_errors.clone()),
             Box::new(r.unmatched_responses.clone()),
             Box::new(r.dropped_requests.clone()),
+            Box::new(r.framing_mismatches.clone()),
             Box::new(r.evicted_connections.clone()),
             Box::new(r.metrics_connections_rejected.clone()),
             Box::new(r.metrics_render_seconds.clone()),

@@ -10,8 +10,9 @@
 /*
  * Bytes copied from each data syscall's buffer. Enough for a request line, the headers that frame a
  * message (Content-Length, Transfer-Encoding) and a status line. Never more. A call whose bytes the
- * kernel knows to be body (SS_FLAG_BODY) has none copied; what a head holds past its message's
- * headers (the start of a small body) is parsed past and never kept (README "Privacy").
+ * kernel knows to be body (SS_FLAG_BODY) has none copied, and the head of a message it frames is cut
+ * at the end of its headers (the start of a small body stays in the kernel); on a connection it does
+ * not frame, what a head holds past its headers is parsed past and never kept (README "Privacy").
  * Power of two so the verifier can bound offsets with a mask.
  */
 #define SS_HEAD_MAX 512

@@ -567,6 +567,7 @@ impl Expected {
             "servescope_unmatched_responses_total",
             "servescope_kernel_lost_events_total",
             "servescope_decode_errors_total",
+            "servescope_kernel_framing_mismatches_total",
         ] {
             let got = m.sum(family);
             if got != 0.0 {

@@ -654,6 +654,7 @@ pub fn count_differences(
         "servescope_http_parse_errors_total",
         "servescope_unmatched_responses_total",
         "servescope_decode_errors_total",
+        "servescope_kernel_framing_mismatches_total",
     ] {
         if agent.sum(family) != 0.0 {
             diff.push(format!("{family} = {}", agent.sum(family)));

@@ -103,6 +103,11 @@ impl ConnTable {
                     .conns
                     .entry(ev.conn_id)
                     .or_insert_with(|| Conn::new(ev.tgid, ev.conn_id, false));
+                // The kernel's framing (http_framing) and the parser's read the same head; should
+                // they ever disagree, the parser degrades as for an unseen message and this says so.
+                if ev.body && conn.expects_head(ev.dir) {
+                    self.stats.framing_mismatches += 1;
+                }
                 match ev.dir {
                     Direction::Ingress => {
                         conn.on_ingress(ev.ts_ns, ev.head, ev.len, &mut self.stats);
@@ -316,6 +321,58 @@ mod tests {
             Some("/predictions/next")
         );
         assert_eq!(t.stats, ParseStats::default());
+    }
+
+    fn body_rec(dir: u8, conn: u64, len: u64) -> Vec<u8> {
+        encode_for_test(
+            RawHeader {
+                ts_ns: 1,
+                conn_id: conn,
+                len,
+                tgid: 7,
+                kind: 1,
+                dir,
+                accepted: 1,
+                flags: crate::events::FLAG_BODY,
+                ..Default::default()
+            },
+            b"",
+        )
+    }
+
+    #[test]
+    fn kernel_body_records_agree_with_the_parser_or_are_counted() {
+        let mut t = ConnTable::new();
+        apply(&mut t, &rec(2, 0, 1, 1, b""));
+        // The kernel framed a 10-byte upload from its head: the body's read comes with no bytes.
+        apply(
+            &mut t,
+            &rec(
+                1,
+                0,
+                1,
+                1,
+                b"POST /predictions/m HTTP/1.1\r\nContent-Length: 10\r\n\r\n",
+            ),
+        );
+        apply(&mut t, &body_rec(0, 1, 10));
+        apply(
+            &mut t,
+            &rec(1, 1, 1, 1, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+        );
+        let ex = apply(&mut t, &body_rec(1, 1, 5));
+        assert_eq!(ex.len(), 1, "the response ends with its counted-down body");
+        assert_eq!(ex[0].request.as_ref().map(|r| r.bytes), Some(52 + 10));
+        assert_eq!(t.stats, ParseStats::default(), "kernel and parser agree");
+
+        // Body where the parser expects the next request's head, then the next response's: the two
+        // disagree, and it shows.
+        apply(&mut t, &body_rec(0, 1, 7));
+        apply(&mut t, &body_rec(1, 1, 7));
+        assert_eq!(t.stats.framing_mismatches, 2);
+        // On a connection whose start the parser never saw, body is what it expects to skip.
+        apply(&mut t, &body_rec(0, 2, 7));
+        assert_eq!(t.stats.framing_mismatches, 2);
     }
 
     #[test]

@@ -23,6 +23,7 @@
 use std::{borrow::Cow, collections::VecDeque, net::SocketAddr};
 
 use super::{Exchange, Request, Response, method_name, reason_phrase};
+use crate::events::Direction;
 
 /// Longest request or response head accumulated across reads before the bytes are declared not HTTP.
 const MAX_HEAD: usize = 16 * 1024;
@@ -50,6 +51,9 @@ pub struct ParseStats {
     pub unmatched_responses: u64,
     /// Requests dropped unanswered because a connection had [`MAX_PENDING`] waiting already.
     pub dropped_requests: u64,
+    /// Reads and writes the kernel sent as message body (it framed the message from its head) where
+    /// this parser expected a message head: the two disagree on where a message ends.
+    pub framing_mismatches: u64,
 }
 
 /// Most requests kept waiting for their responses on one connection. A client may pipeline without
@@ -192,6 +196,16 @@ impl Conn {
     /// Kernel time of this connection's last traced read or write (0: none yet).
     pub fn last_active_ns(&self) -> u64 {
         self.last_active_ns
+    }
+
+    /// Whether the next bytes in direction `dir` must begin a message head: the kernel then has no
+    /// business calling them body (see [`ParseStats::framing_mismatches`]). False wherever the
+    /// parser does not know where messages start, or is inside a body or a head.
+    pub fn expects_head(&self, dir: Direction) -> bool {
+        match dir {
+            Direction::Ingress => self.req_synced && matches!(self.req, ReqState::Idle),
+            Direction::Egress => self.resp_synced && matches!(self.resp, RespState::Idle),
+        }
     }
 
     /// Requests received and not yet answered.
