@@ -100,6 +100,35 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((tick(11)? + tick(12)?) / clock_ticks())
 }
 
+/// Seconds since this process's parent started, when the parent is `cargo`: `cargo xtask bench`
+/// compiles xtask itself before it runs it, and from a clean checkout that is part of the bench's
+/// time too. None when the parent is anything else (xtask run directly) or /proc says nothing.
+pub fn seconds_since_cargo_started() -> Option<f64> {
+    let own = fs::read_to_string("/proc/self/stat").ok()?;
+    let ppid: u32 = own
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let parent = fs::read_to_string(format!("/proc/{ppid}/stat")).ok()?;
+    let (head, rest) = parent.rsplit_once(')')?;
+    if head.split_once('(')?.1 != "cargo" {
+        return None;
+    }
+    // starttime is field 22: index 19 after comm (state is field 3), in clock ticks since boot.
+    let start_ticks: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let since = uptime - start_ticks / clock_ticks();
+    (since >= 0.0).then_some(since)
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -558,6 +587,30 @@ mod tests {
         let used = cpu_sample(pid).expect("sampling").since(&before);
         // 50 ms of spinning, give or take other tests' threads and a preempted slice.
         assert!((0.02..5.0).contains(&used), "{used} s");
+    }
+
+    #[test]
+    fn time_since_cargo_started_is_read_from_the_parent() {
+        // `cargo test` runs this binary as cargo's child, as `cargo xtask` runs xtask.
+        let since = seconds_since_cargo_started().expect("the parent is cargo");
+        let own = fs::read_to_string("/proc/self/stat").expect("reading /proc/self/stat");
+        let own_start: f64 = own
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(19))
+            .and_then(|t| t.parse().ok())
+            .expect("starttime");
+        let uptime: f64 = fs::read_to_string("/proc/uptime")
+            .expect("reading /proc/uptime")
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.parse().ok())
+            .expect("uptime");
+        // Cargo started before this test binary did, and within the hour.
+        let own_since = uptime - own_start / clock_ticks();
+        assert!(
+            since + 0.02 >= own_since && since < 3600.0,
+            "cargo started {since} s ago, this binary {own_since} s ago"
+        );
     }
 
     #[test]
