@@ -100,33 +100,26 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((tick(11)? + tick(12)?) / clock_ticks())
 }
 
-/// Seconds since this process's parent started, when the parent is `cargo`: `cargo xtask bench`
-/// compiles xtask itself before it runs it, and from a clean checkout that is part of the bench's
-/// time too. None when the parent is anything else (xtask run directly) or /proc says nothing.
-pub fn seconds_since_cargo_started() -> Option<f64> {
+/// Seconds since this process started. `cargo xtask bench` compiles xtask and then runs it by exec
+/// (`cargo run` replaces itself on Unix), so from a clean checkout this counts that compile too:
+/// part of the bench's time, which nothing else in the process could see. None if /proc says nothing.
+pub fn seconds_since_process_started() -> Option<f64> {
     let own = fs::read_to_string("/proc/self/stat").ok()?;
-    let ppid: u32 = own
+    // starttime is field 22: index 19 after comm (state is field 3), in clock ticks since boot.
+    let start_ticks: f64 = own
         .rsplit_once(')')?
         .1
         .split_whitespace()
-        .nth(1)?
+        .nth(19)?
         .parse()
         .ok()?;
-    let parent = fs::read_to_string(format!("/proc/{ppid}/stat")).ok()?;
-    let (head, rest) = parent.rsplit_once(')')?;
-    if head.split_once('(')?.1 != "cargo" {
-        return None;
-    }
-    // starttime is field 22: index 19 after comm (state is field 3), in clock ticks since boot.
-    let start_ticks: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
     let uptime: f64 = fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()
         .next()?
         .parse()
         .ok()?;
-    let since = uptime - start_ticks / clock_ticks();
-    (since >= 0.0).then_some(since)
+    Some((uptime - start_ticks / clock_ticks()).max(0.0))
 }
 
 fn clock_ticks() -> f64 {
@@ -554,6 +547,8 @@ pub fn loadavg() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::{thread, time::Duration};
+
     use super::*;
 
     fn sample(ticks_s: f64, threads: &[(u32, u64)]) -> CpuSample {
@@ -590,26 +585,17 @@ mod tests {
     }
 
     #[test]
-    fn time_since_cargo_started_is_read_from_the_parent() {
-        // `cargo test` runs this binary as cargo's child, as `cargo xtask` runs xtask.
-        let since = seconds_since_cargo_started().expect("the parent is cargo");
-        let own = fs::read_to_string("/proc/self/stat").expect("reading /proc/self/stat");
-        let own_start: f64 = own
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(19))
-            .and_then(|t| t.parse().ok())
-            .expect("starttime");
-        let uptime: f64 = fs::read_to_string("/proc/uptime")
-            .expect("reading /proc/uptime")
-            .split_whitespace()
-            .next()
-            .and_then(|t| t.parse().ok())
-            .expect("uptime");
-        // Cargo started before this test binary did, and within the hour.
-        let own_since = uptime - own_start / clock_ticks();
+    fn time_since_the_process_started_counts_what_ran_before() {
+        let before = seconds_since_process_started().expect("reading /proc");
+        let t0 = Instant::now();
+        thread::sleep(Duration::from_millis(300));
+        let after = seconds_since_process_started().expect("reading /proc");
+        // The boot clock and ticks of 10 ms: the sleep shows, within two ticks; the process is
+        // younger than an hour.
+        let slept = t0.elapsed().as_secs_f64();
         assert!(
-            since + 0.02 >= own_since && since < 3600.0,
-            "cargo started {since} s ago, this binary {own_since} s ago"
+            (after - before - slept).abs() < 0.03 && after < 3600.0,
+            "{before} s then {after} s since start, {slept} s apart"
         );
     }
 
