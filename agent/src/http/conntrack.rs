@@ -161,17 +161,24 @@ mod tests {
         rec_at(1, kind, dir, conn, accepted, data)
     }
 
+    fn header(ts_ns: u64, kind: u8, dir: u8, conn: u64, accepted: u8) -> RawHeader {
+        RawHeader {
+            ts_ns,
+            conn_id: conn,
+            tgid: 7,
+            kind,
+            dir,
+            accepted,
+            ..Default::default()
+        }
+    }
+
     fn rec_at(ts_ns: u64, kind: u8, dir: u8, conn: u64, accepted: u8, data: &[u8]) -> Vec<u8> {
+        let len = data.len() as u64;
         encode_for_test(
             RawHeader {
-                ts_ns,
-                conn_id: conn,
-                len: data.len() as u64,
-                tgid: 7,
-                kind,
-                dir,
-                accepted,
-                ..Default::default()
+                len,
+                ..header(ts_ns, kind, dir, conn, accepted)
             },
             data,
         )
@@ -323,18 +330,13 @@ mod tests {
         assert_eq!(t.stats, ParseStats::default());
     }
 
+    /// A data record the kernel sent as body (`SS_FLAG_BODY`): `len` bytes, none copied.
     fn body_rec(dir: u8, conn: u64, len: u64) -> Vec<u8> {
         encode_for_test(
             RawHeader {
-                ts_ns: 1,
-                conn_id: conn,
                 len,
-                tgid: 7,
-                kind: 1,
-                dir,
-                accepted: 1,
                 flags: crate::events::FLAG_BODY,
-                ..Default::default()
+                ..header(1, 1, dir, conn, 1)
             },
             b"",
         )
