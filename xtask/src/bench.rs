@@ -163,10 +163,12 @@ impl Plan {
 }
 
 pub fn run(opts: Options) -> Result<()> {
-    let started = Instant::now();
-    // `cargo xtask` compiled xtask in this same process before main (cargo runs it by exec): ~20 s
-    // from a clean checkout.
-    let before_start = system::seconds_since_process_started().unwrap_or(0.0);
+    // From the process's start: `cargo xtask` compiled xtask in this same process before main (cargo
+    // runs it by exec), ~20 s from a clean checkout.
+    let now = Instant::now();
+    let started = system::seconds_since_process_started()
+        .and_then(|s| now.checked_sub(Duration::from_secs_f64(s)))
+        .unwrap_or(now);
     crate::demo::stop_everything_on_signal()?;
     require_root().context("the bench loads eBPF programs and enables bpf_stats")?;
     ensure_kernel_prereqs()?;
@@ -203,7 +205,7 @@ pub fn run(opts: Options) -> Result<()> {
     ]))
     .context("building h1server")?;
     let h1_bin = target_dir().join("release/h1server");
-    let build_s = before_start + started.elapsed().as_secs_f64();
+    let build_s = started.elapsed().as_secs_f64();
     let scratch = target_dir().join("bench");
     if scratch.exists() {
         fs::remove_dir_all(&scratch).with_context(|| format!("clearing {}", scratch.display()))?;
@@ -310,7 +312,7 @@ pub fn run(opts: Options) -> Result<()> {
 
     let r = &mut bench.results;
     r.machine.finish();
-    r.wall_time_s = before_start + started.elapsed().as_secs_f64();
+    r.wall_time_s = started.elapsed().as_secs_f64();
     r.evaluate();
     let out = opts.out.unwrap_or_else(|| workspace_root().join("bench"));
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

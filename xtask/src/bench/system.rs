@@ -80,39 +80,35 @@ fn numbered_entries(dir: &str) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Field `n` (numbered from 1 as in proc(5)) of a `/proc/PID/stat` line, as a number. Field 2 (comm)
+/// is in parentheses and may contain spaces: fields are counted after the last ')', where field 3
+/// (state) begins.
+fn stat_field(stat: &str, n: usize) -> Option<f64> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)?
+        .parse()
+        .ok()
+}
+
 /// CPU time a process has used so far, in seconds (utime + stime of all its threads, /proc/PID/stat).
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Field 2 (comm) is in parentheses and may contain spaces: count fields after the last ')'.
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("unexpected {path}: {text}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After comm: state is field 3, so utime (14) and stime (15) are at indexes 11 and 12.
-    let tick = |i: usize| -> Result<f64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .with_context(|| format!("no field {} in {path}", i + 3))
+    let tick = |n: usize| -> Result<f64> {
+        stat_field(&text, n).with_context(|| format!("no field {n} in {path}: {text}"))
     };
-    Ok((tick(11)? + tick(12)?) / clock_ticks())
+    // utime and stime, in clock ticks.
+    Ok((tick(14)? + tick(15)?) / clock_ticks())
 }
 
 /// Seconds since this process started. `cargo xtask bench` compiles xtask and then runs it by exec
 /// (`cargo run` replaces itself on Unix), so from a clean checkout this counts that compile too:
 /// part of the bench's time, which nothing else in the process could see. None if /proc says nothing.
 pub fn seconds_since_process_started() -> Option<f64> {
-    let own = fs::read_to_string("/proc/self/stat").ok()?;
-    // starttime is field 22: index 19 after comm (state is field 3), in clock ticks since boot.
-    let start_ticks: f64 = own
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
+    // starttime, in clock ticks since boot.
+    let start_ticks = stat_field(&fs::read_to_string("/proc/self/stat").ok()?, 22)?;
     let uptime: f64 = fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()
