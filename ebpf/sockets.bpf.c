@@ -59,6 +59,19 @@ const volatile __u8 watch_exec = 0;
 const volatile __u8 watch_listen = 0;
 /* Unread bytes in the ring buffer at which a record wakes the agent (see submit()). */
 const volatile __u64 wakeup_bytes = 0;
+/*
+ * `--hooks-only`: every program returns before it reads anything, so that what a traced server
+ * still loses is the kernel's own cost of running a BPF program at these hooks (the tracepoint or
+ * uprobe, the program's dispatch), apart from anything servescope does there. Off, it costs a
+ * program three instructions (the constant's load, a compare, a branch not taken: `bpftool prog
+ * dump xlated`), and the verifier walks only the path the constant allows.
+ */
+const volatile __u8 hooks_only = 0;
+#define HOOKS_ONLY_RETURN()             \
+	do {                            \
+		if (hooks_only)         \
+			return 0;       \
+	} while (0)
 
 /* TGIDs to trace, maintained by the agent's discovery. Value: SS_TARGET_* flags. */
 struct {
@@ -1408,54 +1421,63 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 SEC("tracepoint/syscalls/sys_enter_read")
 int ss_enter_read(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_READ);
 }
 
 SEC("tracepoint/syscalls/sys_exit_read")
 int ss_exit_read(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_READ);
 }
 
 SEC("tracepoint/syscalls/sys_enter_readv")
 int ss_enter_readv(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_READV);
 }
 
 SEC("tracepoint/syscalls/sys_exit_readv")
 int ss_exit_readv(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_READV);
 }
 
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
 int ss_enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_RECVFROM);
 }
 
 SEC("tracepoint/syscalls/sys_exit_recvfrom")
 int ss_exit_recvfrom(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_RECVFROM);
 }
 
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
 int ss_enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_RECVMSG);
 }
 
 SEC("tracepoint/syscalls/sys_exit_recvmsg")
 int ss_exit_recvmsg(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_INGRESS, SS_SYS_RECVMSG);
 }
 
 SEC("tracepoint/syscalls/sys_enter_write")
 int ss_enter_write(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	/* For flat writes `iovcnt` holds the count: the frame walk (otf_frame) needs the buffer's length. */
 	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_WRITE);
 }
@@ -1463,48 +1485,56 @@ int ss_enter_write(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_write")
 int ss_exit_write(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_WRITE);
 }
 
 SEC("tracepoint/syscalls/sys_enter_writev")
 int ss_enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_WRITEV);
 }
 
 SEC("tracepoint/syscalls/sys_exit_writev")
 int ss_exit_writev(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_WRITEV);
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendto")
 int ss_enter_sendto(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return enter_data((int)ctx->args[0], ctx->args[1], ctx->args[2], SS_SYS_SENDTO);
 }
 
 SEC("tracepoint/syscalls/sys_exit_sendto")
 int ss_exit_sendto(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_SENDTO);
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendmsg")
 int ss_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return enter_data((int)ctx->args[0], ctx->args[1], 0, SS_SYS_SENDMSG);
 }
 
 SEC("tracepoint/syscalls/sys_exit_sendmsg")
 int ss_exit_sendmsg(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_SENDMSG);
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendfile64")
 int ss_enter_sendfile(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	/* out_fd is the socket; the payload comes from in_fd, a file: no buffer to copy. */
 	return enter_data((int)ctx->args[0], 0, 0, SS_SYS_SENDFILE);
 }
@@ -1512,6 +1542,7 @@ int ss_enter_sendfile(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_sendfile64")
 int ss_exit_sendfile(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_data(ctx->ret, SS_DIR_EGRESS, SS_SYS_SENDFILE);
 }
 
@@ -1723,6 +1754,7 @@ static __always_inline struct task_state *sock_thread(struct sock *sk, __u64 id,
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(ss_sock_send, struct sock *sk, int ret, int flags)
 {
+	HOOKS_ONLY_RETURN();
 	int end = ret == -EPIPE || ret == -ECONNRESET;
 	if (ret <= 0 && !end)
 		return 0;
@@ -1754,6 +1786,7 @@ int BPF_PROG(ss_sock_send, struct sock *sk, int ret, int flags)
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(ss_sock_recv, struct sock *sk, int ret, int flags)
 {
+	HOOKS_ONLY_RETURN();
 	/* A peek leaves the bytes to be read again; the error queue holds no stream data. */
 	if (flags & (MSG_PEEK | MSG_ERRQUEUE))
 		return 0;
@@ -1816,6 +1849,7 @@ static __always_inline int sk_end(const struct sock *sk)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(ss_sock_state, const struct sock *sk, const int oldstate, const int newstate)
 {
+	HOOKS_ONLY_RETURN();
 	/* listen() on a TCP socket, in the listener's own context and bound by then: discovery by
 	 * --port without the listen syscall's tracepoint (ss_enter_listen does it for the syscall hooks). */
 	if (newstate == TCP_LISTEN) {
@@ -1836,6 +1870,7 @@ int BPF_PROG(ss_sock_state, const struct sock *sk, const int oldstate, const int
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(ss_sock_destroy, struct sock *sk)
 {
+	HOOKS_ONLY_RETURN();
 	return sk_end(sk);
 }
 
@@ -1848,6 +1883,7 @@ int BPF_PROG(ss_sock_destroy, struct sock *sk)
 SEC("uprobe")
 int BPF_KPROBE(ss_worker_write, int fd, const void *buf, __u64 count)
 {
+	HOOKS_ONLY_RETURN();
 	__u64 id = bpf_get_current_pid_tgid();
 	struct task_state *t = traced_thread(id);
 	if (!t || !(t->target & SS_TARGET_WORKER) || (__s64)count <= 0 || fd < 0)
@@ -1903,12 +1939,14 @@ static __always_inline int exit_accept(long ret)
 SEC("tracepoint/syscalls/sys_exit_accept")
 int ss_exit_accept(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_accept(ctx->ret);
 }
 
 SEC("tracepoint/syscalls/sys_exit_accept4")
 int ss_exit_accept4(struct trace_event_raw_sys_exit *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	return exit_accept(ctx->ret);
 }
 
@@ -1939,6 +1977,7 @@ static __always_inline void fd_gone(int fd)
 SEC("tracepoint/syscalls/sys_enter_close")
 int ss_enter_close(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	fd_gone((int)ctx->args[0]);
 	return 0;
 }
@@ -1947,6 +1986,7 @@ int ss_enter_close(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_dup2")
 int ss_enter_dup2(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	fd_gone((int)ctx->args[1]);
 	return 0;
 }
@@ -1954,6 +1994,7 @@ int ss_enter_dup2(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_dup3")
 int ss_enter_dup3(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	fd_gone((int)ctx->args[1]);
 	return 0;
 }
@@ -1973,6 +2014,7 @@ static __always_inline void emit_proc(__u64 pid_tgid, __u8 kind, __u64 arg)
 SEC("tracepoint/sched/sched_process_exec")
 int ss_exec(void *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	__u64 id = bpf_get_current_pid_tgid();
 	/* exec closes the close-on-exec fds without close(). */
 	if (is_target(id >> 32))
@@ -1987,6 +2029,7 @@ int ss_exec(void *ctx)
 SEC("tracepoint/sched/sched_process_exit")
 int ss_exit(void *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	__u64 id = bpf_get_current_pid_tgid();
 	if ((__u32)id != (__u32)(id >> 32) || !is_target(id >> 32))
 		return 0;
@@ -1999,6 +2042,7 @@ int ss_exit(void *ctx)
 SEC("tracepoint/syscalls/sys_enter_listen")
 int ss_enter_listen(struct trace_event_raw_sys_enter *ctx)
 {
+	HOOKS_ONLY_RETURN();
 	if (!watch_listen)
 		return 0;
 	__u8 family = 0;

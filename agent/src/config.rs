@@ -136,6 +136,13 @@ pub struct Cli {
     #[arg(long, env = "SERVESCOPE_BPF_STATS")]
     pub bpf_stats: bool,
 
+    /// Diagnostics: attach every program as usual, but have each return before it reads anything.
+    /// Nothing is traced and no TorchServe metric moves; what a traced server still loses is the
+    /// kernel's own cost of running a BPF program at these hooks, apart from servescope's work there
+    /// (`cargo xtask bench` measures h1server with it; bench/MISSES.md).
+    #[arg(long, env = "SERVESCOPE_HOOKS_ONLY")]
+    pub hooks_only: bool,
+
     /// How often to sample the system (CPU, memory, disk) and GPU families, in seconds. CPUUtilization
     /// is the busy share over this interval. TorchServe's own collector runs every 60 s.
     #[arg(
@@ -177,6 +184,7 @@ pub struct Config {
     pub thread_state: ThreadState,
     pub data_hooks: DataHooks,
     pub bpf_stats: bool,
+    pub hooks_only: bool,
     pub sample_interval: Duration,
     pub sinks: SinksConfig,
     /// The request-log flags, kept to reread the config file on SIGHUP.
@@ -219,6 +227,7 @@ impl Cli {
             thread_state: self.thread_state,
             data_hooks: self.data_hooks,
             bpf_stats: self.bpf_stats,
+            hooks_only: self.hooks_only,
             sample_interval: Duration::from_secs(self.sample_interval_secs),
             sinks: self.sinks.resolve()?,
             sink_args: self.sinks,

@@ -147,7 +147,14 @@ fn start(cfg: &Config) -> anyhow::Result<(std::net::TcpListener, Access, Probes)
         write_entries: !cfg.ports.is_empty() || !cfg.pids.is_empty(),
         data_hooks: cfg.data_hooks,
         worker_uprobes: servescope::probes::may_attach_uprobes(),
+        hooks_only: cfg.hooks_only,
     })?;
+    if cfg.hooks_only {
+        tracing::warn!(
+            "--hooks-only: every program returns before it reads anything; nothing is traced and \
+             no TorchServe metric will move"
+        );
+    }
     if let Some(fd) = run_stats {
         probes.keep_run_stats(fd);
         tracing::info!("BPF run-time statistics on (--bpf-stats): servescope_bpf_program_* count");

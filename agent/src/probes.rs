@@ -380,6 +380,8 @@ pub struct LoadOptions {
     pub data_hooks: DataHooks,
     /// The agent can attach uprobes after load ([`may_attach_uprobes`]).
     pub worker_uprobes: bool,
+    /// Every program returns at once (`--hooks-only`): the hooks' own cost, nothing traced.
+    pub hooks_only: bool,
 }
 
 impl LoadOptions {
@@ -417,6 +419,7 @@ impl Default for LoadOptions {
             write_entries: true,
             data_hooks: DataHooks::Auto,
             worker_uprobes: true,
+            hooks_only: false,
         }
     }
 }
@@ -648,6 +651,7 @@ impl Probes {
                 // Discovery by events instead of polling /proc (pipeline::discover).
                 .override_global("watch_exec", &u8::from(opts.watch_exec), true)
                 .override_global("watch_listen", &u8::from(opts.watch_listen), true)
+                .override_global("hooks_only", &u8::from(opts.hooks_only), true)
                 .load(object)
                 .context(
                     "loading the eBPF object failed: servescope needs root (or CAP_BPF + \

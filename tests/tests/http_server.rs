@@ -556,6 +556,59 @@ fn the_agent_reports_its_own_cost() -> Result<()> {
     Ok(())
 }
 
+/// `--hooks-only` (the bench's measure of the hooks' own cost): every program is attached and runs
+/// for each call, and returns before it reads anything, so nothing is counted. A check that the
+/// verifier pruned the wrong way, or a program left out, would count the requests.
+#[test]
+fn hooks_only_runs_every_hook_and_counts_nothing() -> Result<()> {
+    require_root()?;
+    let logs = log_dir("http_server_hooks_only")?;
+    let _server = start_server(SERVER_PORT)?;
+    let port = SERVER_PORT.to_string();
+    let agent = Agent::start(
+        &logs,
+        AGENT.parse()?,
+        &[
+            "--no-discovery",
+            "--port",
+            &port,
+            "--bpf-stats",
+            "--hooks-only",
+        ],
+    )?;
+    agent.wait_ready(Duration::from_secs(15))?;
+    const N: u32 = 200;
+    let mut c = Client::connect(SERVER_PORT)?;
+    for _ in 0..N {
+        ensure!(c.send("POST", "/predictions/alpha", b"x", false)? == 200);
+    }
+    drop(c);
+    let runs = |m: &Metrics, program: &str| {
+        m.get("servescope_bpf_program_runs_total", &[("program", program)])
+            .unwrap_or(0.0)
+    };
+    let m = agent.wait_until(
+        Duration::from_secs(10),
+        "the programs' runs of the requests sent",
+        |m| runs(m, "ss_exit_recvfrom") >= f64::from(N) && runs(m, "ss_exit_accept4") >= 1.0,
+    )?;
+    // Let a record the kernel did send reach the registry before asserting there was none.
+    std::thread::sleep(Duration::from_millis(300));
+    let m = agent.scrape().unwrap_or(m);
+    ensure!(
+        inference(&m, "alpha", "default") == 0.0 && host_counter(&m, "Requests2XX") == 0.0,
+        "a hooks-only agent counted requests: {} inferences, {} 2xx",
+        inference(&m, "alpha", "default"),
+        host_counter(&m, "Requests2XX")
+    );
+    let log = std::fs::read_to_string(agent.log_path())?;
+    ensure!(
+        log.contains("--hooks-only: every program returns"),
+        "the agent does not warn that it traces nothing:\n{log}"
+    );
+    Ok(())
+}
+
 /// `--bpf-stats` asks the kernel for BPF_ENABLE_STATS, which needs CAP_SYS_ADMIN: an agent without it
 /// that was asked for the statistics stops at start-up and says which flag needs which capability,
 /// rather than running without what it was asked for. Loading and tracing need no CAP_SYS_ADMIN.
