@@ -707,6 +707,21 @@ impl Results {
                 t.agent_cpu_pct_per_1k.show(3)
             );
         }
+        if let Some(h) = self
+            .throughput
+            .iter()
+            .find(|t| t.server.ends_with("--hooks-only"))
+        {
+            let _ = writeln!(
+                o,
+                "\n{}: the same agent with every BPF program returning before it reads anything \
+                 (`--hooks-only`; nothing is traced or counted). Its ratio, {:.3}, is what the \
+                 kernel's running a program at each hook costs this server, apart from anything \
+                 servescope does there: no saving inside the programs or the agent can raise the \
+                 full agent's ratio above it.",
+                h.server, h.ratio.median
+            );
+        }
         for t in &self.throughput {
             if let Some(first) = t.first_ratio {
                 let _ = writeln!(
@@ -726,15 +741,15 @@ impl Results {
         );
         for t in &self.throughput {
             for r in &t.runs {
-                let (cpu, diff, lost, parse, unmatched) = match &r.agent {
+                let cpu = r.agent_cpu_pct.map_or("–".into(), |c| format!("{c:.1}"));
+                let (diff, lost, parse, unmatched) = match &r.agent {
                     Some(a) => (
-                        r.agent_cpu_pct.map_or("–".into(), |c| format!("{c:.1}")),
                         format!("{:+.0}", a.counted - r.wrk.requests as f64),
                         format!("{:.0}", a.kernel_lost),
                         format!("{:.0}", a.parse_errors),
                         format!("{:.0}", a.unmatched),
                     ),
-                    None => ("–".into(), "–".into(), "–".into(), "–".into(), "–".into()),
+                    None => ("–".into(), "–".into(), "–".into(), "–".into()),
                 };
                 let _ = writeln!(
                     o,
@@ -1187,7 +1202,7 @@ fn md_method(o: &mut String, s: &Settings) {
 /// catching the one that doubles the cost (the ratio was 0.63 before R1's wakeup batching), which
 /// is what 0.6 does.
 pub fn smoke_ratio_floor(server: &str) -> f64 {
-    // "h1server" and its variants ("h1server, --data-hooks sockets"): the same server.
+    // "h1server" and its variants ("h1server, --hooks-only"): the same server.
     if server.starts_with("h1server") {
         0.6
     } else {
@@ -1202,7 +1217,7 @@ mod tests {
     #[test]
     fn h1server_variants_share_its_smoke_floor() {
         assert_eq!(smoke_ratio_floor("h1server"), 0.6);
-        assert_eq!(smoke_ratio_floor("h1server, --data-hooks sockets"), 0.6);
+        assert_eq!(smoke_ratio_floor("h1server, --hooks-only"), 0.6);
         assert_eq!(smoke_ratio_floor("TorchServe"), 0.8);
     }
 
