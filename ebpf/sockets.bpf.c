@@ -81,6 +81,20 @@ struct {
 	__type(value, __u32);
 } targets SEC(".maps");
 
+/*
+ * The same flags by TGID in an array (layout in events.h), kept by the agent beside `targets`: what
+ * every socket call and data syscall on the host asks first. Its lookup is inlined by the verifier
+ * (a bounds check and a load), where the thread's task storage and the generation it was decided
+ * under cost a helper call and two map reads: 168-203 against 79 ns a run of `ss_sock_recv` for a
+ * thread that stops there, in h1server runs (`--bpf-stats`, the hooks-only build the floor).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SS_PID_LIMIT / SS_TARGETS_PER_WORD);
+	__type(key, __u32);
+	__type(value, __u64);
+} target_bits SEC(".maps");
+
 struct conn_info {
 	__u64 id;
 	__u8 family;
@@ -300,16 +314,29 @@ static __always_inline void count_loss(__u32 which)
 		*v += 1;
 }
 
+/* `tgid`'s SS_TARGET_* flags in `target_bits`: 0 when it is not traced. */
+static __always_inline __u32 target_bits_of(__u32 tgid)
+{
+	__u32 word = tgid / SS_TARGETS_PER_WORD;
+	__u64 *w = bpf_map_lookup_elem(&target_bits, &word);
+	/* Past PID_MAX_LIMIT (not a TGID Linux hands out): `targets` decides. */
+	if (!w)
+		return SS_TARGET_TRACED;
+	return (*w >> (tgid % SS_TARGETS_PER_WORD * 2)) & (SS_TARGET_TRACED | SS_TARGET_WORKER);
+}
+
 /* The SS_TARGET_* flags of `tgid`; 0 when it is not traced. */
 static __always_inline __u32 target_flags(__u32 tgid)
 {
+	if (!target_bits_of(tgid))
+		return 0;
 	__u32 *flags = bpf_map_lookup_elem(&targets, &tgid);
 	return flags ? *flags : 0;
 }
 
 static __always_inline int is_target(__u32 tgid)
 {
-	return bpf_map_lookup_elem(&targets, &tgid) != NULL;
+	return target_bits_of(tgid) && bpf_map_lookup_elem(&targets, &tgid) != NULL;
 }
 
 /* The socket behind `fd` in the current task when it is a stream socket of a traced family, else NULL;
@@ -600,10 +627,10 @@ static __always_inline void bump_fd_epoch(void)
 
 /*
  * The state of the current thread when its process is traced, else NULL; `targets` is consulted again
- * only when its generation changed. With task storage the answer is kept for every thread that makes a
- * data syscall, untraced ones too: every read and write on the host then costs a storage read instead
- * of a hash lookup (a few MB of kernel memory on a node with tens of thousands of threads, freed with
- * them). The hash build keeps state for traced threads only, so that others cannot evict it.
+ * only when its generation changed. Callers ask `target_bits` first, so threads of processes that
+ * are not traced never get here and get no state. (Should the bits and `targets` disagree for a
+ * moment while the agent changes them, the task-storage build keeps a "not traced" answer until the
+ * generation, bumped after both, moves on; the hash build keeps nothing for such a thread.)
  */
 static __always_inline struct task_state *traced_thread_of(struct task_state *t, __u64 id)
 {
@@ -630,9 +657,12 @@ static __always_inline struct task_state *traced_thread_of(struct task_state *t,
 	return target ? t : NULL;
 }
 
-/* traced_thread_of the thread's state as stored now. */
+/* traced_thread_of the thread's state as stored now; a thread of a process not traced is answered
+ * from `target_bits` alone. */
 static __always_inline struct task_state *traced_thread(__u64 id)
 {
+	if (!target_bits_of(id >> 32))
+		return NULL;
 	return traced_thread_of(state_get(0), id);
 }
 
@@ -1282,6 +1312,11 @@ static __always_inline int data_tail(__u64 id, struct task_state *a, long ret, _
 static __always_inline int exit_data(long ret, __u8 dir, __u8 sys)
 {
 	__u64 id = bpf_get_current_pid_tgid();
+	/* Every read and write on the host comes here: one that no target makes stops at the bitmap.
+	 * (A call entered just before its process stopped being traced stays pending in the thread's
+	 * state; the thread's next entry, under the generation bumped since, resets it.) */
+	if (!target_bits_of(id >> 32))
+		return 0;
 	struct task_state a;
 	struct task_state *t = state_get(0);
 	if (t && t->state != CALL_NONE && t->sys == sys) {
@@ -1737,18 +1772,20 @@ static __always_inline int unix_end(struct sock *sk, __u64 id, __u16 fam)
  * socket's family in `fam`; NULL otherwise. First in both socket hooks, before the syscall number:
  * it is all that runs for an untraced thread (nearly every socket call on the host) and for a
  * TorchServe worker's own unix socket traffic (~25 field-by-field reads per request, not needed: the
- * frontend's frames are walked where they are written, otf_frame). The family is a direct load: the
- * tracepoint's socket is a trusted BTF pointer, so no probe-read helper call is needed.
+ * frontend's frames are walked where they are written, otf_frame). Both are decided from
+ * `target_bits` and the socket's family before the thread's state is looked up. The family is a
+ * direct load: the tracepoint's socket is a trusted BTF pointer, so no probe-read helper call is
+ * needed.
  */
 static __always_inline struct task_state *sock_thread(struct sock *sk, __u64 id, __u16 *fam)
 {
-	struct task_state *t = traced_thread(id);
-	if (!t)
+	__u32 bits = target_bits_of(id >> 32);
+	if (!bits)
 		return NULL;
 	*fam = sk->__sk_common.skc_family;
-	if ((t->target & SS_TARGET_WORKER) && *fam == AF_UNIX)
+	if ((bits & SS_TARGET_WORKER) && *fam == AF_UNIX)
 		return NULL;
-	return t;
+	return traced_thread_of(state_get(0), id);
 }
 
 SEC("tp_btf/sock_send_length")

@@ -169,6 +169,15 @@ pub const FAMILY_PIPE: u8 = 255;
 pub const TARGET_TRACED: u32 = 1;
 /// `SS_TARGET_WORKER`: a TorchServe worker; its pipe writes are traced too.
 pub const TARGET_WORKER: u32 = 2;
+/// `SS_TARGETS_PER_WORD`: processes per u64 word of the `target_bits` array (two bits each).
+pub const TARGETS_PER_WORD: u32 = 32;
+/// `SS_PID_LIMIT`: TGIDs `target_bits` covers (the kernel's PID_MAX_LIMIT on 64-bit).
+pub const PID_LIMIT: u32 = 4_194_304;
+
+/// Where `tgid`'s flags lie in `target_bits`: the word's index and the flags' shift in it (events.h).
+pub fn target_bits_slot(tgid: u32) -> (u32, u32) {
+    (tgid / TARGETS_PER_WORD, tgid % TARGETS_PER_WORD * 2)
+}
 /// `SS_UNIX_PATH_MAX`: longest peer path in the open record of a unix socket.
 pub const UNIX_PATH_MAX: usize = 108;
 
@@ -403,7 +412,22 @@ mod tests {
         assert_eq!(define("SS_FAMILY_PIPE"), u64::from(FAMILY_PIPE));
         assert_eq!(define("SS_TARGET_TRACED"), u64::from(TARGET_TRACED));
         assert_eq!(define("SS_TARGET_WORKER"), u64::from(TARGET_WORKER));
+        assert_eq!(define("SS_TARGETS_PER_WORD"), u64::from(TARGETS_PER_WORD));
+        assert_eq!(define("SS_PID_LIMIT"), u64::from(PID_LIMIT));
         assert_eq!(define("SS_UNIX_PATH_MAX"), UNIX_PATH_MAX as u64);
+    }
+
+    /// Two bits a process, 32 to a word, the last TGID Linux can hand out in the last word.
+    #[test]
+    fn target_bits_slots_follow_the_header_layout() {
+        assert_eq!(target_bits_slot(0), (0, 0));
+        assert_eq!(target_bits_slot(31), (0, 62));
+        assert_eq!(target_bits_slot(32), (1, 0));
+        assert_eq!(target_bits_slot(12_345), (385, 50));
+        assert_eq!(
+            target_bits_slot(PID_LIMIT - 1),
+            (PID_LIMIT / TARGETS_PER_WORD - 1, 62)
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ use aya::{
 use aya_obj::btf::BtfKind;
 use serde::Serialize;
 
-use crate::events::{ConnKey, LOSS_REASONS, TARGET_TRACED, TARGET_WORKER};
+use crate::events::{
+    ConnKey, LOSS_REASONS, PID_LIMIT, TARGET_TRACED, TARGET_WORKER, target_bits_slot,
+};
 
 /// How often the reader drains the ring buffer without being woken while records come (the kernel wakes
 /// it only when an eighth of the ring is waiting: one wakeup per record would cost more than the tracing
@@ -449,6 +451,8 @@ pub struct Probes {
     /// [`Probes::write_site`] by the libc's (device, inode).
     write_sites: StdHashMap<(u64, u64), u64>,
     targets: HashMap<MapData, u32, u32>,
+    /// The same flags by TGID, two bits each (events.h): what every call on the host asks first.
+    target_bits: Array<MapData, u64>,
     /// Bumped after every change to `targets`: threads re-check their process then (sockets.bpf.c).
     targets_gen: Array<MapData, u64>,
     thread_state: ThreadState,
@@ -680,6 +684,8 @@ impl Probes {
         drop(kernel_btf);
         release_freed_heap();
         let targets = HashMap::try_from(take(&mut ebpf, "targets")?).context("map `targets`")?;
+        let target_bits =
+            Array::try_from(take(&mut ebpf, "target_bits")?).context("map `target_bits`")?;
         let targets_gen =
             Array::try_from(take(&mut ebpf, "targets_gen")?).context("map `targets_gen`")?;
         let conns = HashMap::try_from(take(&mut ebpf, "conns")?).context("map `conns`")?;
@@ -710,6 +716,7 @@ impl Probes {
             pipes_pending: StdHashMap::new(),
             write_sites: StdHashMap::new(),
             targets,
+            target_bits,
             targets_gen,
             thread_state,
             conns,
@@ -749,21 +756,44 @@ impl Probes {
         self.ring.take()
     }
 
+    /// Sets `tgid`'s flags in `target_bits` (0: not traced). Only this process writes the array,
+    /// one word at a time, so the read-modify-write races with nothing.
+    fn set_target_bits(&mut self, tgid: u32, flags: u32) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            tgid < PID_LIMIT,
+            "pid {tgid} is past the kernel's PID_MAX_LIMIT"
+        );
+        let (word, shift) = target_bits_slot(tgid);
+        let old = self
+            .target_bits
+            .get(&word, 0)
+            .context("reading target_bits")?;
+        let new = (old & !(0b11 << shift)) | (u64::from(flags) << shift);
+        self.target_bits
+            .set(word, new, 0)
+            .context("updating target_bits")
+    }
+
+    /// Starts tracing `tgid` with `flags`: `targets` and its bits, then the generation, which makes
+    /// every thread decide again (one that asked in between saw an untraced process).
+    fn add_with_flags(&mut self, tgid: u32, flags: u32) -> anyhow::Result<()> {
+        self.targets
+            .insert(tgid, flags, 0)
+            .with_context(|| format!("adding pid {tgid} to the kernel's target map"))?;
+        self.set_target_bits(tgid, flags)?;
+        self.bump_targets_gen()
+    }
+
     /// Starts tracing `tgid`.
     pub fn add_target(&mut self, tgid: u32) -> anyhow::Result<()> {
-        self.targets
-            .insert(tgid, TARGET_TRACED, 0)
-            .with_context(|| format!("adding pid {tgid} to the kernel's target map"))?;
-        self.bump_targets_gen()
+        self.add_with_flags(tgid, TARGET_TRACED)
     }
 
     /// Starts tracing a TorchServe worker: its sockets and, unlike other targets, its pipe writes
     /// (the `[METRICS]` lines on its stdout).
     pub fn add_worker(&mut self, tgid: u32) -> anyhow::Result<()> {
-        self.targets
-            .insert(tgid, TARGET_TRACED | TARGET_WORKER, 0)
-            .with_context(|| format!("adding worker pid {tgid} to the kernel's target map"))?;
-        self.bump_targets_gen()?;
+        self.add_with_flags(tgid, TARGET_TRACED | TARGET_WORKER)
+            .context("adding a worker")?;
         if self.data_hooks == DataHooks::Sockets && !self.worker_pipes.contains_key(&tgid) {
             self.try_worker_pipe(tgid, 0);
         }
@@ -889,6 +919,9 @@ impl Probes {
         // Detaches its uprobe, if it is a worker.
         self.worker_pipes.remove(&tgid);
         self.pipes_pending.remove(&tgid);
+        if tgid < PID_LIMIT {
+            self.set_target_bits(tgid, 0)?;
+        }
         match self.targets.remove(&tgid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => {

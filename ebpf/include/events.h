@@ -117,6 +117,14 @@ enum ss_loss {
 #define SS_TARGET_TRACED 1
 /* A TorchServe worker: its pipe writes (stdout/stderr, where `[METRICS]` lines go) are traced too. */
 #define SS_TARGET_WORKER 2
+/*
+ * The `target_bits` array: the SS_TARGET_* flags of every possible TGID, two bits each, so that a
+ * word (the array's u64 value) holds SS_TARGETS_PER_WORD processes. TGID t's flags are
+ * (word[t / SS_TARGETS_PER_WORD] >> (t % SS_TARGETS_PER_WORD * 2)) & 3. SS_PID_LIMIT is the kernel's
+ * PID_MAX_LIMIT on 64-bit (pid_max cannot be set above it): 1 MiB of array for every TGID there is.
+ */
+#define SS_TARGETS_PER_WORD 32
+#define SS_PID_LIMIT 4194304
 
 /* `flags` of an SS_EV_DATA record: every byte it counts is message body, by the Content-Length the
  * kernel read in the message's head (a TCP connection it framed from its start); none was copied. */
