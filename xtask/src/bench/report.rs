@@ -1067,8 +1067,8 @@ impl Results {
              any syscall tracepoint puts every syscall on the kernel's slow path and every hooked \
              call runs a program that finds no target (docs/decisions.md R33). The socket hooks \
              attach no syscall tracepoint and run nothing for a file (R39), but every socket send and \
-             receive on the node runs their program, which stops at the thread's state when the \
-             process is not traced (R43): the last row.\n"
+             receive on the node runs their program, which stops at the bitmap of traced processes \
+             when the process is not traced (R58): the last row.\n"
         );
         for b in &self.bystander {
             let _ = writeln!(
