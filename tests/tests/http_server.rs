@@ -475,34 +475,44 @@ fn loading_leaves_no_freed_heap_behind() -> Result<()> {
 /// What the agent costs, on its own /metrics: its CPU and memory always, and with `--bpf-stats` its
 /// programs' runs and time as the kernel counts them. Runs count per request: the server's one
 /// `recvfrom` per request runs `ss_exit_recvfrom` at least once.
-#[test]
-fn the_agent_reports_its_own_cost() -> Result<()> {
-    require_root()?;
-    let logs = log_dir("http_server_self_cost")?;
-    let _server = start_server(SERVER_PORT)?;
+/// Runs of `program` the kernel counted, as the agent exports them with `--bpf-stats`.
+fn runs(m: &Metrics, program: &str) -> f64 {
+    m.get("servescope_bpf_program_runs_total", &[("program", program)])
+        .unwrap_or(0.0)
+}
+
+/// Requests sent to the test server on one connection, with an agent that traces it by port, its
+/// BPF statistics on and `extra` arguments, until the agent's program runs show them (sampled every
+/// second with its housekeeping). Returns the server and agent still running, and that scrape.
+fn requests_under_bpf_stats(
+    log_name: &str,
+    extra: &[&str],
+    n: u32,
+) -> Result<(Server, Agent, Metrics)> {
+    let logs = log_dir(log_name)?;
+    let server = start_server(SERVER_PORT)?;
     let port = SERVER_PORT.to_string();
-    let agent = Agent::start(
-        &logs,
-        AGENT.parse()?,
-        &["--no-discovery", "--port", &port, "--bpf-stats"],
-    )?;
+    let mut args = vec!["--no-discovery", "--port", &port, "--bpf-stats"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&logs, AGENT.parse()?, &args)?;
     agent.wait_ready(Duration::from_secs(15))?;
-    const N: u32 = 200;
     let mut c = Client::connect(SERVER_PORT)?;
-    for _ in 0..N {
+    for _ in 0..n {
         ensure!(c.send("POST", "/predictions/alpha", b"x", false)? == 200);
     }
     drop(c);
-    let runs = |m: &Metrics, program: &str| {
-        m.get("servescope_bpf_program_runs_total", &[("program", program)])
-            .unwrap_or(0.0)
-    };
-    // Sampled every second with the agent's housekeeping.
     let m = agent.wait_until(
         Duration::from_secs(10),
         "the programs' runs of the requests sent",
-        |m| runs(m, "ss_exit_recvfrom") >= f64::from(N),
+        |m| runs(m, "ss_exit_recvfrom") >= f64::from(n) && runs(m, "ss_exit_accept4") >= 1.0,
     )?;
+    Ok((server, agent, m))
+}
+
+#[test]
+fn the_agent_reports_its_own_cost() -> Result<()> {
+    require_root()?;
+    let (_server, agent, m) = requests_under_bpf_stats("http_server_self_cost", &[], 200)?;
     let secs = m
         .get(
             "servescope_bpf_program_run_seconds_total",
@@ -537,6 +547,8 @@ fn the_agent_reports_its_own_cost() -> Result<()> {
     // rather than zeros that would read as "not running".
     let stats_sysctl = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
         .context("reading kernel.bpf_stats_enabled")?;
+    let logs = log_dir("http_server_self_cost_no_stats")?;
+    let port = SERVER_PORT.to_string();
     let agent = Agent::start(&logs, AGENT.parse()?, &["--no-discovery", "--port", &port])?;
     agent.wait_ready(Duration::from_secs(15))?;
     let mut c = Client::connect(SERVER_PORT)?;
@@ -562,36 +574,8 @@ fn the_agent_reports_its_own_cost() -> Result<()> {
 #[test]
 fn hooks_only_runs_every_hook_and_counts_nothing() -> Result<()> {
     require_root()?;
-    let logs = log_dir("http_server_hooks_only")?;
-    let _server = start_server(SERVER_PORT)?;
-    let port = SERVER_PORT.to_string();
-    let agent = Agent::start(
-        &logs,
-        AGENT.parse()?,
-        &[
-            "--no-discovery",
-            "--port",
-            &port,
-            "--bpf-stats",
-            "--hooks-only",
-        ],
-    )?;
-    agent.wait_ready(Duration::from_secs(15))?;
-    const N: u32 = 200;
-    let mut c = Client::connect(SERVER_PORT)?;
-    for _ in 0..N {
-        ensure!(c.send("POST", "/predictions/alpha", b"x", false)? == 200);
-    }
-    drop(c);
-    let runs = |m: &Metrics, program: &str| {
-        m.get("servescope_bpf_program_runs_total", &[("program", program)])
-            .unwrap_or(0.0)
-    };
-    let m = agent.wait_until(
-        Duration::from_secs(10),
-        "the programs' runs of the requests sent",
-        |m| runs(m, "ss_exit_recvfrom") >= f64::from(N) && runs(m, "ss_exit_accept4") >= 1.0,
-    )?;
+    let (_server, agent, m) =
+        requests_under_bpf_stats("http_server_hooks_only", &["--hooks-only"], 200)?;
     // Let a record the kernel did send reach the registry before asserting there was none.
     std::thread::sleep(Duration::from_millis(300));
     let m = agent.scrape().unwrap_or(m);
