@@ -32,9 +32,9 @@ use servescope_integration::{
 use self::{
     load::{Paced, PacedResult, Wrk},
     report::{
-        AgentCounts, Bystander, BystanderRun, Churn, Idle, Latency, LatencyRun, ModelStage, Models,
-        PhaseError, Render, Results, Settings, Spread, Startup, StartupRun, Sustained,
-        SustainedRun, Throughput, ThroughputRun, smoke_ratio_floor,
+        AgentCounts, Bystander, BystanderRun, Churn, HOOKS_ONLY_VARIANT, Idle, Latency, LatencyRun,
+        ModelStage, Models, PhaseError, Render, Results, Settings, Spread, Startup, StartupRun,
+        Sustained, SustainedRun, Throughput, ThroughputRun, smoke_ratio_floor,
     },
     system::{BpfStats, Machine},
 };
@@ -447,8 +447,13 @@ struct Target<'a> {
     pinned: bool,
     /// Unrecorded load before the first throughput run.
     warmup: Duration,
+}
+
+impl Target<'_> {
     /// The agent runs with `--hooks-only`: it counts nothing, so its runs wait for no count.
-    hooks_only: bool,
+    fn hooks_only(&self) -> bool {
+        self.agent_args.iter().any(|a| a == "--hooks-only")
+    }
 }
 
 impl Bench {
@@ -513,7 +518,6 @@ impl Bench {
             connections: H1_CONNECTIONS,
             pinned: true,
             warmup: Duration::from_secs(2),
-            hooks_only: false,
         }
     }
 
@@ -557,9 +561,8 @@ impl Bench {
     /// [`Self::h1_target`] with `--hooks-only`.
     fn h1_hooks_only_target(server: &H1Server) -> Target<'static> {
         let mut t = Self::h1_target(server);
-        t.name = "h1server, --hooks-only";
+        t.name = HOOKS_ONLY_VARIANT;
         t.agent_args.push("--hooks-only".into());
-        t.hooks_only = true;
         t
     }
 
@@ -623,7 +626,7 @@ impl Bench {
                     let w = wrk(self.plan.run).run(&self.scratch)?;
                     let cpu = system::cpu_sample(agent.pid)?.since(&cpu0);
                     // A hooks-only agent counts nothing: no count to wait for or report.
-                    let counts = if t.hooks_only {
+                    let counts = if t.hooks_only() {
                         None
                     } else {
                         let after = agent.settle(t.model, before.counted + w.requests as f64)?;
@@ -1335,7 +1338,6 @@ impl Bench {
             // 1210 req/s over a quick run's three agent-off runs after a 2 s warm-up, which biased
             // each pair by the order of its two runs (pair ratios 0.84 and 1.12).
             warmup: Duration::from_secs(10),
-            hooks_only: false,
         };
         let th = self.throughput(&t, self.plan.reps)?;
         let max = th.off_rps.median;
